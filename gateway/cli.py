@@ -1,0 +1,138 @@
+"""``sso-gateway``: serve · demo · check · certs. The only module that prints and exits.
+
+Exit codes: 0 success, 1 operation failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
+
+CONFIG_HELP = "gateway.toml to use (default: $GATEWAY_CONFIG or ./gateway.toml)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sso-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=CONFIG_HELP)
+    serve.add_argument("--workers", type=int, default=1)
+
+    check = sub.add_parser("check", help="validate the configuration, keys and IdP metadata")
+    check.add_argument("--config", help=CONFIG_HELP)
+
+    demo = sub.add_parser("demo", help="gateway + development IdP + sample reader on loopback")
+    demo.add_argument("--dir", default=".demo", help="work directory (default: .demo)")
+    demo.add_argument("--port", type=int, default=8000, help="gateway port (IdP +1, reader +2)")
+
+    certs = sub.add_parser("certs", help="SP key and certificate")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    gen = certs_sub.add_parser("generate", help="write a new SP key (0600) and certificate")
+    gen.add_argument("--dir", default="certs")
+    gen.add_argument("--name", default="sso-gateway SP", help="certificate common name")
+    gen.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config, args.workers)
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "demo":
+            return _demo(Path(args.dir), args.port)
+        return _certs_generate(Path(args.dir), args.name, args.force)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _load(config: str | None) -> Settings:
+    return load_settings(config)
+
+
+def _check(config: str | None) -> int:
+    from gateway.app import create_app
+
+    settings = _load(config)
+    gateway = create_app(settings)  # loads keys and IdP metadata: every ConfigError surfaces
+    gateway.sp.metadata()
+    idps = ", ".join(idp.entity_id for idp in gateway.registry.all())
+    print(f"OK: {settings.source}")
+    print(f"  public_url  {settings.public_url}")
+    print(f"  SP entity   {settings.sp_entity_id}")
+    print(f"  IdPs        {idps}")
+    print(f"  upstreams   {', '.join(f'{u.prefix} -> {u.url}' for u in settings.upstreams)}")
+    print(f"  rules       {len(settings.rules)} (+ default: member)")
+    return 0
+
+
+def _serve(config: str | None, workers: int) -> int:
+    import uvicorn
+
+    settings = _load(config)
+    from gateway.app import create_app
+
+    create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers
+    if config:
+        os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.listen_host,
+                port=settings.listen_port, workers=workers, loop="uvloop", http="httptools",
+                proxy_headers=False, server_header=False, log_level="info")
+    return 0
+
+
+def _demo(workdir: Path, port: int) -> int:
+    from gateway.demo.stack import prepare, serve
+    from gateway.devidp import DEMO_USERS
+
+    stack = prepare(workdir.resolve(), gateway_url=f"http://127.0.0.1:{port}",
+                    idp_url=f"http://127.0.0.1:{port + 1}",
+                    reader_url=f"http://127.0.0.1:{port + 2}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    print("sso-gateway demo (DEVELOPMENT ONLY, loopback only)")
+    print(f"  open        {stack.gateway_url}/issues/2023-03/pages/14")
+    print(f"  dev IdP     {stack.idp.base_url}   reader (behind the gateway) {stack.reader_url}")
+    print("  demo users  (password: demo)")
+    for user in DEMO_USERS:
+        print(f"    {user.username:<8} {user.role}")
+    print(f"  files in    {workdir}  — Ctrl-C stops")
+    asyncio.run(serve(stack))
+    return 0
+
+
+def _certs_generate(directory: Path, name: str, force: bool) -> int:
+    from gateway.keys import write_keypair
+
+    key, cert = directory / "sp.key", directory / "sp.crt"
+    try:
+        write_keypair(key, cert, name, force=force)
+    except FileExistsError as exc:
+        print(f"error: {exc} already exists; use --force to replace it", file=sys.stderr)
+        return 1
+    print(f"wrote {key} (mode 0600) and {cert} (CN={name!r})")
+    secret_file = directory / "session-secrets"
+    if not secret_file.exists():
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48) + "\n")
+        print(f"wrote {secret_file} (mode 0600): the session cookie secret")
+    print("Give the IdP the SP metadata from /saml/metadata once the gateway runs.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

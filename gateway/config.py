@@ -1,0 +1,338 @@
+"""``gateway.toml`` plus ``GATEWAY_*`` environment overrides → validated, typed settings.
+
+Every problem is reported at once, one line each, naming the key and the file.
+Relative paths are resolved against the directory of the config file. Validation
+reads files (the config, key files' existence) and nothing else.
+
+Environment overrides use ``__`` for nesting: ``GATEWAY_PUBLIC_URL``,
+``GATEWAY_STORE__URL``, ``GATEWAY_SESSION__SECRETS='["…"]'``. A value that parses
+as JSON is taken as JSON, anything else as a string.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "GATEWAY_"
+MIN_SECRET_LENGTH = 32
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SPSettings(_Model):
+    entity_id: str = ""  # defaults to public_url + /saml/metadata
+    key_file: Path = Path("certs/sp.key")
+    cert_file: Path = Path("certs/sp.crt")
+    sign_authn_requests: bool = True
+
+
+class IdPSettings(_Model):
+    metadata_dir: Path = Path("idp_metadata")
+    allow_unsolicited: bool = False
+    login_timeout: int = Field(300, ge=30, le=3600)  # seconds an AuthnRequest stays valid
+
+
+class AttributeMap(_Model):
+    """For each identity field, the SAML attribute names that may carry it (first present wins)."""
+
+    member_id: list[str] = ["memberId", "urn:oid:1.3.6.1.4.1.5923.1.1.1.6"]
+    email: list[str] = ["mail", "email", "urn:oid:0.9.2342.19200300.100.1.3"]
+    display_name: list[str] = ["displayName", "urn:oid:2.16.840.1.113730.3.1.241"]
+    entitlements: list[str] = ["eduPersonEntitlement", "urn:oid:1.3.6.1.4.1.5923.1.1.1.7"]
+    status: list[str] = ["memberStatus"]
+
+
+class SessionSettings(_Model):
+    secrets: list[SecretStr] = []  # newest first: the first signs, all verify
+    secrets_file: Path | None = None  # one secret per line, newest first
+    cookie_name: str = "gw_session"
+    lifetime: int = Field(8 * 3600, ge=60)  # absolute, seconds
+    idle_timeout: int = Field(3600, ge=60)
+    secure: bool | None = None  # default: true unless public_url is plain-http loopback
+
+
+class StoreSettings(_Model):
+    url: str = "sqlite:///gateway.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in {"sqlite"}:
+            raise ValueError(f"unknown session store type {scheme!r} (expected sqlite:///path)")
+        return value
+
+
+class Upstream(_Model):
+    name: str
+    prefix: str = "/"
+    url: str
+    connect_timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(30.0, gt=0)  # whole response head; bodies stream after it
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
+
+
+class Requirement(_Model):
+    entitlement: list[str] = []  # every one listed is required
+    status: list[str] = []  # any one listed is enough
+    idp: list[str] = []  # any one listed is enough
+
+    @field_validator("entitlement", "status", "idp", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Rule(_Model):
+    path: str
+    access: Literal["public", "member", "owner"]
+    require: Requirement = Requirement()
+    message: str = ""  # shown to members who fail `require`
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+
+class IdentityHeaders(_Model):
+    member_id: str = "X-Member-Id"
+    email: str = "X-Member-Email"
+    display_name: str = "X-Member-Name"
+    entitlements: str = "X-Member-Entitlements"
+    status: str = "X-Member-Status"
+    idp: str = "X-Member-Idp"
+
+
+class Settings(_Model):
+    public_url: str
+    listen: str = "127.0.0.1:8000"
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    sp: SPSettings = SPSettings()
+    idp: IdPSettings = IdPSettings()
+    attributes: AttributeMap = AttributeMap()
+    session: SessionSettings = SessionSettings()
+    store: StoreSettings = StoreSettings()
+    upstreams: list[Upstream] = []
+    rules: list[Rule] = []
+    identity_headers: IdentityHeaders = IdentityHeaders()
+    source: Path = Field(Path("gateway.toml"), exclude=True)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.path not in {"", "/"} or parts.query or parts.fragment:
+            raise ValueError("must be an origin only, with no path, query or fragment")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError("must be https:// (plain http is allowed only on loopback)")
+        return value.rstrip("/")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT")
+        return value
+
+    # Derived values ------------------------------------------------------------------
+
+    @property
+    def sp_entity_id(self) -> str:
+        return self.sp.entity_id or f"{self.public_url}/saml/metadata"
+
+    @property
+    def cookie_secure(self) -> bool:
+        if self.session.secure is not None:
+            return self.session.secure
+        return self.public_url.startswith("https://")
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def session_secrets(self) -> list[str]:
+        """All cookie secrets, newest first (from ``secrets`` then ``secrets_file``)."""
+        values = [s.get_secret_value() for s in self.session.secrets]
+        if self.session.secrets_file is not None:
+            lines = self.session.secrets_file.read_text().splitlines()
+            values += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        return values
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, merge and validate the config. Raises ``ConfigError`` listing every problem."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("GATEWAY_CONFIG") or "gateway.toml")
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read ({exc})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+    problems: list[str] = []
+    _apply_env(raw, environ, problems)
+    _resolve_paths(raw, path.parent)
+    raw["source"] = path
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err, path) for err in exc.errors()]
+    problems += _check_files(raw, path)
+    if settings is not None and not problems:
+        problems += _check_semantics(settings, path)
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "GATEWAY_CONFIG":
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        target = raw
+        for key in keys[:-1]:
+            node = target.setdefault(key, {})
+            if not isinstance(node, dict):
+                problems.append(f"environment {name}: {key!r} is not a table")
+                break
+            target = node
+        else:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = value
+            target[keys[-1]] = parsed if isinstance(parsed, list | bool | int | float) else value
+
+
+_PATH_KEYS = (("sp", "key_file"), ("sp", "cert_file"), ("idp", "metadata_dir"),
+              ("session", "secrets_file"))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    defaults = {("sp", "key_file"): "certs/sp.key", ("sp", "cert_file"): "certs/sp.crt",
+                ("idp", "metadata_dir"): "idp_metadata"}
+    for section, key in _PATH_KEYS:
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        value = table.get(key, defaults.get((section, key)))
+        if isinstance(value, str):
+            table[key] = str(base / Path(value).expanduser())
+    store = raw.get("store")
+    if isinstance(store, dict) and isinstance(store.get("url"), str):
+        url = store["url"]
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            store["url"] = "sqlite:///" + str((base / url[len("sqlite:///") :]).resolve())
+    elif not isinstance(store, dict) or "url" not in store:
+        raw.setdefault("store", {})["url"] = "sqlite:///" + str((base / "gateway.db").resolve())
+
+
+def _check_files(raw: dict[str, Any], source: Path) -> list[str]:
+    problems = []
+    for section, key in _PATH_KEYS:
+        table = raw.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(value, str):
+            continue
+        p = Path(value)
+        want_dir = key == "metadata_dir"
+        if want_dir and not p.is_dir():
+            problems.append(f"{source}: key {section}.{key}: directory {str(p)!r} does not exist")
+        elif not want_dir and not p.is_file():
+            hint = " (run `sso-gateway certs generate`)" if section == "sp" else ""
+            problems.append(f"{source}: key {section}.{key}: file {str(p)!r} does not exist{hint}")
+    return problems
+
+
+def _check_semantics(settings: Settings, source: Path) -> list[str]:
+    problems = []
+    secrets = settings.session_secrets()
+    if not secrets:
+        problems.append(f"{source}: key session.secrets: at least one secret is required")
+    for i, secret in enumerate(secrets):
+        if len(secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"{source}: key session.secrets[{i}] ('**********'): must be at least "
+                f"{MIN_SECRET_LENGTH} characters of random data"
+            )
+    if not settings.upstreams:
+        problems.append(f"{source}: key upstreams: at least one [[upstreams]] entry is required")
+    names = [u.name for u in settings.upstreams]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{source}: key upstreams: name {name!r} is used twice")
+    if settings.session.idle_timeout > settings.session.lifetime:
+        problems.append(f"{source}: key session.idle_timeout: must not exceed session.lifetime")
+    return problems
+
+
+def _describe(err: Any, source: Path) -> str:
+    loc = ".".join(
+        f"[{part}]" if isinstance(part, int) else str(part) for part in err["loc"]
+    ).replace(".[", "[")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        msg = f"must be one of {expected}"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" ({value!r})"
+    if "secret" in loc:
+        shown = " ('**********')"
+    return f"{source}: key {loc}{shown}: {msg}"

@@ -1,0 +1,1 @@
+"""The sample member reader that sits behind the gateway in ``demo`` and the tests."""

@@ -1,0 +1,133 @@
+"""The demo stack: gateway + development IdP + sample reader, on loopback.
+
+``prepare`` writes everything the gateway needs into a work directory (keys,
+a session secret, IdP metadata, ``gateway.toml``), exactly as an admin would;
+``serve`` runs the three servers in one event loop. The tests use the same two
+functions, on free ports, so the demo is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import Settings, is_loopback, load_settings
+from gateway.demo.reader import create_reader
+from gateway.devidp import DevIdPSettings, ensure_keys
+from gateway.devidp import create_app as create_idp_app
+from gateway.devidp.metadata import idp_metadata
+from gateway.keys import write_keypair
+
+MEMBER = "urn:mace:example.org:entitlement:member"
+ADMIN = "urn:mace:example.org:entitlement:admin"
+
+_CONFIG = """\
+# Written by `sso-gateway demo`. See gateway.example.toml for every option.
+public_url = "{gateway_url}"
+listen = "{listen}"
+
+[session]
+secrets_file = "session-secrets"
+
+[store]
+url = "sqlite:///gateway.db"
+
+[[upstreams]]
+name = "reader"
+prefix = "/"
+url = "{reader_url}"
+
+[[rules]]
+path = "/"
+access = "public"
+[[rules]]
+path = "/public/**"
+access = "public"
+[[rules]]
+path = "/issues"
+access = "public"
+[[rules]]
+path = "/issues/**"
+access = "member"
+require = {{ entitlement = "{member}", status = "active" }}
+message = "Member-only issues are for members whose membership is current."
+[[rules]]
+path = "/members/{{member_id}}/notes/**"
+access = "owner"
+[[rules]]
+path = "/_gateway/admin/**"
+access = "member"
+require = {{ entitlement = "{admin}" }}
+"""
+
+
+@dataclass(frozen=True)
+class DemoStack:
+    workdir: Path
+    settings: Settings
+    idp: DevIdPSettings
+    reader_url: str
+
+    @property
+    def gateway_url(self) -> str:
+        return self.settings.public_url
+
+
+def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
+            idp_url: str = "http://127.0.0.1:8001", reader_url: str = "http://127.0.0.1:8002",
+            extra_config: str = "") -> DemoStack:
+    """Write the demo's files into ``workdir`` (keeping existing keys) and load its config."""
+    for url in (gateway_url, idp_url, reader_url):
+        host = urlsplit(url).hostname or ""
+        if not is_loopback(host):
+            raise ValueError(f"the demo runs on loopback only, not {url}")
+    certs = workdir / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    if not (certs / "sp.key").exists():
+        write_keypair(certs / "sp.key", certs / "sp.crt", "sso-gateway demo SP", force=True)
+    secret_file = workdir / "session-secrets"
+    if not secret_file.exists():
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48) + "\n")
+    idp_key, idp_cert = ensure_keys(certs)
+    listen = f"{urlsplit(gateway_url).hostname}:{urlsplit(gateway_url).port or 80}"
+    (workdir / "gateway.toml").write_text(
+        _CONFIG.format(gateway_url=gateway_url, listen=listen, reader_url=reader_url,
+                       member=MEMBER, admin=ADMIN) + extra_config)
+    idp = DevIdPSettings(
+        base_url=idp_url, key_pem=idp_key, cert_pem=idp_cert,
+        sp_entity_id=f"{gateway_url}/saml/metadata", sp_acs_url=f"{gateway_url}/saml/acs",
+        sp_cert_pem=(certs / "sp.crt").read_text(),
+    )
+    metadata_dir = workdir / "idp_metadata"
+    metadata_dir.mkdir(exist_ok=True)
+    (metadata_dir / "devidp.xml").write_text(idp_metadata(idp))
+    return DemoStack(workdir, load_settings(workdir / "gateway.toml", environ={}), idp,
+                     reader_url)
+
+
+def servers(stack: DemoStack) -> list[uvicorn.Server]:
+    """Three uvicorn servers (gateway, IdP, reader), not yet started."""
+    def server(app: object, url: str) -> uvicorn.Server:
+        parts = urlsplit(url)
+        config = uvicorn.Config(app, host=parts.hostname or "127.0.0.1", port=parts.port or 80,
+                                log_level="warning", lifespan="auto")
+        return uvicorn.Server(config)
+
+    return [
+        server(create_app(stack.settings), stack.gateway_url),
+        server(create_idp_app(stack.idp), stack.idp.base_url),
+        server(create_reader(), stack.reader_url),
+    ]
+
+
+async def serve(stack: DemoStack) -> None:
+    await asyncio.gather(*(s.serve() for s in servers(stack)))

@@ -1,0 +1,276 @@
+"""The development IdP as a Starlette app: metadata, SSO over HTTP-Redirect, a login form.
+
+It keeps no server-side state. The pending AuthnRequest (ID, ACS URL, RelayState) rides
+in a hidden form field signed with a per-instance secret, so two tabs with two
+concurrent sign-ins each complete on their own; the IdP "session" is a signed cookie
+naming the user. Restarting the IdP invalidates both, which is fine for development.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote_plus
+
+import jinja2
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.utils import OneLogin_Saml2_Utils
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.devidp.authn_request import ALLOWED_SIG_ALGS
+from gateway.devidp.metadata import MEDIA_TYPE, idp_metadata
+from gateway.devidp.response import (
+    AuthnRequestError,
+    build_response,
+    new_id,
+    parse_authn_request,
+    parse_redirect_query,
+    verify_redirect_signature,
+)
+from gateway.devidp.settings import DevIdPSettings, ensure_keys
+from gateway.devidp.users import (
+    DEMO_PASSWORD,
+    NAMEID_PERSISTENT,
+    DemoUser,
+    authenticate,
+    find_user,
+    persistent_name_id,
+)
+
+__all__ = ["DevIdPSettings", "create_app", "ensure_keys", "run"]
+
+PENDING_MAX_AGE: Final = 600
+REQUEST_MAX_AGE: Final = 600  # how old an AuthnRequest's IssueInstant may be
+CLOCK_SKEW: Final = 120
+SESSION_COOKIE: Final = "devidp_session"
+_TEMPLATES: Final = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+    autoescape=True,
+)
+
+
+class _DevIdP:
+    def __init__(self, settings: DevIdPSettings) -> None:
+        self.settings = settings
+        secret = secrets.token_urlsafe(32)
+        self.pending = URLSafeTimedSerializer(secret, salt="devidp-pending")
+        self.sessions = URLSafeTimedSerializer(secret, salt="devidp-session")
+
+    # -- pages -----------------------------------------------------------------
+
+    def page(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        nonce = secrets.token_urlsafe(16)
+        html = _TEMPLATES.get_template(template).render(nonce=nonce, **context)
+        return HTMLResponse(
+            html,
+            status_code=status,
+            headers={
+                "Cache-Control": "no-store",
+                "Content-Security-Policy": (
+                    f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+                    "frame-ancestors 'none'; base-uri 'none'"
+                ),
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    def error(self, message: str, status: int = 400) -> HTMLResponse:
+        return self.page("error.html", status, heading="Sign-in request refused", message=message)
+
+    def login_page(
+        self, request: Request, pending: str, *, username: str = "", error: str | None = None
+    ) -> HTMLResponse:
+        return self.page(
+            "login.html",
+            401 if error else 200,
+            pending=pending,
+            username=username,
+            error=error,
+            current_user=(self.session(request) or (None,))[0],
+            users=self.settings.users,
+            password_hint=DEMO_PASSWORD,
+            sp_entity_id=self.settings.sp_entity_id,
+            login_url=self.settings.base_url + "/login",
+        )
+
+    def session(self, request: Request) -> tuple[DemoUser, float] | None:
+        """The signed-in user and when they typed their password, from the IdP cookie."""
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token:
+            return None
+        try:
+            data = self.sessions.loads(token, max_age=self.settings.session_lifetime)
+        except BadSignature:
+            return None
+        user = find_user(self.settings.users, str(data.get("u", "")))
+        started = data.get("t")
+        if user is None or not isinstance(started, int | float):
+            return None
+        return user, float(started)
+
+    # -- the AuthnRequest ------------------------------------------------------
+
+    def accept_request(self, query_string_raw: str) -> dict[str, str | None]:
+        """Check the redirect-bound AuthnRequest; return what the login form must carry."""
+        s = self.settings
+        params = parse_redirect_query(query_string_raw)
+        if "SAMLRequest" not in params:
+            raise AuthnRequestError("There is no SAMLRequest in this address.")
+        if "Signature" in params or s.require_signed_requests:
+            if "Signature" not in params or "SigAlg" not in params:
+                raise AuthnRequestError("The AuthnRequest is not signed; this IdP requires it.")
+            algorithm = unquote_plus(params["SigAlg"])
+            if algorithm not in ALLOWED_SIG_ALGS:
+                raise AuthnRequestError(f"The signature algorithm {algorithm} is not accepted.")
+            if not s.sp_cert_pem or not verify_redirect_signature(query_string_raw, s.sp_cert_pem):
+                raise AuthnRequestError("The AuthnRequest signature does not verify.")
+        info = parse_authn_request(unquote_plus(params["SAMLRequest"]))
+        if info.issuer != s.sp_entity_id:
+            raise AuthnRequestError(
+                f"The request comes from {info.issuer}, "
+                f"not from the configured SP {s.sp_entity_id}."
+            )
+        if info.acs_url is not None and info.acs_url != s.sp_acs_url:
+            raise AuthnRequestError(
+                f"The request asks for the response at {info.acs_url}, "
+                f"but the SP's assertion consumer service is {s.sp_acs_url}."
+            )
+        if info.protocol_binding not in (None, C.BINDING_HTTP_POST):
+            raise AuthnRequestError(f"Response binding {info.protocol_binding} is not supported.")
+        if info.destination is not None and info.destination != s.sso_url:
+            raise AuthnRequestError(f"The request is addressed to {info.destination}.")
+        try:
+            issued = OneLogin_Saml2_Utils.parse_SAML_to_time(info.issue_instant)
+        except ValueError as exc:
+            raise AuthnRequestError("The request's IssueInstant is not a date.") from exc
+        now = s.clock()
+        if not now - REQUEST_MAX_AGE <= issued <= now + CLOCK_SKEW:
+            raise AuthnRequestError("The request is too old, or dated in the future.")
+        relay = params.get("RelayState")
+        return {
+            "id": info.id,
+            "acs": s.sp_acs_url,
+            "relay": None if relay is None else unquote_plus(relay),
+        }
+
+    # -- endpoints -------------------------------------------------------------
+
+    async def metadata(self, request: Request) -> Response:
+        return Response(idp_metadata(self.settings), media_type=MEDIA_TYPE)
+
+    async def sso(self, request: Request) -> Response:
+        raw = request.scope["query_string"].decode("latin-1")
+        try:
+            pending = await run_in_threadpool(self.accept_request, raw)
+        except AuthnRequestError as exc:
+            return self.error(str(exc))
+        return self.login_page(request, self.pending.dumps(pending))
+
+    async def login(self, request: Request) -> Response:
+        async with request.form() as form:
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        token = fields.get("pending", "")
+        try:
+            pending = self.pending.loads(token, max_age=PENDING_MAX_AGE)
+        except BadSignature:
+            return self.error(
+                "This sign-in form has expired or was altered. Start again at the service."
+            )
+        now = self.settings.clock()
+        if fields.get("use_session"):
+            session = self.session(request)
+            if session is None:
+                return self.login_page(
+                    request, token, error="Your IdP session has ended; sign in again."
+                )
+            user, session_started = session
+        else:
+            username = fields.get("username", "")
+            found = authenticate(self.settings.users, username, fields.get("password", ""))
+            if found is None:
+                return self.login_page(
+                    request, token, username=username, error="Unknown user or wrong password"
+                )
+            user, session_started = found, now
+        return await self.post_response(user, pending, now, session_started)
+
+    async def post_response(
+        self, user: DemoUser, pending: dict[str, Any], now: float, session_started: float
+    ) -> Response:
+        s = self.settings
+        xml = await run_in_threadpool(
+            lambda: build_response(
+                idp_entity_id=s.entity_id,
+                key_pem=s.key_pem,
+                cert_pem=s.cert_pem,
+                acs_url=pending["acs"],
+                sp_entity_id=s.sp_entity_id,
+                in_response_to=pending["id"],
+                name_id=persistent_name_id(s.entity_id, user.username),
+                name_id_format=NAMEID_PERSISTENT,
+                attributes=user.attributes,
+                session_index=new_id(),
+                now=now,
+                lifetime=s.assertion_lifetime,
+                session_not_on_or_after=session_started + s.session_lifetime,
+                authn_instant=session_started,
+            )
+        )
+        page = self.page(
+            "post.html",
+            acs_url=pending["acs"],
+            saml_response=OneLogin_Saml2_Utils.b64encode(xml),
+            relay_state=pending.get("relay"),
+            display_name=user.display_name,
+        )
+        remaining = int(session_started + s.session_lifetime - now)
+        page.set_cookie(
+            SESSION_COOKIE,
+            self.sessions.dumps({"u": user.username, "t": session_started}),
+            max_age=max(remaining, 0),
+            httponly=True,
+            samesite="lax",
+            secure=s.base_url.startswith("https://"),
+        )
+        return page
+
+    async def slo(self, request: Request) -> Response:
+        return PlainTextResponse("Single logout is not implemented yet.", status_code=501)
+
+
+def create_app(settings: DevIdPSettings) -> Starlette:
+    """The dev IdP's ASGI app. Serve it on loopback only (see :func:`run`)."""
+    idp = _DevIdP(settings)
+    return Starlette(
+        routes=[
+            Route("/metadata", idp.metadata, methods=["GET"]),
+            Route("/sso", idp.sso, methods=["GET"]),
+            Route("/login", idp.login, methods=["POST"]),
+            Route("/slo", idp.slo, methods=["GET"]),
+        ]
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(settings: DevIdPSettings, host: str, port: int) -> None:
+    """Serve the dev IdP with uvicorn; refuse any host that is not loopback."""
+    if not is_loopback(host):
+        raise ValueError(f"the development IdP binds to loopback only, not {host!r}")
+    import uvicorn  # only the CLI needs it; tests drive uvicorn themselves
+
+    uvicorn.run(create_app(settings), host=host, port=port)

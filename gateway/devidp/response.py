@@ -1,0 +1,201 @@
+"""Build and sign SAML 2.0 Responses; read and verify HTTP-Redirect AuthnRequests.
+
+Pure functions, no HTTP: the dev IdP's endpoints use them, and so do tests that need
+to forge hostile responses (every part of the Response is a keyword argument).
+
+Signing goes through ``OneLogin_Saml2_Utils.add_sign`` (RSA-SHA256, SHA-256 digest,
+exclusive c14n). ``add_sign`` puts the signature after the *first* ``saml:Issuer`` of
+the document it is given, so the Assertion is signed as a document of its own and only
+then placed into the Response; the Response (if signed) is signed last, so that its
+signature covers the already signed Assertion.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Final
+
+from lxml import etree
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.utils import OneLogin_Saml2_Utils
+
+from gateway.devidp.authn_request import (
+    AuthnRequestError,
+    AuthnRequestInfo,
+    parse_authn_request,
+    parse_redirect_query,
+    verify_redirect_signature,
+)
+from gateway.devidp.users import ATTRNAME_FORMAT_BASIC
+
+__all__ = [
+    "AuthnRequestError",
+    "AuthnRequestInfo",
+    "build_response",
+    "new_id",
+    "parse_authn_request",
+    "parse_redirect_query",
+    "saml_time",
+    "verify_redirect_signature",
+]
+
+SAMLP: Final = C.NS_SAMLP
+SAML: Final = C.NS_SAML
+_NSMAP: Final = {"samlp": SAMLP, "saml": SAML}
+PASSWORD_PROTECTED_TRANSPORT: Final = C.AC_PASSWORD_PROTECTED
+STATUS_SUCCESS: Final = C.STATUS_SUCCESS
+BEARER: Final = C.CM_BEARER
+
+
+def new_id() -> str:
+    """A fresh SAML ID: an NCName (it must not start with a digit) with 160 random bits."""
+    return "_" + secrets.token_hex(20)
+
+
+def saml_time(timestamp: float) -> str:
+    """``xs:dateTime`` in UTC, whole seconds, as SAML peers expect."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _el(
+    parent: etree._Element, ns: str, tag: str, text: str | None = None, **attrs: str
+) -> etree._Element:
+    child = etree.SubElement(parent, f"{{{ns}}}{tag}", attrib=attrs)
+    if text is not None:
+        child.text = text
+    return child
+
+
+def _sign(element: etree._Element, key_pem: str, cert_pem: str) -> etree._Element:
+    signed = OneLogin_Saml2_Utils.add_sign(
+        etree.tostring(element),
+        key_pem,
+        cert_pem,
+        sign_algorithm=C.RSA_SHA256,
+        digest_algorithm=C.SHA256,
+    )
+    # add_sign's own output, re-read without DTDs, entities or network access.
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return etree.fromstring(signed, parser)
+
+
+def _assertion(
+    *,
+    assertion_id: str,
+    issuer: str,
+    now: float,
+    lifetime: int,
+    name_id: str,
+    name_id_format: str,
+    recipient: str,
+    in_response_to: str | None,
+    audience: str,
+    session_index: str,
+    session_not_on_or_after: float | None,
+    authn_instant: float,
+    attributes: dict[str, list[str]],
+) -> etree._Element:
+    root = etree.Element(
+        f"{{{SAML}}}Assertion",
+        nsmap={"saml": SAML},
+        attrib={"ID": assertion_id, "Version": "2.0", "IssueInstant": saml_time(now)},
+    )
+    _el(root, SAML, "Issuer", issuer)
+    subject = _el(root, SAML, "Subject")
+    _el(subject, SAML, "NameID", name_id, Format=name_id_format)
+    confirmation = _el(subject, SAML, "SubjectConfirmation", Method=BEARER)
+    data = {"NotOnOrAfter": saml_time(now + lifetime), "Recipient": recipient}
+    if in_response_to is not None:
+        data["InResponseTo"] = in_response_to
+    _el(confirmation, SAML, "SubjectConfirmationData", **data)
+    conditions = _el(
+        root, SAML, "Conditions", NotBefore=saml_time(now), NotOnOrAfter=saml_time(now + lifetime)
+    )
+    _el(_el(conditions, SAML, "AudienceRestriction"), SAML, "Audience", audience)
+    authn = {"AuthnInstant": saml_time(authn_instant), "SessionIndex": session_index}
+    if session_not_on_or_after is not None:
+        authn["SessionNotOnOrAfter"] = saml_time(session_not_on_or_after)
+    statement = _el(root, SAML, "AuthnStatement", **authn)
+    context = _el(statement, SAML, "AuthnContext")
+    _el(context, SAML, "AuthnContextClassRef", PASSWORD_PROTECTED_TRANSPORT)
+    if attributes:
+        attribute_statement = _el(root, SAML, "AttributeStatement")
+        for name, values in attributes.items():
+            attribute = _el(
+                attribute_statement, SAML, "Attribute", Name=name, NameFormat=ATTRNAME_FORMAT_BASIC
+            )
+            for value in values:
+                _el(attribute, SAML, "AttributeValue", value)
+    return root
+
+
+def build_response(
+    *,
+    idp_entity_id: str,
+    key_pem: str,
+    cert_pem: str,
+    acs_url: str,
+    sp_entity_id: str,
+    in_response_to: str | None,
+    name_id: str,
+    name_id_format: str,
+    attributes: dict[str, list[str]],
+    session_index: str,
+    now: float | None = None,
+    lifetime: int = 300,
+    assertion_id: str | None = None,
+    response_id: str | None = None,
+    sign_assertion: bool = True,
+    sign_response: bool = False,
+    audience: str | None = None,
+    destination: str | None = None,
+    recipient: str | None = None,
+    session_not_on_or_after: float | None = None,
+    authn_instant: float | None = None,
+) -> str:
+    """Return a SAML Response (XML text) carrying one Assertion, signed as asked.
+
+    ``now`` defaults to the current time; the Assertion is valid from ``now`` (NotBefore)
+    until ``now + lifetime`` (Conditions and SubjectConfirmationData NotOnOrAfter).
+    ``audience``, ``destination`` and ``recipient`` default to the honest values so that a
+    forging test overrides only the one it attacks. ``authn_instant`` (when the user
+    actually typed a password; default ``now``) differs from ``now`` for single sign-on
+    through an existing IdP session.
+    """
+    now = time.time() if now is None else now
+    assertion = _assertion(
+        assertion_id=assertion_id or new_id(),
+        issuer=idp_entity_id,
+        now=now,
+        lifetime=lifetime,
+        name_id=name_id,
+        name_id_format=name_id_format,
+        recipient=acs_url if recipient is None else recipient,
+        in_response_to=in_response_to,
+        audience=sp_entity_id if audience is None else audience,
+        session_index=session_index,
+        session_not_on_or_after=session_not_on_or_after,
+        authn_instant=now if authn_instant is None else authn_instant,
+        attributes=attributes,
+    )
+    if sign_assertion:
+        assertion = _sign(assertion, key_pem, cert_pem)
+
+    attrs = {
+        "ID": response_id or new_id(),
+        "Version": "2.0",
+        "IssueInstant": saml_time(now),
+        "Destination": acs_url if destination is None else destination,
+    }
+    if in_response_to is not None:
+        attrs["InResponseTo"] = in_response_to
+    response = etree.Element(f"{{{SAMLP}}}Response", nsmap=_NSMAP, attrib=attrs)
+    _el(response, SAML, "Issuer", idp_entity_id)
+    status = _el(response, SAMLP, "Status")
+    _el(status, SAMLP, "StatusCode", Value=STATUS_SUCCESS)
+    response.append(assertion)
+    if sign_response:
+        response = _sign(response, key_pem, cert_pem)
+    xml: str = etree.tostring(response, encoding="unicode")
+    return xml

@@ -1,0 +1,223 @@
+"""The IdPs this gateway trusts, read from SAML metadata files in one directory.
+
+Each ``*.xml`` file holds one ``md:EntityDescriptor`` or an ``md:EntitiesDescriptor``
+aggregate. Every problem in every file is collected and raised at once as a
+``ConfigError`` whose lines name the file; a half-loaded registry never exists.
+
+Metadata files are placed by an administrator, so they are trusted for their content;
+they are still parsed with the library's hardened parser (no DTD, no entities, no
+network) and a DOCTYPE is refused outright.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from lxml import etree
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.idp_metadata_parser import OneLogin_Saml2_IdPMetadataParser
+from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
+
+from gateway.errors import ConfigError, UnknownIdP
+
+_MD = f"{{{C.NS_MD}}}"
+_MDUI_NS = "urn:oasis:names:tc:SAML:metadata:ui"
+_NS = {"md": C.NS_MD, "ds": C.NS_DS, "mdui": _MDUI_NS}
+_DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
+# Signing keys: KeyDescriptors for signing, or with no ``use`` (meaning both uses).
+_SIGNING_CERTS = (
+    "md:KeyDescriptor[not(@use) or @use='signing']/ds:KeyInfo/ds:X509Data/ds:X509Certificate"
+)
+
+
+@dataclass(frozen=True)
+class IdP:
+    """One trusted IdP. ``settings`` is the python3-saml ``idp`` settings block.
+
+    ``settings`` is left out of equality and hashing (the other fields determine it),
+    so an ``IdP`` can key a cache; treat it as read-only.
+    """
+
+    entity_id: str
+    display_name: str
+    sso_url: str  # HTTP-Redirect binding
+    slo_url: str  # HTTP-Redirect binding, or "" when the IdP has none
+    signing_certs: tuple[str, ...]  # PEM bodies (base64 DER, no armour)
+    source: Path
+    settings: Mapping[str, Any] = field(compare=False, repr=False)
+
+
+class IdPRegistry:
+    """An immutable set of IdPs keyed by entity ID."""
+
+    def __init__(self, idps: Iterable[IdP] = ()) -> None:
+        self._idps: dict[str, IdP] = {}
+        for idp in idps:
+            if idp.entity_id in self._idps:
+                raise ValueError(f"IdP {idp.entity_id!r} given twice")
+            self._idps[idp.entity_id] = idp
+
+    @classmethod
+    def load_dir(cls, directory: Path) -> IdPRegistry:
+        """Load every ``*.xml`` in ``directory``; raise ``ConfigError`` listing every problem."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConfigError([f"{directory}: IdP metadata directory does not exist"])
+        problems: list[str] = []
+        idps: dict[str, IdP] = {}
+        for path in sorted(directory.glob("*.xml")):
+            for idp in _load_file(path, problems):
+                other = idps.get(idp.entity_id)
+                if other is not None:
+                    problems.append(
+                        f"{path}: entityID {idp.entity_id!r} is already defined in {other.source}"
+                    )
+                    continue
+                idps[idp.entity_id] = idp
+        if problems:
+            raise ConfigError(problems)
+        return cls(idps.values())
+
+    def get(self, entity_id: str) -> IdP:
+        try:
+            return self._idps[entity_id]
+        except KeyError:
+            raise UnknownIdP(f"IdP {entity_id[:200]!r} is not configured") from None
+
+    def all(self) -> list[IdP]:
+        """All IdPs, sorted by display name (the order a discovery page shows them)."""
+        return sorted(self._idps.values(), key=lambda i: (i.display_name.casefold(), i.entity_id))
+
+    def default(self) -> IdP | None:
+        """The only IdP when exactly one is configured (no discovery needed), else None."""
+        if len(self._idps) == 1:
+            return next(iter(self._idps.values()))
+        return None
+
+    def __len__(self) -> int:
+        return len(self._idps)
+
+    def __contains__(self, entity_id: object) -> bool:
+        return entity_id in self._idps
+
+
+def _load_file(path: Path, problems: list[str]) -> list[IdP]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{path}: cannot read ({exc.strerror or exc})")
+        return []
+    if _DOCTYPE.search(data):
+        problems.append(f"{path}: a DOCTYPE is not allowed in metadata")
+        return []
+    try:
+        root = OneLogin_Saml2_XML.to_etree(data)
+    except Exception as exc:  # lxml syntax errors and the parser's DTD/entity refusals
+        problems.append(f"{path}: not well-formed XML ({_short(exc)})")
+        return []
+
+    if root.tag == f"{_MD}EntityDescriptor":
+        entities = [root]
+    elif root.tag == f"{_MD}EntitiesDescriptor":
+        entities = list(root.iter(f"{_MD}EntityDescriptor"))
+    else:
+        problems.append(
+            f"{path}: root element is {etree.QName(root).localname!r}, "
+            "expected md:EntityDescriptor or md:EntitiesDescriptor"
+        )
+        return []
+
+    idps: list[IdP] = []
+    seen_idp_descriptor = False
+    for entity in entities:
+        if entity.find("md:IDPSSODescriptor", _NS) is None:
+            continue  # aggregates also carry SPs; a lone SP is reported below
+        seen_idp_descriptor = True
+        idp = _load_entity(path, entity, problems)
+        if idp is not None:
+            idps.append(idp)
+    if not seen_idp_descriptor:
+        problems.append(f"{path}: no md:IDPSSODescriptor (this is not IdP metadata)")
+    return idps
+
+
+def _load_entity(path: Path, entity: Any, problems: list[str]) -> IdP | None:
+    entity_id = (entity.get("entityID") or "").strip()
+    if not entity_id:
+        problems.append(f"{path}: an md:EntityDescriptor has no entityID")
+        return None
+    where = f"{path}: IdP {entity_id!r}"
+    if "'" in entity_id or any(ch.isspace() or ord(ch) < 0x20 for ch in entity_id):
+        # The library's parser interpolates the entityID into an XPath in quotes.
+        problems.append(f"{where}: entityID contains a quote, whitespace or control character")
+        return None
+    before = len(problems)
+
+    parsed = OneLogin_Saml2_IdPMetadataParser.parse(etree.tostring(entity), entity_id=entity_id)
+    idp_data: dict[str, Any] = parsed.get("idp", {})
+    sso_url = str(idp_data.get("singleSignOnService", {}).get("url") or "").strip()
+    slo_url = str(idp_data.get("singleLogoutService", {}).get("url") or "").strip()
+    if not sso_url:
+        problems.append(f"{where}: no SingleSignOnService with the HTTP-Redirect binding")
+
+    descriptor = entity.find("md:IDPSSODescriptor", _NS)
+    certs: list[str] = []
+    bad_cert = False
+    for node in descriptor.xpath(_SIGNING_CERTS, namespaces=_NS):
+        body = "".join((OneLogin_Saml2_XML.element_text(node) or "").split())
+        try:
+            x509.load_der_x509_certificate(base64.b64decode(body, validate=True))
+        except (binascii.Error, ValueError):
+            problems.append(f"{where}: a signing X509Certificate is not a valid certificate")
+            bad_cert = True
+            continue
+        if body not in certs:
+            certs.append(body)
+    if not certs and not bad_cert:
+        problems.append(f"{where}: no signing certificate (KeyDescriptor use=\"signing\")")
+    if len(problems) != before:
+        return None
+
+    settings: dict[str, Any] = {
+        "entityId": entity_id,
+        "singleSignOnService": {"url": sso_url, "binding": C.BINDING_HTTP_REDIRECT},
+        "x509certMulti": {"signing": list(certs)},
+    }
+    if slo_url:
+        settings["singleLogoutService"] = {"url": slo_url, "binding": C.BINDING_HTTP_REDIRECT}
+    return IdP(
+        entity_id=entity_id,
+        display_name=_display_name(entity) or entity_id,
+        sso_url=sso_url,
+        slo_url=slo_url,
+        signing_certs=tuple(certs),
+        source=path,
+        settings=settings,
+    )
+
+
+def _display_name(entity: Any) -> str:
+    """mdui:DisplayName (English first), else the OrganizationDisplayName."""
+    for query in (
+        "md:IDPSSODescriptor/md:Extensions/mdui:UIInfo/mdui:DisplayName",
+        "md:Organization/md:OrganizationDisplayName",
+    ):
+        nodes = entity.xpath(query, namespaces=_NS)
+        nodes.sort(key=lambda n: n.get("{http://www.w3.org/XML/1998/namespace}lang") != "en")
+        for node in nodes:
+            text = " ".join((node.text or "").split())
+            if text:
+                return text
+    return ""
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,315 @@
+"""The gateway as a SAML service provider: AuthnRequests, Response validation, SP metadata.
+
+URLs come only from ``settings.public_url`` (never from the request's Host), and so does
+the request data handed to python3-saml: it sees the ACS URL we advertise, whatever
+the browser sent.
+
+All methods are synchronous and thread-safe: every call builds its own ``Auth`` object;
+only the per-IdP ``OneLogin_Saml2_Settings`` (read-only once built) are shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.metadata import OneLogin_Saml2_Metadata
+from onelogin.saml2.settings import OneLogin_Saml2_Settings
+from onelogin.saml2.utils import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
+
+from gateway.config import Settings
+from gateway.errors import ConfigError, LoginFailed
+from gateway.principal import Principal
+from gateway.saml.attributes import map_principal
+from gateway.saml.registry import IdP, IdPRegistry
+from gateway.saml.response import Auth, check_response, clean, kind_for, saml_time
+
+MAX_RESPONSE_BASE64 = 256 * 1024
+ACS_PATH = "/saml/acs"
+SLS_PATH = "/saml/sls"
+METADATA_PATH = "/saml/metadata"
+# We identify members by an attribute, not by NameID, so we let the IdP pick the format:
+# asking for ``persistent`` makes IdPs that cannot issue one fail with InvalidNameIDPolicy.
+NAMEID_FORMAT = C.NAMEID_UNSPECIFIED
+_DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    url: str  # the IdP's SSO URL with the (signed) HTTP-Redirect query
+    request_id: str  # keep it: finish_login needs it
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    principal: Principal
+    assertion_id: str
+    not_on_or_after: float  # after this the assertion is refused anyway: replay-cache expiry
+    response_id: str
+
+
+class ServiceProvider:
+    """One SP (this gateway) in front of the IdPs of a registry."""
+
+    def __init__(
+        self, settings: Settings, registry: IdPRegistry, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._config = settings
+        self._registry = registry
+        self._clock = clock
+        self.entity_id = settings.sp_entity_id
+        self.acs_url = settings.public_url + ACS_PATH
+        self.sls_url = settings.public_url + SLS_PATH
+        self.metadata_url = settings.public_url + METADATA_PATH
+        parts = urlsplit(settings.public_url)
+        self._https = "on" if parts.scheme == "https" else "off"
+        # The port goes into http_host: python3-saml deprecates ``server_port``.
+        self._host = parts.netloc.rpartition("@")[2]
+        self._key_pem, self._cert_pem = _read_keypair(settings)
+        self._lock = threading.Lock()
+        self._cache: dict[IdP, OneLogin_Saml2_Settings] = {}
+        self._sp_only = self._build(None)
+        for idp in registry.all():  # a bad IdP block fails at startup, not at first login
+            self.settings_for(idp)
+
+    # Public API ----------------------------------------------------------------------
+
+    def start_login(self, idp: IdP, relay_state: str) -> LoginRequest:
+        """An AuthnRequest for ``idp`` as an HTTP-Redirect URL, and its ID."""
+        auth = Auth(self._request_data("/saml/login"), self.settings_for(idp))
+        url = auth.login(return_to=relay_state)
+        return LoginRequest(url=url, request_id=auth.get_last_request_id())
+
+    def finish_login(self, saml_response: str, *, request_id: str, idp: IdP) -> LoginResult:
+        """Validate a POSTed ``SAMLResponse`` answering ``request_id``; raise ``LoginFailed``."""
+        if not request_id:
+            raise ValueError("request_id is required: without it the library skips InResponseTo")
+        encoded = _check_envelope(saml_response)
+        where = f"The SAML response from IdP {clean(idp.entity_id)}"
+        auth = Auth(
+            self._request_data(ACS_PATH, {"SAMLResponse": encoded}), self.settings_for(idp)
+        )
+        attributes: dict[str, list[str]] = {}
+        try:
+            auth.process_response(request_id=request_id)
+            failed = bool(auth.get_errors())
+            if not failed:
+                # Reading the values can raise too (NameID, duplicate attribute names).
+                attributes = _string_values(auth.get_attributes())
+        except OneLogin_Saml2_ValidationError as exc:
+            raise LoginFailed(kind_for(exc.code), f"{where} was refused: {clean(exc)}") from exc
+        except Exception as exc:  # unparseable XML, undecryptable assertion, …
+            raise LoginFailed(
+                "malformed", f"{where} could not be processed ({type(exc).__name__}: {clean(exc)})."
+            ) from exc
+        if failed:
+            code = auth.response.error_code if auth.response is not None else None
+            reason = clean(auth.get_last_error_reason() or ", ".join(auth.get_errors()))
+            raise LoginFailed(kind_for(code), f"{where} was refused by python3-saml: {reason}")
+
+        assertion = check_response(
+            auth,
+            request_id=request_id,
+            idp_entity_id=idp.entity_id,
+            sp_entity_id=self.entity_id,
+            acs_url=self.acs_url,
+        )
+        try:
+            not_on_or_after = self._not_on_or_after(auth, assertion, where)
+            statement = assertion.find("saml:AuthnStatement", C.NSMAP)
+            instant = statement.get("AuthnInstant") if statement is not None else None
+            authn_instant = saml_time(instant)
+        except LoginFailed:
+            raise
+        except Exception as exc:
+            reason = f"{where} has an unreadable time ({clean(exc)})."
+            raise LoginFailed("malformed", reason) from exc
+        session_end = auth.get_session_expiration()
+        principal = map_principal(
+            attributes,
+            name_id=auth.get_nameid() or "",
+            name_id_format=auth.get_nameid_format() or "",
+            session_index=auth.get_session_index() or "",
+            idp=idp.entity_id,
+            mapping=self._config.attributes,
+            authn_instant=authn_instant if authn_instant is not None else self._clock(),
+            session_not_on_or_after=float(session_end) if session_end else None,
+        )
+        return LoginResult(
+            principal=principal,
+            assertion_id=auth.get_last_assertion_id(),
+            not_on_or_after=not_on_or_after,
+            response_id=auth.get_last_message_id() or "",
+        )
+
+    def metadata(self) -> str:
+        """SP metadata XML, checked against the metadata schema before it is returned."""
+        settings = self._sp_only
+        security = settings.get_security_data()
+        xml = OneLogin_Saml2_Metadata.builder(
+            settings.get_sp_data(),
+            authnsign=security["authnRequestsSigned"],
+            wsign=security["wantAssertionsSigned"],
+        )
+        # Signing and encryption: an IdP that encrypts assertions can, and we can decrypt.
+        xml = OneLogin_Saml2_Metadata.add_x509_key_descriptors(
+            xml, settings.get_sp_cert(), add_encryption=True
+        )
+        text = xml.decode() if isinstance(xml, bytes) else str(xml)
+        errors = settings.validate_metadata(text)
+        if errors:
+            raise ConfigError([f"the generated SP metadata is invalid: {', '.join(errors)}"])
+        return text
+
+    def settings_for(self, idp: IdP) -> OneLogin_Saml2_Settings:
+        """The python3-saml settings for one IdP, built once and cached."""
+        with self._lock:
+            cached = self._cache.get(idp)
+            if cached is None:
+                cached = self._cache[idp] = self._build(idp)
+            return cached
+
+    # Internals -----------------------------------------------------------------------
+
+    def _build(self, idp: IdP | None) -> OneLogin_Saml2_Settings:
+        data: dict[str, Any] = {
+            "strict": True,
+            "debug": False,
+            "sp": {
+                "entityId": self.entity_id,
+                "assertionConsumerService": {"url": self.acs_url, "binding": C.BINDING_HTTP_POST},
+                "singleLogoutService": {"url": self.sls_url, "binding": C.BINDING_HTTP_REDIRECT},
+                "NameIDFormat": NAMEID_FORMAT,
+                "x509cert": self._cert_pem,
+                "privateKey": self._key_pem,
+            },
+            "security": {
+                "authnRequestsSigned": self._config.sp.sign_authn_requests,
+                "wantAssertionsSigned": True,
+                "wantMessagesSigned": False,
+                "rejectDeprecatedAlgorithm": True,
+                "signatureAlgorithm": C.RSA_SHA256,
+                "digestAlgorithm": C.SHA256,
+                "wantNameId": True,
+                "allowRepeatAttributeName": False,
+                "wantAttributeStatement": False,
+                "requestedAuthnContext": False,
+                "logoutRequestSigned": True,
+                "logoutResponseSigned": True,
+                "wantAssertionsEncrypted": False,
+                "wantNameIdEncrypted": False,
+            },
+        }
+        if idp is not None:
+            # The library formats certificates in place: give it a copy.
+            data["idp"] = copy.deepcopy(dict(idp.settings))
+        try:
+            return OneLogin_Saml2_Settings(data, sp_validation_only=idp is None)
+        except OneLogin_Saml2_Error as exc:
+            who = "the SP" if idp is None else f"IdP {idp.entity_id!r} ({idp.source})"
+            raise ConfigError([f"python3-saml rejects the settings for {who}: {exc}"]) from exc
+
+    def _request_data(self, path: str, post: dict[str, str] | None = None) -> dict[str, Any]:
+        return {
+            "https": self._https,
+            "http_host": self._host,
+            "script_name": path,
+            "get_data": {},
+            "post_data": post or {},
+        }
+
+    def _not_on_or_after(self, auth: Auth, assertion: Any, where: str) -> float:
+        """When the library would refuse this assertion anyway: the earlier of the
+        SubjectConfirmationData NotOnOrAfter and the Conditions NotOnOrAfter (plus the
+        library's clock-drift allowance)."""
+        limits: list[float] = []
+        scd = auth.get_last_assertion_not_on_or_after()
+        if scd:
+            limits.append(float(scd))
+        conditions = assertion.find("saml:Conditions", C.NSMAP)
+        cond = saml_time(conditions.get("NotOnOrAfter") if conditions is not None else None)
+        if cond is not None:
+            limits.append(cond + C.ALLOWED_CLOCK_DRIFT)
+        if not limits:
+            raise LoginFailed("malformed", f"{where} has an Assertion without NotOnOrAfter.")
+        limit = min(limits)
+        if limit <= self._clock():
+            raise LoginFailed("expired", f"{where} carries an assertion that has expired.")
+        return limit
+
+
+def _check_envelope(saml_response: str) -> str:
+    """Size, base64 and DOCTYPE checks before the library parses anything."""
+    if len(saml_response) > MAX_RESPONSE_BASE64:
+        raise LoginFailed(
+            "too_large",
+            f"The SAMLResponse is {len(saml_response)} characters, over the "
+            f"{MAX_RESPONSE_BASE64} limit.",
+        )
+    compact = "".join(saml_response.split())  # some IdPs wrap the base64 at 76 columns
+    try:
+        xml = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise LoginFailed("malformed", "The SAMLResponse is not valid base64.") from None
+    if not xml.strip():
+        raise LoginFailed("malformed", "The SAMLResponse is empty.")
+    if _DOCTYPE.search(xml):
+        raise LoginFailed("malformed", "The SAMLResponse contains a DOCTYPE; refused unparsed.")
+    return compact
+
+
+def _string_values(attributes: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Attribute values as strings (a nested NameID value counts as its text)."""
+    result: dict[str, list[str]] = {}
+    for name, values in attributes.items():
+        texts = []
+        for value in values:
+            if isinstance(value, dict):
+                value = (value.get("NameID") or {}).get("value") or ""
+            texts.append(str(value))
+        result[name] = texts
+    return result
+
+
+def _read_keypair(settings: Settings) -> tuple[str, str]:
+    problems: list[str] = []
+    key_pem = cert_pem = ""
+    try:
+        key_pem = settings.sp.key_file.read_text()
+        cert_pem = settings.sp.cert_file.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            [f"{exc.filename}: cannot read SP key or certificate ({exc.strerror})"]
+        ) from exc
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError):
+        problems.append(f"{settings.sp.key_file}: not an unencrypted PEM private key")
+        key = None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    except ValueError:
+        problems.append(f"{settings.sp.cert_file}: not a PEM certificate")
+        cert = None
+    if key is not None and cert is not None:
+        der = serialization.PublicFormat.SubjectPublicKeyInfo
+        enc = serialization.Encoding.DER
+        if key.public_key().public_bytes(enc, der) != cert.public_key().public_bytes(enc, der):
+            problems.append(
+                f"{settings.sp.cert_file}: certificate does not match the key in "
+                f"{settings.sp.key_file}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return key_pem, cert_pem

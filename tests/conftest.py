@@ -1,0 +1,187 @@
+"""Shared fixtures: real servers on loopback ports, the demo stack, a TLS certificate.
+
+Servers run with uvicorn in background threads on sockets bound before the app
+is built, so each app knows its own URL (``public_url``) without a port race.
+The gateway runs over https in these tests, as in production, so the cookies
+carry their real attributes (``__Host-``, ``Secure``, ``SameSite``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.app import create_app
+from gateway.demo.stack import DemoStack, prepare
+from gateway.devidp import create_app as create_idp_app
+
+
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+class ThreadServer:
+    """A uvicorn server in a daemon thread, on a socket bound in advance."""
+
+    def __init__(self, app: Any, sock: socket.socket, **config: Any) -> None:
+        self.sock = sock
+        self.config = uvicorn.Config(app, log_level="warning", lifespan="on", **config)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+
+    def start(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@contextmanager
+def serving(app: Any, sock: socket.socket, **config: Any) -> Iterator[ThreadServer]:
+    server = ThreadServer(app, sock, **config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+@dataclass
+class TLSFiles:
+    key: Path
+    cert: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A self-signed server certificate for 127.0.0.1 and localhost."""
+    directory = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "key.pem", directory / "cert.pem")
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+@dataclass
+class EchoUpstream:
+    """An upstream that records every request it gets and answers with a page."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        async def handle(request: Request) -> Response:
+            body = await request.body()
+            self.requests.append({
+                "method": request.method, "path": request.url.path,
+                "raw_path": request.scope.get("raw_path", b"").decode("latin-1"),
+                "query": request.url.query, "headers": list(request.headers.items()),
+                "body": body,
+            })
+            if request.url.path == "/echo.json":
+                return JSONResponse({"headers": dict(request.headers)})
+            who = request.headers.get("x-member-name", "")
+            return Response(f"<h1>Upstream page {request.url.path}</h1><p>{who}</p>",
+                            media_type="text/html")
+
+        return Starlette(routes=[Route("/{path:path}", handle,
+                                       methods=["GET", "POST", "PUT", "DELETE", "HEAD"])])
+
+    def header_values(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for r in self.requests for k, v in r["headers"] if k.lower() == name]
+
+
+@dataclass
+class Stack:
+    demo: DemoStack
+    upstream: EchoUpstream
+    tls: TLSFiles
+
+    @property
+    def url(self) -> str:
+        return self.demo.gateway_url
+
+    @property
+    def db(self) -> Path:
+        return Path(self.demo.settings.store.url.removeprefix("sqlite://"))
+
+    def session_count(self) -> int:
+        with sqlite3.connect(self.db) as db:
+            return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
+@contextmanager
+def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
+              extra_config: str = "", gateway_tls: bool = True) -> Iterator[Stack]:
+    gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
+    scheme = "https" if gateway_tls else "http"
+    demo = prepare(workdir, gateway_url=f"{scheme}://127.0.0.1:{port_of(gw_sock)}",
+                   idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
+                   reader_url=f"http://127.0.0.1:{port_of(up_sock)}",
+                   extra_config=extra_config)
+    upstream = EchoUpstream()
+    ssl_args = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert)} if gateway_tls else {}
+    with (serving(upstream.app(), up_sock),
+          serving(create_idp_app(demo.idp), idp_sock),
+          serving(create_app(demo.settings), gw_sock, **ssl_args)):
+        yield Stack(demo, upstream, tls)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, tls: TLSFiles) -> Iterator[Stack]:
+    with run_stack(tmp_path, tls) as running:
+        yield running

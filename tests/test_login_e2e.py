@@ -1,0 +1,133 @@
+"""End to end over real sockets: anonymous → IdP → ACS → the upstream page, and who is kept out."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from urllib.parse import parse_qs, urlsplit
+
+from lxml import etree
+
+from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
+from tests.conftest import Stack
+
+PAGE = "/issues/2023-03/pages/14"
+
+
+def test_member_reads_a_gated_page(stack: Stack) -> None:
+    with client(stack) as http:
+        first = http.get(stack.url + PAGE)
+        assert first.status_code == 302
+        assert first.headers["location"] == "/saml/login?next=%2Fissues%2F2023-03%2Fpages%2F14"
+        assert stack.upstream.requests == []  # nothing reached the upstream anonymously
+
+        to_idp = http.get(stack.url + first.headers["location"])
+        assert to_idp.status_code == 302
+        location = urlsplit(to_idp.headers["location"])
+        assert f"{location.scheme}://{location.netloc}{location.path}" == stack.demo.idp.sso_url
+        query = parse_qs(location.query)
+        assert query["SigAlg"] == ["http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"]
+        assert query["Signature"][0]
+        request_xml = zlib.decompress(base64.b64decode(query["SAMLRequest"][0]), -15)
+        authn = etree.fromstring(request_xml)
+        assert authn.get("AssertionConsumerServiceURL") == stack.url + "/saml/acs"
+
+        idp_page = http.get(to_idp.headers["location"])
+        assert "DEVELOPMENT ONLY" in idp_page.text
+        answer = sign_in_at_idp(http, idp_page, "alice")
+        assert answer.acs == stack.url + "/saml/acs"
+        done = post_to_acs(http, answer)
+        assert done.status_code == 302
+        assert done.headers["location"] == PAGE
+        cookies = done.headers.get_list("set-cookie")
+        session_cookie = next(c for c in cookies if c.startswith("__Host-gw_session="))
+        for attribute in ("Path=/", "HttpOnly", "SameSite=Lax", "Secure"):
+            assert attribute in session_cookie
+        assert stack.session_count() == 1
+
+        page = http.get(stack.url + PAGE)
+        assert page.status_code == 200
+        assert "Upstream page /issues/2023-03/pages/14" in page.text
+        assert "Alice Archer" in page.text
+        assert "private" in page.headers["cache-control"]
+
+    seen = dict(stack.upstream.requests[-1]["headers"])
+    assert seen["x-member-id"] == "M1001"
+    assert seen["x-member-email"] == "alice@members.example.org"
+    assert seen["x-member-status"] == "active"
+    assert seen["x-member-entitlements"] == "urn:mace:example.org:entitlement:member"
+    assert "__Host-gw_session" not in seen.get("cookie", "")
+
+
+def test_lapsed_member_gets_the_lapsed_page(stack: Stack) -> None:
+    with client(stack) as http:
+        login(http, stack, PAGE, "bob")
+        page = http.get(stack.url + PAGE)
+    assert page.status_code == 403
+    assert "Your membership has lapsed" in page.text
+    assert "Bob Baker" in page.text
+    assert stack.upstream.requests == []
+
+
+def test_api_client_gets_json_401_and_403(stack: Stack) -> None:
+    with client(stack) as http:
+        anonymous = http.get(stack.url + PAGE, headers={"accept": "application/json"})
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"] == "Sign-in required"
+        login(http, stack, PAGE, "bob")
+        lapsed = http.get(stack.url + PAGE, headers={"accept": "application/json"})
+    assert lapsed.status_code == 403
+    assert lapsed.json()["reason"] == "membership status is lapsed, needs active"
+
+
+def test_member_cannot_open_another_members_notes(stack: Stack) -> None:
+    with client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        own = http.get(stack.url + "/members/M1001/notes")
+        other = http.get(stack.url + "/members/M1004/notes")
+        other_deep = http.get(stack.url + "/members/M1004/notes/7")
+    assert own.status_code == 200
+    assert other.status_code == 403
+    assert other_deep.status_code == 403
+    assert [r["path"] for r in stack.upstream.requests] == ["/members/M1001/notes"]
+
+
+def test_public_pages_need_no_login(stack: Stack) -> None:
+    with client(stack) as http:
+        page = http.get(stack.url + "/public/about")
+    assert page.status_code == 200
+    assert "x-member-id" not in dict(stack.upstream.requests[-1]["headers"])
+
+
+def test_two_logins_in_one_browser_both_complete(stack: Stack) -> None:
+    """Two tabs, one cookie jar: two outstanding AuthnRequests, answered in reverse order."""
+    with client(stack) as http:
+        tab1 = start_login(http, stack, "/issues/2023-03/pages/1")
+        tab2 = start_login(http, stack, "/issues/2023-06/pages/2")
+        answer2 = sign_in_at_idp(http, tab2, "alice")
+        answer1 = sign_in_at_idp(http, tab1, "alice")
+        done2 = post_to_acs(http, answer2)
+        done1 = post_to_acs(http, answer1)
+    assert (done2.status_code, done2.headers["location"]) == (302, "/issues/2023-06/pages/2")
+    assert (done1.status_code, done1.headers["location"]) == (302, "/issues/2023-03/pages/1")
+
+
+def test_next_to_another_origin_lands_on_root(stack: Stack) -> None:
+    with client(stack) as http:
+        to_idp = http.get(stack.url + "/saml/login", params={"next": "https://evil.example/"})
+        idp_page = http.get(to_idp.headers["location"])
+        done = post_to_acs(http, sign_in_at_idp(http, idp_page, "alice"))
+    assert done.status_code == 302
+    assert done.headers["location"] == "/"
+
+
+def test_sp_metadata_is_served_from_public_url(stack: Stack) -> None:
+    with client(stack) as http:
+        answer = http.get(stack.url + "/saml/metadata", headers={"host": "evil.example"})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/samlmetadata+xml")
+    root = etree.fromstring(answer.content)
+    ns = {"md": "urn:oasis:names:tc:SAML:2.0:metadata"}
+    acs = root.find(".//md:AssertionConsumerService", ns)
+    assert acs is not None and acs.get("Location") == stack.url + "/saml/acs"
+    assert root.get("entityID") == stack.url + "/saml/metadata"
