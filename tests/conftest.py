@@ -15,9 +15,9 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.app import create_app
+from gateway.config import load_settings
 from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
 
@@ -166,13 +167,18 @@ class Stack:
 
 @contextmanager
 def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
-              extra_config: str = "", gateway_tls: bool = True) -> Iterator[Stack]:
+              extra_config: str = "", gateway_tls: bool = True,
+              setup: Callable[[DemoStack], None] | None = None) -> Iterator[Stack]:
+    """The demo stack with an echo upstream; ``setup`` may add files before the gateway loads."""
     gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
     scheme = "https" if gateway_tls else "http"
     demo = prepare(workdir, gateway_url=f"{scheme}://127.0.0.1:{port_of(gw_sock)}",
                    idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}",
                    extra_config=extra_config)
+    if setup is not None:
+        setup(demo)
+        demo = replace(demo, settings=load_settings(workdir / "gateway.toml", environ={}))
     upstream = EchoUpstream()
     ssl_args = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert)} if gateway_tls else {}
     with (serving(upstream.app(), up_sock),

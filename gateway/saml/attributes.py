@@ -36,6 +36,34 @@ def map_principal(
     session_not_on_or_after: float | None,
 ) -> Principal:
     """Build the ``Principal``; raises ``LoginFailed('attributes', …)`` on unusable values."""
+    try:
+        return _map(
+            attributes,
+            name_id=name_id,
+            name_id_format=name_id_format,
+            session_index=session_index,
+            idp=idp,
+            mapping=mapping,
+            authn_instant=authn_instant,
+            session_not_on_or_after=session_not_on_or_after,
+        )
+    except LoginFailed as exc:
+        if exc.reason.startswith("The assertion from IdP"):
+            raise
+        raise LoginFailed(exc.kind, f"The assertion from IdP {idp!r}: {exc.reason}") from None
+
+
+def _map(
+    attributes: Mapping[str, Sequence[str]],
+    *,
+    name_id: str,
+    name_id_format: str,
+    session_index: str,
+    idp: str,
+    mapping: AttributeMap,
+    authn_instant: float,
+    session_not_on_or_after: float | None,
+) -> Principal:
     member_ids = _first_present(attributes, mapping.member_id)
     if not member_ids:
         raise LoginFailed(
