@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 
@@ -124,6 +132,12 @@ class Rule(_Model):
         if not value.startswith("/"):
             raise ValueError("must start with '/'")
         return value
+
+    @model_validator(mode="after")
+    def _owner_names_parameter(self) -> Rule:
+        if self.access == "owner" and "{" not in self.path:
+            raise ValueError("an owner rule needs a {parameter} segment in its path")
+        return self
 
 
 class IdentityHeaders(_Model):

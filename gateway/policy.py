@@ -96,11 +96,6 @@ class Policy:
             _CompiledRule(_Pattern(r.path), r.access, r.require, r.message)
             for r in (*rules, _DEFAULT)
         ]
-        for rule in self._rules:
-            if rule.access == "owner" and not any(
-                p.startswith("{") for p in rule.pattern.parts
-            ):
-                raise ValueError(f"owner rule {rule.pattern.text!r} names no {{parameter}}")
 
     def decide(self, path: str, principal: Principal | None) -> Decision:
         segments = _segments(path)

@@ -51,6 +51,10 @@ HOP_BY_HOP = frozenset({
 # was already answered by the ASGI server on the client's hop.
 _ALWAYS_DROP = HOP_BY_HOP | {b"host", b"forwarded", b"x-real-ip", b"expect"}
 _DROP_PREFIXES = (b"x-member-", b"x-gateway-", b"x-forwarded-")
+# Upstream response headers not relayed besides the hop-by-hop ones: the ASGI server
+# (uvicorn) writes its own Date and Server, and both are single-valued (nginx hides the
+# upstream's too).
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 # aiohttp would add these when absent; the upstream must see only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # A response with a known length up to this size is read to the end even if the client
@@ -308,7 +312,7 @@ class Proxy:
 
 def _response_headers(raw: Sequence[tuple[bytes, bytes]], gated: bool
                       ) -> tuple[list[tuple[bytes, bytes]], int | None]:
-    """Upstream headers minus hop-by-hop ones (lower-cased for ASGI), and the body length."""
+    """Upstream headers to relay (lower-cased for ASGI), and the body length if known."""
     out: list[tuple[bytes, bytes]] = []
     connection: list[bytes] = []
     cache: list[bytes] = []
@@ -316,7 +320,7 @@ def _response_headers(raw: Sequence[tuple[bytes, bytes]], gated: bool
     length: int | None = None
     for raw_name, value in raw:
         name = raw_name.lower()
-        if name in HOP_BY_HOP:
+        if name in _RESPONSE_DROP:
             if name == b"connection":
                 connection.append(value)
             continue

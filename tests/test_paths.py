@@ -1,0 +1,49 @@
+"""Path canonicalisation and safe redirects."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import AmbiguousPath
+from gateway.paths import canonical_path, safe_next
+
+
+@pytest.mark.parametrize(("raw", "decoded", "encoded"), [
+    (b"/", "/", "/"),
+    (b"/issues/2023-03/pages/14", "/issues/2023-03/pages/14", "/issues/2023-03/pages/14"),
+    (b"/issues/%32%30%32%33-03", "/issues/2023-03", "/issues/2023-03"),  # needless escapes
+    (b"/a%20b/", "/a b/", "/a%20b/"),
+    (b"/caf%c3%a9", "/caf\u00e9", "/caf%C3%A9"),
+    (b"/x%3fy", "/x?y", "/x%3Fy"),
+    (b"/x%23y", "/x#y", "/x%23y"),
+    (b"/a:b@c!$&'()*+,=", "/a:b@c!$&'()*+,=", "/a:b@c!$&'()*+,="),
+])
+def test_canonical_forms(raw: bytes, decoded: str, encoded: str) -> None:
+    assert canonical_path(raw) == (decoded, encoded)
+    # The encoded form is a fixed point: sending it again means the same thing.
+    assert canonical_path(encoded.encode()) == (decoded, encoded)
+
+
+@pytest.mark.parametrize("raw", [
+    b"/a/../b", b"/a/./b", b"/a/%2e%2e/b", b"/a/%2E./b", b"/a/.%2e", b"/..",
+    b"/a%2fb", b"/a%2Fb", b"/a%5cb", b"/a\\b", b"/a;b", b"/a%3bb", b"/a%00", b"/a\x00",
+    b"//a", b"/a//b", b"/%c0%ae%c0%ae/", b"/%ff", b"/a%zz", b"/a%2", b"/a b", b"/a\tb",
+    b"/a%0d%0aSet-Cookie:x", b"/a%7f", b"a/b", b"", b"/" + b"a" * 5000,
+])
+def test_ambiguous_paths_are_refused(raw: bytes) -> None:
+    with pytest.raises(AmbiguousPath):
+        canonical_path(raw)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("/issues/2023-03/pages/14", "/issues/2023-03/pages/14"),
+    ("/search?q=rivers&page=2", "/search?q=rivers&page=2"),
+    ("/a#frag", "/a"),
+    (None, "/"), ("", "/"),
+    ("https://evil.example/", "/"), ("//evil.example", "/"), ("/\\evil.example", "/"),
+    ("\\\\evil.example", "/"), ("https:evil.example", "/"), ("/\t/evil.example", "/"),
+    ("/%2f/evil.example", "/"), ("/%5cevil.example", "/"), (" /x", "/"),
+    ("javascript:alert(1)", "/"), ("/a/../../b", "/"), ("/x\r\nSet-Cookie: a=b", "/"),
+])
+def test_safe_next(value: str | None, expected: str) -> None:
+    assert safe_next(value) == expected

@@ -1,0 +1,73 @@
+"""Access rules: first match wins, default member, owner and require conditions."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import Rule
+from gateway.policy import Policy
+from gateway.principal import Principal
+
+MEMBER = "urn:mace:example.org:entitlement:member"
+ADMIN = "urn:mace:example.org:entitlement:admin"
+
+RULES = [
+    Rule(path="/public/**", access="public"),
+    Rule(path="/issues/**", access="member",
+         require={"entitlement": MEMBER, "status": "active"}, message="Renew to read."),
+    Rule(path="/members/{member_id}/notes/**", access="owner"),
+    Rule(path="/_gateway/admin/**", access="member", require={"entitlement": ADMIN}),
+    Rule(path="/only/*/one", access="public"),
+]
+
+
+def person(member_id: str = "M1", status: str = "active", *ents: str) -> Principal:
+    return Principal(member_id=member_id, idp="https://idp", name_id="n", status=status,
+                     entitlements=ents or (MEMBER,))
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return Policy(RULES)
+
+
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/public", "allow"), ("/public/", "allow"), ("/public/a/b/c", "allow"),
+    ("/publicity", "login"), ("/issues/1", "login"), ("/", "login"), ("/anything", "login"),
+    ("/only/x/one", "allow"), ("/only/x/y/one", "login"), ("/only/one", "login"),
+])
+def test_anonymous(policy: Policy, path: str, kind: str) -> None:
+    assert policy.decide(path, None).kind == kind
+
+
+def test_member_rules(policy: Policy) -> None:
+    alice = person()
+    assert policy.decide("/issues/2023-03/pages/14", alice).kind == "allow"
+    assert policy.decide("/elsewhere", alice).kind == "allow"  # default: any member
+    lapsed = policy.decide("/issues/2023-03/pages/14", person(status="lapsed"))
+    assert (lapsed.kind, lapsed.failed, lapsed.message) == ("deny", "status", "Renew to read.")
+    assert lapsed.reason == "membership status is lapsed, needs active"
+    no_ent = policy.decide("/issues/x", person("M1", "active", "urn:other"))
+    assert (no_ent.kind, no_ent.failed) == ("deny", "entitlement")
+    assert policy.decide("/_gateway/admin/x", alice).kind == "deny"
+    assert policy.decide("/_gateway/admin/x", person("M3", "active", MEMBER, ADMIN)).kind \
+        == "allow"
+
+
+def test_owner_rule(policy: Policy) -> None:
+    alice = person("M1001")
+    assert policy.decide("/members/M1001/notes", alice).kind == "allow"
+    assert policy.decide("/members/M1001/notes/4/edit", alice).kind == "allow"
+    other = policy.decide("/members/M1004/notes", alice)
+    assert (other.kind, other.failed) == ("deny", "owner")
+    assert policy.decide("/members/M1004/notes", None).kind == "login"
+
+
+def test_gated_flag(policy: Policy) -> None:
+    assert not policy.decide("/public/x", None).gated
+    assert policy.decide("/issues/x", person()).gated
+
+
+def test_owner_rule_without_parameter_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="owner rule needs a {parameter} segment"):
+        Rule(path="/members/**", access="owner")
