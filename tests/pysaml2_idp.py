@@ -110,7 +110,8 @@ class PySaml2IdP:
 
     def metadata(self) -> str:
         """pysaml2's own IdP metadata (EntityDescriptor), for the gateway's idp_metadata/."""
-        return create_metadata_string(None, config=self._config(None)).decode()
+        xml: bytes = create_metadata_string(None, config=self._config(None))
+        return xml.decode()
 
     def trust_sp(self, sp_metadata: str) -> None:
         """Build the pysaml2 ``Server`` that knows the SP from its metadata."""

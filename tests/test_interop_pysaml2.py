@@ -119,7 +119,7 @@ def test_gateway_accepts_a_signed_response_and_assertion(
 
 
 def test_pysaml2_response_to_a_login_started_for_the_dev_idp_is_refused(
-    interop: tuple[Stack, PySaml2IdP],
+    interop: tuple[Stack, PySaml2IdP], caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The login was started for the dev IdP: a valid pysaml2 Response to it is refused."""
     stack, idp = interop
@@ -139,6 +139,7 @@ def test_pysaml2_response_to_a_login_started_for_the_dev_idp_is_refused(
         assert "__Host-gw_session=" not in " ".join(refused.headers.get_list("set-cookie"))
         page = http.get(stack.url + PAGE)
     assert page.status_code == 302  # still anonymous
+    assert "login failed" in caplog.text and "kind=issuer" in caplog.text
     assert stack.session_count() == 0
     assert stack.upstream.requests == []
 

@@ -69,5 +69,5 @@ def test_gated_flag(policy: Policy) -> None:
 
 
 def test_owner_rule_without_parameter_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match="owner rule needs a {parameter} segment"):
+    with pytest.raises(ValueError, match=r"owner rule needs a \{parameter\} segment"):
         Rule(path="/members/**", access="owner")
