@@ -70,7 +70,7 @@ def test_two_tabs_log_in_across_sites(tmp_path: Path, tls: TLSFiles) -> None:
         assert stack.demo.idp.sso_url.startswith("http://localhost:")
         assert stack.url.startswith("https://127.0.0.1:")
         requests: list[Request] = []
-        context.on("request", requests.append)
+        context.on("request", lambda request: requests.append(request))
         tab_a = open_to_idp(context, stack, PAGE_A)
         tab_b = open_to_idp(context, stack, PAGE_B)  # two outstanding AuthnRequests
         logins = [c for c in context.cookies(stack.url + "/saml/acs")
@@ -112,6 +112,9 @@ def test_plain_http_demo_member_and_lapsed(tmp_path: Path, tls: TLSFiles) -> Non
 
         with browser_context() as context:
             page = open_to_idp(context, stack, PAGE_A)
+            # The docs show `make demo`'s fixed port, not this run's random one (no churn).
+            page.get_by_text(stack.url + "/saml/metadata").evaluate(
+                "el => { el.textContent = 'http://127.0.0.1:8000/saml/metadata' }")
             page.screenshot(path=str(SCREENSHOTS / "idp-login.png"), full_page=True)
             sign_in(page, stack, PAGE_A, "bob")
             assert page.get_by_role("heading").first.inner_text() == "Your membership has lapsed"
