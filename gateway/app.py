@@ -102,12 +102,14 @@ class Gateway:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str,
                        encoded: str) -> None:
-        accept = cookie = b""
+        accept = cookie = fetch_mode = b""
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value if not cookie else cookie + b"; " + value
             elif name == b"accept":
                 accept = value
+            elif name == b"sec-fetch-mode":
+                fetch_mode = value
         try:
             record = await self.sessions.resolve(self._session_cookie(cookie))
         except StoreError as exc:
@@ -118,7 +120,10 @@ class Gateway:
         query = scope.get("query_string", b"").decode("latin-1")
         target = encoded + ("?" + query if query else "")
         if decision.kind == "login":
-            await self._login_needed(send, scope["method"], target, accept.decode("latin-1"))
+            # Only a top-level navigation starts a login: an image, script or XHR that
+            # followed a redirect would create a pending request and a cookie for nothing.
+            navigation = fetch_mode in (b"", b"navigate") and scope["method"] in {"GET", "HEAD"}
+            await self._login_needed(send, navigation, target, accept.decode("latin-1"))
             return
         if decision.kind == "deny":
             assert principal is not None
@@ -153,8 +158,8 @@ class Gateway:
                 return part[len(self._cookie_prefix):].decode("latin-1")
         return None
 
-    async def _login_needed(self, send: Send, method: str, target: str, accept: str) -> None:
-        if wants_json(accept) or method not in {"GET", "HEAD"}:
+    async def _login_needed(self, send: Send, navigation: bool, target: str, accept: str) -> None:
+        if wants_json(accept) or not navigation:
             await _send(send, error_answer(
                 401, "Sign-in required", "Sign in to reach this page.", accept=accept,
                 retry_url="/saml/login?next=" + quote(target, safe="")))

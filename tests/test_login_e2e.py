@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import zlib
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from lxml import etree
 
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
-from tests.conftest import Stack
+from tests.conftest import Stack, TLSFiles
 
 PAGE = "/issues/2023-03/pages/14"
 
@@ -131,3 +132,32 @@ def test_sp_metadata_is_served_from_public_url(stack: Stack) -> None:
     acs = root.find(".//md:AssertionConsumerService", ns)
     assert acs is not None and acs.get("Location") == stack.url + "/saml/acs"
     assert root.get("entityID") == stack.url + "/saml/metadata"
+
+
+def test_only_navigations_are_sent_to_login(stack: Stack) -> None:
+    """A favicon or XHR must not start a login (no pending request, no cookie)."""
+    with client(stack) as http:
+        image = http.get(stack.url + PAGE, headers={"sec-fetch-mode": "no-cors",
+                                                    "sec-fetch-dest": "image"})
+        post = http.post(stack.url + PAGE, data={"a": "b"})
+        navigation = http.get(stack.url + PAGE, headers={"sec-fetch-mode": "navigate"})
+    assert image.status_code == 401
+    assert post.status_code == 401
+    assert "Sign in again" in post.text
+    assert navigation.status_code == 302
+
+
+def test_upstream_down_is_a_502_page(tmp_path: Path, tls: TLSFiles) -> None:
+    from tests.conftest import bound_socket, run_stack
+
+    dead = bound_socket()  # bound, never listening: connections are refused
+    extra = f'\n[[upstreams]]\nname = "dead"\nprefix = "/public/dead"\n' \
+            f'url = "http://127.0.0.1:{dead.getsockname()[1]}"\n'
+    with run_stack(tmp_path, tls, extra_config=extra) as running, client(running) as http:
+        page = http.get(running.url + "/public/dead/x")
+        api = http.get(running.url + "/public/dead/x", headers={"accept": "application/json"})
+    dead.close()
+    assert page.status_code == 502
+    assert "The content service is not reachable right now." in page.text
+    assert "reference" in page.text
+    assert api.status_code == 502 and api.json()["error"] == "Service unreachable"

@@ -51,13 +51,15 @@ access = "public"
 path = "/public/**"
 access = "public"
 [[rules]]
+path = "/favicon.ico"
+access = "public"
+[[rules]]
 path = "/issues"
 access = "public"
 [[rules]]
 path = "/issues/**"
 access = "member"
 require = {{ entitlement = "{member}", status = "active" }}
-message = "Member-only issues are for members whose membership is current."
 [[rules]]
 path = "/members/{{member_id}}/notes/**"
 access = "owner"
