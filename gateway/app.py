@@ -24,19 +24,28 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Settings
-from gateway.errors import AmbiguousPath, BadRequest, GatewayError, LoginFailed, StoreError
-from gateway.identity import IdentityHeaderSet
+from gateway.errors import (
+    AmbiguousPath,
+    BadRequest,
+    ConfigError,
+    GatewayError,
+    LoginFailed,
+    StoreError,
+)
+from gateway.identity import IdentityHeaderSet, TokenIssuer
+from gateway.keys import load_identity_keys
 from gateway.login import LoginFlow
 from gateway.paths import canonical_path, safe_next
-from gateway.policy import Policy
+from gateway.policy import Decision, Policy
+from gateway.principal import Principal
 from gateway.proxy import Proxy
 from gateway.saml import IdPRegistry, ServiceProvider
-from gateway.sessions import CookieSigner, SessionManager, open_store
+from gateway.sessions import CookieSigner, SessionManager, SessionRecord, open_store
 from gateway.web import STATIC_DIR, Answer, error_answer, render, wants_json
 
 log = logging.getLogger("gateway")
 
-OWN_PREFIXES = ("/saml/", "/_gateway/", "/.well-known/")
+OWN_PREFIXES = ("/saml/", "/_gateway/", "/.well-known/", "/auth/")
 OWN_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_ACS_BODY = 512 * 1024
 
@@ -54,7 +63,7 @@ class Gateway:
         self.policy = Policy(settings.rules)
         self.registry = IdPRegistry.load_dir(settings.idp.metadata_dir)
         self.sp = ServiceProvider(settings, self.registry, clock)
-        self.store = open_store(settings.store.url, clock)
+        self.store = open_store(settings.store.url, clock, **settings.store.options())
         secret_list = settings.session_secrets()
         self.sessions = SessionManager(
             self.store, CookieSigner(secret_list, "session"),
@@ -69,10 +78,21 @@ class Gateway:
                              f"SameSite=Lax{'; Secure' if secure else ''}"
         self._cookie_prefix = (self.cookie_name + "=").encode()
         self.identity = IdentityHeaderSet(settings.identity_headers)
+        try:
+            keys = load_identity_keys(settings.identity.keys_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"{settings.source}: key identity.keys_dir: {exc}"]) from exc
+        self.tokens = TokenIssuer(keys, issuer=settings.public_url,
+                                  lifetime=settings.identity.token_lifetime, clock=clock)
+        self._token_header = settings.identity.token_header.lower().encode("ascii")
+        # Per upstream, compiled once: which identity headers and token claims it receives.
+        self._identity_for = {
+            u.name: (self.identity.fields(u.claims), tuple(u.claims)) for u in settings.upstreams
+        }
         public = settings.public_url.split("://", 1)
         self.proxy = Proxy(
             settings.upstreams,
-            strip_headers=[*self.identity.names, "x-gateway-identity"],
+            strip_headers=[*self.identity.names, settings.identity.token_header],
             strip_cookies=[self.cookie_name],
             public_host=public[1], public_scheme=public[0],
             max_body_bytes=settings.max_body_bytes,
@@ -111,12 +131,11 @@ class Gateway:
             elif name == b"sec-fetch-mode":
                 fetch_mode = value
         try:
-            record = await self.sessions.resolve(self._session_cookie(cookie))
+            record, decision = await self._authorize(path, self._session_cookie(cookie))
         except StoreError as exc:
             await self._fail(send, exc, accept)
             return
         principal = record.principal if record else None
-        decision = self.policy.decide(path, principal)
         query = scope.get("query_string", b"").decode("latin-1")
         target = encoded + ("?" + query if query else "")
         if decision.kind == "login":
@@ -141,13 +160,27 @@ class Gateway:
             await _send(send, error_answer(404, "Not found", "There is nothing at this address.",
                                            accept=accept.decode("latin-1")))
             return
-        extra = self.identity.headers(principal) if principal else []
+        extra = self._identity_headers(record, route.name) if record else []
         try:
             await self.proxy.forward(scope, receive, send, route=route, target=target,
                                      add_headers=extra,
                                      gated=decision.gated or principal is not None)
         except GatewayError as exc:
             await self._fail(send, exc, accept, f" upstream={route.name}")
+
+    async def _authorize(self, path: str,
+                         cookie: str | None) -> tuple[SessionRecord | None, Decision]:
+        record = await self.sessions.resolve(cookie)
+        return record, self.policy.decide(path, record.principal if record else None)
+
+    def _identity_headers(self, record: SessionRecord,
+                          upstream: str) -> list[tuple[bytes, bytes]]:
+        fields, claims = self._identity_for[upstream]
+        principal: Principal = record.principal
+        headers = self.identity.headers(principal, fields)
+        headers.append((self._token_header,
+                        self.tokens.token(principal, record.key, upstream, claims)))
+        return headers
 
     def _session_cookie(self, header: bytes) -> str | None:
         if not header:
@@ -182,6 +215,8 @@ class Gateway:
             Route("/saml/metadata", self.saml_metadata),
             Route("/saml/login", self.saml_login),
             Route("/saml/acs", self.saml_acs, methods=["POST"]),
+            Route("/auth/check", self.auth_check),
+            Route("/.well-known/jwks.json", self.jwks),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
             Mount("/_gateway/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -234,6 +269,47 @@ class Gateway:
         response.headers.append("set-cookie", f"{self.cookie_name}={done.session_cookie_value}"
                                               f"{self._cookie_attrs}")
         response.headers.append("set-cookie", done.clear_cookie.header().decode("latin-1"))
+        return response
+
+    async def jwks(self, request: Request) -> Response:
+        return JSONResponse(self.tokens.jwks, headers={"cache-control": "public, max-age=300"})
+
+    async def auth_check(self, request: Request) -> Response:
+        """Forward-auth for nginx ``auth_request``, Traefik ``forwardAuth``, Caddy ``forward_auth``.
+
+        The proxy passes the original request's cookie and URI; the answer is 200 with
+        identity headers to copy upstream, 401 with the login URL in ``Location`` (or a
+        302 there with ``?mode=redirect``, for proxies that relay the answer as is), or
+        403 with the reason.
+        """
+        original = (request.headers.get("x-original-uri")
+                    or request.headers.get("x-forwarded-uri") or "/")
+        method = request.headers.get("x-forwarded-method", "GET").upper()
+        raw_path, _, query = original.partition("?")
+        try:
+            path, encoded = canonical_path(raw_path.encode("latin-1"))
+        except (AmbiguousPath, UnicodeEncodeError) as exc:
+            return _forward_auth_denied(request, f"ambiguous path: {exc}")
+        upstream = request.query_params.get("upstream")
+        route = None if upstream else self.proxy.route(path)
+        name = upstream or (route.name if route else "")
+        if name not in self._identity_for:
+            return _forward_auth_denied(request, f"no upstream named {name!r}")
+        record, decision = await self._authorize(path, request.cookies.get(self.cookie_name))
+        target = encoded + ("?" + query if query else "")
+        headers = {"cache-control": "no-store"}
+        if decision.kind == "login":
+            login = f"{self.settings.public_url}/saml/login?next={quote(target, safe='')}"
+            if request.query_params.get("mode") == "redirect" and method in {"GET", "HEAD"}:
+                return RedirectResponse(login, 302, headers=headers)
+            return JSONResponse({"error": "Sign-in required", "login": login}, 401,
+                                headers={**headers, "location": login})
+        if decision.kind == "deny":
+            return _forward_auth_denied(request, decision.reason)
+        response = Response(status_code=200, headers=headers)
+        if record is not None:
+            for key, value in self._identity_headers(record, name):
+                response.headers.append(key.decode(), value.decode("ascii"))
         return response
 
     async def healthz(self, request: Request) -> Response:
@@ -299,6 +375,14 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 class _TooLarge(BadRequest):
     status = 413
     public_message = "The request body is too large."
+
+
+def _forward_auth_denied(request: Request, reason: str) -> Response:
+    log.info("forward-auth denied uri=%s reason=%s",
+             request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri"),
+             reason)
+    return JSONResponse({"error": "Access denied", "reason": reason}, 403,
+                        headers={"cache-control": "no-store", "x-auth-reason": reason})
 
 
 def _header(scope: Scope, name: bytes) -> str:

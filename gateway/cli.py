@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
+from gateway.sessions import Store
 
 CONFIG_HELP = "gateway.toml to use (default: $GATEWAY_CONFIG or ./gateway.toml)"
 
@@ -41,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--dir", default="certs")
     gen.add_argument("--name", default="sso-gateway SP", help="certificate common name")
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
+    rotate = certs_sub.add_parser(
+        "rotate-identity", help="add a new identity-token signing key (the old ones stay in "
+                                "the JWKS until pruned); restart the gateway to use it")
+    rotate.add_argument("--dir", default="certs/identity")
+    prune = certs_sub.add_parser("prune-identity",
+                                 help="drop all but the newest identity-token keys")
+    prune.add_argument("--dir", default="certs/identity")
+    prune.add_argument("--keep", type=int, default=2, help="how many to keep (default 2)")
 
     args = parser.parse_args(argv)
     try:
@@ -50,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "demo":
             return _demo(Path(args.dir), args.port)
+        if args.certs_command == "rotate-identity":
+            return _rotate_identity(Path(args.dir))
+        if args.certs_command == "prune-identity":
+            return _prune_identity(Path(args.dir), args.keep)
         return _certs_generate(Path(args.dir), args.name, args.force)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -70,13 +83,38 @@ def _check(config: str | None) -> int:
     gateway = create_app(settings)  # loads keys and IdP metadata: every ConfigError surfaces
     gateway.sp.metadata()
     idps = ", ".join(idp.entity_id for idp in gateway.registry.all())
+    unreachable = _store_problem(gateway.store, settings)
+    if unreachable:
+        print(f"error: {unreachable}", file=sys.stderr)
+        return 1
     print(f"OK: {settings.source}")
     print(f"  public_url  {settings.public_url}")
     print(f"  SP entity   {settings.sp_entity_id}")
     print(f"  IdPs        {idps}")
     print(f"  upstreams   {', '.join(f'{u.prefix} -> {u.url}' for u in settings.upstreams)}")
     print(f"  rules       {len(settings.rules)} (+ default: member)")
+    print(f"  store       {settings.store.display_url}")
     return 0
+
+
+def _store_problem(store: Store, settings: Settings) -> str | None:
+    """Why a network store cannot be reached now, or ``None``. SQLite is not opened here:
+    ``check`` must not create the database file."""
+    if settings.store.url.startswith("sqlite:"):
+        return None
+
+    async def ping() -> None:
+        await store.open()
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except StoreError as exc:
+        return f"session store {settings.store.display_url} is not reachable: {exc.reason}"
+    return None
 
 
 def _serve(config: str | None, workers: int) -> int:
@@ -85,7 +123,14 @@ def _serve(config: str | None, workers: int) -> int:
     settings = _load(config)
     from gateway.app import create_app
 
-    create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers
+    gateway = create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers
+    unreachable = _store_problem(gateway.store, settings)
+    if unreachable:
+        # Serve anyway: replicas often start before Redis, and the gateway reconnects on its
+        # own. Until then /readyz answers 503 (so a balancer sends no traffic) and every
+        # request that needs a session gets a 503 page, never anonymous access.
+        print(f"warning: {unreachable}; serving anyway: /readyz answers 503 until it is back",
+              file=sys.stderr)
     if config:
         os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -115,7 +160,7 @@ def _demo(workdir: Path, port: int) -> int:
 
 
 def _certs_generate(directory: Path, name: str, force: bool) -> int:
-    from gateway.keys import write_keypair
+    from gateway.keys import ensure_identity_key, write_keypair
 
     key, cert = directory / "sp.key", directory / "sp.crt"
     try:
@@ -130,7 +175,32 @@ def _certs_generate(directory: Path, name: str, force: bool) -> int:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(48) + "\n")
         print(f"wrote {secret_file} (mode 0600): the session cookie secret")
+    key = ensure_identity_key(directory / "identity")
+    if key is not None:
+        print(f"wrote {key.path} (mode 0600): identity-token signing key, kid {key.kid}")
     print("Give the IdP the SP metadata from /saml/metadata once the gateway runs.")
+    return 0
+
+
+def _rotate_identity(directory: Path) -> int:
+    from gateway.keys import generate_identity_key, load_identity_keys
+
+    key = generate_identity_key(directory)
+    kids = [k.kid for k in load_identity_keys(directory)]
+    print(f"new signing key {key.kid} ({key.path})")
+    print(f"published in the JWKS: {', '.join(kids)}")
+    print("Restart the gateway (every replica, after copying the file) to sign with it.")
+    return 0
+
+
+def _prune_identity(directory: Path, keep: int) -> int:
+    from gateway.keys import load_identity_keys, prune_identity_keys
+
+    dropped = prune_identity_keys(directory, keep)
+    for key in dropped:
+        print(f"dropped {key.kid} ({key.path.name})")
+    print(f"kept: {', '.join(k.kid for k in load_identity_keys(directory))}")
+    print("Restart the gateway so the JWKS stops listing the dropped keys.")
     return 0
 
 

@@ -72,22 +72,57 @@ class SessionSettings(_Model):
     secure: bool | None = None  # default: true unless public_url is plain-http loopback
 
 
+STORE_SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel")
+
+
 class StoreSettings(_Model):
-    url: str = "sqlite:///gateway.db"
+    # sqlite:///path · redis://[:password@]host:port/db · rediss://… (TLS) ·
+    # redis+sentinel://[:password@]host:port[,host:port]/service_name[/db]
+    url: str = Field("sqlite:///gateway.db", repr=False)  # may hold a password
+    key_prefix: str = Field("gw:", min_length=1)  # Redis: namespace of every key
+    pool_size: int = Field(32, ge=1, le=10_000)  # Redis: connections per process
+    connect_timeout: float = Field(2.0, gt=0)  # Redis: seconds
+    socket_timeout: float = Field(2.0, gt=0)  # Redis: seconds per command
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        scheme = value.split("://", 1)[0]
-        if scheme not in {"sqlite"}:
-            raise ValueError(f"unknown session store type {scheme!r} (expected sqlite:///path)")
+        scheme, sep, rest = value.partition("://")
+        if scheme not in STORE_SCHEMES:
+            raise ValueError(f"unknown session store type {scheme!r} (expected sqlite:///path, "
+                             "redis://host:port/db, rediss://… or redis+sentinel://…)")
+        if not sep or (scheme != "sqlite" and not rest.split("/", 1)[0].rpartition("@")[2]):
+            raise ValueError("must name a host (redis://host:port/db)")
         return value
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password masked: the only form that is printed or logged."""
+        return mask_url(self.url)
+
+    def options(self) -> dict[str, Any]:
+        """The backend options ``open_store`` takes besides the URL."""
+        return self.model_dump(exclude={"url"})
+
+
+def mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, tail = rest.rpartition("@")  # the last '@': over-masking is the safe side
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}://{user}:*****@{tail}"
+
+
+Claim = Literal["email", "display_name", "entitlements", "status", "idp"]
+ALL_CLAIMS: list[Claim] = ["email", "display_name", "entitlements", "status", "idp"]
 
 
 class Upstream(_Model):
-    name: str
+    name: str  # also the audience of the identity tokens this upstream receives
     prefix: str = "/"
     url: str
+    claims: list[Claim] = ALL_CLAIMS  # what it learns besides member_id (headers and token)
     connect_timeout: float = Field(5.0, gt=0)
     timeout: float = Field(30.0, gt=0)  # whole response head; bodies stream after it
 
@@ -149,6 +184,12 @@ class IdentityHeaders(_Model):
     idp: str = "X-Member-Idp"
 
 
+class IdentitySettings(_Model):
+    keys_dir: Path = Path("certs/identity")  # written by `sso-gateway certs generate`
+    token_header: str = "X-Gateway-Identity"
+    token_lifetime: int = Field(60, ge=10, le=3600)
+
+
 class Settings(_Model):
     public_url: str
     listen: str = "127.0.0.1:8000"
@@ -161,6 +202,7 @@ class Settings(_Model):
     upstreams: list[Upstream] = []
     rules: list[Rule] = []
     identity_headers: IdentityHeaders = IdentityHeaders()
+    identity: IdentitySettings = IdentitySettings()
     source: Path = Field(Path("gateway.toml"), exclude=True)
 
     @field_validator("public_url")
@@ -273,12 +315,12 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: list[s
 
 
 _PATH_KEYS = (("sp", "key_file"), ("sp", "cert_file"), ("idp", "metadata_dir"),
-              ("session", "secrets_file"))
+              ("session", "secrets_file"), ("identity", "keys_dir"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     defaults = {("sp", "key_file"): "certs/sp.key", ("sp", "cert_file"): "certs/sp.crt",
-                ("idp", "metadata_dir"): "idp_metadata"}
+                ("idp", "metadata_dir"): "idp_metadata", ("identity", "keys_dir"): "certs/identity"}
     for section, key in _PATH_KEYS:
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
@@ -303,9 +345,11 @@ def _check_files(raw: dict[str, Any], source: Path) -> list[str]:
         if not isinstance(value, str):
             continue
         p = Path(value)
-        want_dir = key == "metadata_dir"
+        want_dir = key.endswith("_dir")
         if want_dir and not p.is_dir():
-            problems.append(f"{source}: key {section}.{key}: directory {str(p)!r} does not exist")
+            hint = " (run `sso-gateway certs generate`)" if section == "identity" else ""
+            problems.append(
+                f"{source}: key {section}.{key}: directory {str(p)!r} does not exist{hint}")
         elif not want_dir and not p.is_file():
             hint = " (run `sso-gateway certs generate`)" if section == "sp" else ""
             problems.append(f"{source}: key {section}.{key}: file {str(p)!r} does not exist{hint}")
@@ -323,6 +367,9 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
                 f"{source}: key session.secrets[{i}] ('**********'): must be at least "
                 f"{MIN_SECRET_LENGTH} characters of random data"
             )
+    if not any(settings.identity.keys_dir.glob("identity-*.pem")):
+        problems.append(f"{source}: key identity.keys_dir: no identity-*.pem key in "
+                        f"{str(settings.identity.keys_dir)!r} (run `sso-gateway certs generate`)")
     if not settings.upstreams:
         problems.append(f"{source}: key upstreams: at least one [[upstreams]] entry is required")
     names = [u.name for u in settings.upstreams]
@@ -349,4 +396,6 @@ def _describe(err: Any, source: Path) -> str:
     shown = "" if isinstance(value, dict | list) or value is None else f" ({value!r})"
     if "secret" in loc:
         shown = " ('**********')"
+    elif loc == "store.url" and isinstance(value, str):
+        shown = f" ({mask_url(value)!r})"
     return f"{source}: key {loc}{shown}: {msg}"

@@ -23,7 +23,7 @@ from gateway.demo.reader import create_reader
 from gateway.devidp import DevIdPSettings, ensure_keys
 from gateway.devidp import create_app as create_idp_app
 from gateway.devidp.metadata import idp_metadata
-from gateway.keys import write_keypair
+from gateway.keys import ensure_identity_key, write_keypair
 
 MEMBER = "urn:mace:example.org:entitlement:member"
 ADMIN = "urn:mace:example.org:entitlement:admin"
@@ -35,6 +35,9 @@ listen = "{listen}"
 
 [session]
 secrets_file = "session-secrets"
+
+[identity]
+keys_dir = "certs/identity"
 
 [store]
 url = "sqlite:///gateway.db"
@@ -94,6 +97,7 @@ def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
     certs.mkdir(parents=True, exist_ok=True)
     if not (certs / "sp.key").exists():
         write_keypair(certs / "sp.key", certs / "sp.crt", "sso-gateway demo SP", force=True)
+    ensure_identity_key(certs / "identity")
     secret_file = workdir / "session-secrets"
     if not secret_file.exists():
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

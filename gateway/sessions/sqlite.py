@@ -110,6 +110,12 @@ class SQLiteStore:
             args += (member_id,)
         return [_record(row) for row in self._run(sql + " ORDER BY created", args)]
 
+    async def sessions_for_name_id(self, idp: str, name_id: str) -> list[SessionRecord]:
+        return [_record(row) for row in self._run(
+            "SELECT key, principal, created, last_seen, expires, user_agent, client_ip"
+            " FROM sessions WHERE idp = ? AND name_id = ? AND expires > ? ORDER BY created",
+            (idp, name_id, self._clock()))]
+
     async def delete_member_sessions(self, member_id: str) -> int:
         return self._run("DELETE FROM sessions WHERE member_id = ?", (member_id,)).rowcount
 

@@ -1,7 +1,7 @@
 """The ``Store`` protocol: sessions and single-use keys, and the factory that picks a backend.
 
 Every operation is one atomic step in the backend (one SQL statement or
-transaction; later one Redis command or Lua script), so several processes or
+transaction; one Redis command or Lua script), so several processes or
 replicas sharing a store never let the same single-use key through twice.
 Sessions are stored under a hash of their ID: the store never holds a value
 that works as a cookie.
@@ -60,6 +60,9 @@ class Store(Protocol):
 
     async def delete_member_sessions(self, member_id: str) -> int: ...
 
+    async def sessions_for_name_id(self, idp: str, name_id: str) -> list[SessionRecord]:
+        """Live sessions of one SAML subject (for Single Logout), found by index, not scan."""
+
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
         """Store ``value`` under ``key`` unless a live value is there; ``True`` if stored."""
 
@@ -69,11 +72,18 @@ class Store(Protocol):
     async def purge_expired(self) -> int: ...
 
 
-def open_store(url: str, clock: Clock) -> Store:
-    """The backend for a store URL (``sqlite:///path``)."""
+def open_store(url: str, clock: Clock, *, key_prefix: str = "gw:", pool_size: int = 32,
+               connect_timeout: float = 2.0, socket_timeout: float = 2.0) -> Store:
+    """The backend for a store URL: ``sqlite:///path``, ``redis://``, ``rediss://`` or
+    ``redis+sentinel://`` (see ``gateway.sessions.redis``). The other options are Redis's."""
     scheme = url.split("://", 1)[0]
     if scheme == "sqlite":
         from gateway.sessions.sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite://"), clock)
+    if scheme in {"redis", "rediss", "redis+sentinel"}:
+        from gateway.sessions.redis import RedisStore
+
+        return RedisStore(url, clock, key_prefix=key_prefix, pool_size=pool_size,
+                          connect_timeout=connect_timeout, socket_timeout=socket_timeout)
     raise ConfigError([f"store.url: unknown session store type {scheme!r}"])

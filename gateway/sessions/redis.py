@@ -1,0 +1,289 @@
+"""Redis store: sessions and single-use keys shared by several gateway replicas.
+
+URLs: ``redis://[user:password@]host:port/db``, ``rediss://…`` (TLS), and Sentinel as
+``redis+sentinel://[user:password@]host:port[,host:port…]/service_name[/db]`` (the
+credentials are the data nodes'; the sentinels are asked without them). Valkey works
+too. Redis Cluster does not: the scripts below touch several keys of one session.
+
+Keys, all under ``key_prefix`` (default ``gw:``) and all expiring on their own:
+
+* ``session:<key>``  a hash per session, expiring at the session's absolute end;
+* ``member:<id>``, ``nameid:<sha256(idp, NameID)>``, ``sessions``  sorted sets of
+  session keys scored by expiry — indexes for listing and logout without a scan;
+  pruned on every write and expiring with their last member;
+* ``once:<key>``  pending AuthnRequests and consumed Assertion IDs, ``"<expiry>\\n<value>"``.
+
+Every multi-key change is one Lua script, so it is atomic and the indexes never
+disagree with the sessions. Expiry is decided by the gateway's clock (the value
+carries its end) and enforced by Redis with a relative TTL, which is immune to clock
+skew between the gateway and Redis hosts. Every Redis failure becomes ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import unquote
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from gateway.errors import StoreError
+from gateway.principal import Principal
+from gateway.sessions.store import Clock, SessionRecord
+
+# KEYS: session, all-index, member-index, nameid-index
+# ARGV: session key, expiry score, now, ttl ms, then hash field/value pairs
+_PUT = """
+local old = redis.call('HMGET', KEYS[1], 'mi', 'ni')
+for _, idx in ipairs(old) do if idx then redis.call('ZREM', idx, ARGV[1]) end end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+for i = 2, 4 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3])
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
+  local top = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+  local ms = math.ceil((tonumber(top[2]) - tonumber(ARGV[3])) * 1000)
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', math.max(ms, 1)))
+end
+"""
+
+# KEYS: session, all-index; ARGV: session key. Returns 1 if the session existed.
+_DELETE = """
+local idx = redis.call('HMGET', KEYS[1], 'mi', 'ni')
+redis.call('ZREM', KEYS[2], ARGV[1])
+for _, k in ipairs(idx) do if k then redis.call('ZREM', k, ARGV[1]) end end
+return redis.call('DEL', KEYS[1])
+"""
+
+# KEYS: session; ARGV: last_seen. Never creates a hash without a TTL.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_seen', ARGV[1]) end
+"""
+
+# KEYS: once key; ARGV: encoded value, now, ttl ms. SET NX PX, with the expiry the
+# gateway's clock decides (a value whose end has passed is replaced).
+_ADD_ONCE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ends = tonumber(string.match(cur, '^([^\\n]*)'))
+  if ends and ends > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: once key; ARGV: now. Delete only a value whose end has passed (purge).
+_DROP_EXPIRED = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ends = tonumber(string.match(cur, '^([^\\n]*)'))
+if ends and ends > tonumber(ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+_FIELDS = ("principal", "created", "last_seen", "expires", "user_agent", "client_ip")
+
+
+class RedisStore:
+    def __init__(self, url: str, clock: Clock, *, key_prefix: str = "gw:", pool_size: int = 32,
+                 connect_timeout: float = 2.0, socket_timeout: float = 2.0) -> None:
+        self.url = url
+        self._clock = clock
+        self._p = key_prefix
+        self._options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout,
+            "max_connections": pool_size, "decode_responses": True,
+            # One quick retry rides over a dropped connection; a Redis that is down
+            # fails fast (503) and the pool reconnects on its own once it is back.
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        }
+        self._pool_timeout = connect_timeout
+        self._client: Redis | None = None
+        self._sentinel: Sentinel | None = None
+
+    async def open(self) -> None:
+        """Build the client; connections are made on first use, so Redis may be down now."""
+        if self._client is not None:
+            return
+        if self.url.startswith("redis+sentinel://"):
+            hosts, service, db, creds = parse_sentinel_url(self.url)
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, **{k: v for k, v in self._options.items() if k.startswith("socket_")})
+            options: dict[str, Any] = {**self._options, **creds, "db": db}
+            self._client = self._sentinel.master_for(service, **options)
+        else:
+            try:
+                pool = BlockingConnectionPool.from_url(self.url, timeout=self._pool_timeout,
+                                                       **self._options)
+            except ValueError as exc:
+                raise StoreError(f"bad Redis store URL: {exc}") from exc
+            self._client = Redis.from_pool(pool)
+        self._put, self._delete, self._touch, self._add_once, self._drop = (
+            self._client.register_script(lua)
+            for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._sentinel is not None:
+            for node in self._sentinel.sentinels:
+                await node.aclose()
+            self._sentinel = None
+
+    @property
+    def redis(self) -> Redis:
+        if self._client is None:
+            raise StoreError("the Redis store is not open")
+        return self._client
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis store: {operation} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        with self._errors("ping"):
+            await self.redis.ping()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _session(self, key: str) -> str:
+        return f"{self._p}session:{key}"
+
+    def _member(self, member_id: str) -> str:
+        return f"{self._p}member:{member_id}"
+
+    def _name_id(self, idp: str, name_id: str) -> str:
+        digest = hashlib.sha256(json.dumps([idp, name_id]).encode()).hexdigest()
+        return f"{self._p}nameid:{digest}"
+
+    async def put_session(self, record: SessionRecord) -> None:
+        now = self._clock()
+        ttl_ms = math.ceil((record.expires - now) * 1000)
+        if ttl_ms <= 0:  # already over: storing it would only be deleted again
+            await self.delete_session(record.key)
+            return
+        p = record.principal
+        member, name_id = self._member(p.member_id), self._name_id(p.idp, p.name_id)
+        fields = {"principal": json.dumps(p.to_dict()), "created": repr(record.created),
+                  "last_seen": repr(record.last_seen), "expires": repr(record.expires),
+                  "user_agent": record.user_agent, "client_ip": record.client_ip,
+                  "mi": member, "ni": name_id}
+        args: list[str | int] = [record.key, repr(record.expires), repr(now), ttl_ms,
+                *(x for pair in fields.items() for x in pair)]
+        with self._errors("put_session"):
+            await self._put(keys=[self._session(record.key), f"{self._p}sessions", member,
+                                  name_id], args=args)
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        with self._errors("get_session"):
+            values = await self.redis.hmget(self._session(key), _FIELDS)
+        return self._record(key, values)
+
+    def _record(self, key: str, values: list[Any]) -> SessionRecord | None:
+        if any(v is None for v in values):
+            return None
+        principal, created, last_seen, expires, user_agent, client_ip = (str(v) for v in values)
+        if float(expires) <= self._clock():
+            return None
+        return SessionRecord(key, Principal.from_dict(json.loads(principal)), float(created),
+                             float(last_seen), float(expires), user_agent, client_ip)
+
+    async def touch_session(self, key: str, last_seen: float) -> None:
+        with self._errors("touch_session"):
+            await self._touch(keys=[self._session(key)], args=[repr(last_seen)])
+
+    async def delete_session(self, key: str) -> bool:
+        with self._errors("delete_session"):
+            return bool(await self._delete(keys=[self._session(key), f"{self._p}sessions"],
+                                           args=[key]))
+
+    async def _indexed(self, index: str) -> list[SessionRecord]:
+        with self._errors("list sessions"):
+            keys = [str(k) for k in
+                    await self.redis.zrangebyscore(index, f"({self._clock()!r}", "+inf")]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(self._session(key), _FIELDS)
+                rows = await pipe.execute()
+        records = [r for k, v in zip(keys, rows, strict=True) if (r := self._record(k, v))]
+        return sorted(records, key=lambda r: r.created)
+
+    async def list_sessions(self, member_id: str | None = None) -> list[SessionRecord]:
+        if member_id is None:
+            return await self._indexed(f"{self._p}sessions")
+        return await self._indexed(self._member(member_id))
+
+    async def sessions_for_name_id(self, idp: str, name_id: str) -> list[SessionRecord]:
+        records = await self._indexed(self._name_id(idp, name_id))
+        return [r for r in records
+                if r.principal.idp == idp and r.principal.name_id == name_id]
+
+    async def delete_member_sessions(self, member_id: str) -> int:
+        with self._errors("delete_member_sessions"):
+            keys = [str(k) for k in await self.redis.zrange(self._member(member_id), 0, -1)]
+        return sum([await self.delete_session(key) for key in keys])
+
+    # -- single-use keys -------------------------------------------------------------------
+
+    async def add_once(self, key: str, value: str, ttl: float) -> bool:
+        now = self._clock()
+        ttl_ms = max(math.ceil(ttl * 1000), 1)
+        args: list[str | int] = [f"{now + ttl!r}\n{value}", repr(now), ttl_ms]
+        with self._errors("add_once"):
+            return bool(await self._add_once(keys=[f"{self._p}once:{key}"], args=args))
+
+    async def take(self, key: str) -> str | None:
+        with self._errors("take"):
+            raw = await self.redis.getdel(f"{self._p}once:{key}")
+        if raw is None:
+            return None
+        ends, _, value = str(raw).partition("\n")
+        return value if float(ends) > self._clock() else None
+
+    async def purge_expired(self) -> int:
+        """Redis expires keys itself; this drops what the gateway's clock says is over."""
+        now = self._clock()
+        with self._errors("purge_expired"):
+            over = await self.redis.zrangebyscore(f"{self._p}sessions", "-inf", repr(now))
+            gone = sum([await self.delete_session(str(key)) for key in over])
+            async for name in self.redis.scan_iter(match=f"{self._p}once:*", count=500):
+                gone += int(await self._drop(keys=[name], args=[repr(now)]))
+        return gone
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+    """``redis+sentinel://[user:pw@]h:p[,h:p]/service[/db]`` → hosts, service, db, credentials."""
+    rest = url.removeprefix("redis+sentinel://")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    creds: dict[str, str] = {}
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if user:
+            creds["username"] = unquote(user)
+        if colon:
+            creds["password"] = unquote(password)
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise StoreError(f"bad Sentinel address {item!r}: expected host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    service, _, db = path.strip("/").partition("/")
+    if not service or (db and not db.isdigit()):
+        raise StoreError("a Sentinel URL needs /service_name[/db] after the hosts")
+    return hosts, service, int(db or 0), creds
