@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := xmlsec1 chromium
+APT_PACKAGES := xmlsec1 chromium nginx redis-server docker-compose
 
 .PHONY: demo test lint system-packages clean
 
