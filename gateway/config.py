@@ -51,6 +51,7 @@ class IdPSettings(_Model):
     metadata_dir: Path = Path("idp_metadata")
     allow_unsolicited: bool = False
     login_timeout: int = Field(300, ge=30, le=3600)  # seconds an AuthnRequest stays valid
+    auto_redirect: bool = False  # with one IdP, skip the sign-in page and go straight there
 
 
 class AttributeMap(_Model):
@@ -157,7 +158,7 @@ class Requirement(_Model):
 
 class Rule(_Model):
     path: str
-    access: Literal["public", "member", "owner"]
+    access: Literal["public", "registered", "member", "owner"]
     require: Requirement = Requirement()
     message: str = ""  # shown to members who fail `require`
 

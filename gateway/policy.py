@@ -16,19 +16,20 @@ from typing import Literal
 from gateway.config import Requirement, Rule
 from gateway.principal import Principal
 
-Access = Literal["public", "member", "owner"]
+Access = Literal["public", "registered", "member", "owner"]
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``allow``, ``login`` (no session) or ``deny``.
+    """``allow``, ``login`` (a member sign-in is needed), ``register`` (an e-mail
+    registration or a member sign-in is needed) or ``deny``.
 
     ``failed`` names the failed condition on deny (``owner``, ``entitlement``,
     ``status``, ``idp``) so the app can pick the right page; ``reason`` is for
     the log and the 403 body, and ``message`` is the rule's text for members.
     """
 
-    kind: Literal["allow", "login", "deny"]
+    kind: Literal["allow", "login", "register", "deny"]
     access: Access
     rule: str
     reason: str = ""
@@ -111,8 +112,14 @@ class Policy:
         name = rule.pattern.text
         if rule.access == "public":
             return Decision("allow", "public", name)
+        if rule.access == "registered":
+            if principal is None:
+                return Decision("register", "registered", name, reason="no session")
+            return Decision("allow", "registered", name)
         if principal is None:
             return Decision("login", rule.access, name, reason="no session")
+        if not principal.is_member:
+            return Decision("login", rule.access, name, reason="a member sign-in is needed")
         if rule.access == "owner":
             owner = next(iter(params.values()))
             if owner != principal.member_id:

@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An identity established by a validated SAML login.
+    """Who the user is: a member (validated SAML login) or a registered visitor.
 
     ``entitlements`` is a tuple so the value stays hashable and immutable.
     Times are POSIX seconds. ``session_not_on_or_after`` is the IdP's
@@ -26,6 +26,11 @@ class Principal:
     session_index: str = ""
     authn_instant: float = 0.0
     session_not_on_or_after: float | None = None
+    kind: str = "member"  # "member": a SAML login; "registered": a visitor who gave an e-mail
+
+    @property
+    def is_member(self) -> bool:
+        return self.kind == "member"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

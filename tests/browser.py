@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
-from urllib.parse import urljoin
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 
@@ -43,11 +43,22 @@ class IdPAnswer:
     relay_state: str
 
 
+_IDP_LINK = re.compile(r'href="(/saml/login\?idp=[^"]+)"')
+
+
 def start_login(http: httpx.Client, stack: Stack, path: str) -> httpx.Response:
-    """Request a gated page anonymously and follow the gateway to the IdP's login page."""
+    """Request a gated page anonymously and follow the gateway to the IdP's login page.
+
+    The gateway's sign-in page lists the IdPs; like a member, pick the dev IdP's link.
+    """
     first = http.get(stack.url + path)
     assert first.status_code == 302, first.text
-    login = http.get(urljoin(stack.url, first.headers["location"]))
+    sign_in = http.get(urljoin(stack.url, first.headers["location"]))
+    assert sign_in.status_code == 200, sign_in.text
+    links = [html.unescape(href) for href in _IDP_LINK.findall(sign_in.text)]
+    chosen = next(href for href in links
+                  if parse_qs(urlsplit(href).query)["idp"] == [stack.demo.idp.entity_id])
+    login = http.get(urljoin(stack.url, chosen))
     assert login.status_code == 302, login.text
     idp_page = http.get(login.headers["location"])
     assert idp_page.status_code == 200, idp_page.text

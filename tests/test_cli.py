@@ -52,7 +52,7 @@ def test_check_names_every_problem(site: Path, capsys: pytest.CaptureFixture[str
     assert f"error: {config}: key sp.key_file: file '{site / 'certs/sp.key'}' does not exist " \
            "(run `sso-gateway certs generate`)" in err
     assert f"error: {config}: key rules[0].access ('everyone'): must be one of " \
-           "'public', 'member' or 'owner'" in err
+           "'public', 'registered', 'member' or 'owner'" in err
     assert len(err) == 2
 
 

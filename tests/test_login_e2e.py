@@ -22,7 +22,12 @@ def test_member_reads_a_gated_page(stack: Stack) -> None:
         assert first.headers["location"] == "/saml/login?next=%2Fissues%2F2023-03%2Fpages%2F14"
         assert stack.upstream.requests == []  # nothing reached the upstream anonymously
 
-        to_idp = http.get(stack.url + first.headers["location"])
+        sign_in = http.get(stack.url + first.headers["location"])
+        assert sign_in.status_code == 200
+        assert "<title>Sign in" in sign_in.text
+        assert "member number, name, e-mail address" in sign_in.text
+        to_idp = http.get(stack.url + "/saml/login", params={
+            "idp": stack.demo.idp.entity_id, "next": PAGE})
         assert to_idp.status_code == 302
         location = urlsplit(to_idp.headers["location"])
         assert f"{location.scheme}://{location.netloc}{location.path}" == stack.demo.idp.sso_url
@@ -115,7 +120,8 @@ def test_two_logins_in_one_browser_both_complete(stack: Stack) -> None:
 
 def test_next_to_another_origin_lands_on_root(stack: Stack) -> None:
     with client(stack) as http:
-        to_idp = http.get(stack.url + "/saml/login", params={"next": "https://evil.example/"})
+        to_idp = http.get(stack.url + "/saml/login", params={
+            "next": "https://evil.example/", "idp": stack.demo.idp.entity_id})
         idp_page = http.get(to_idp.headers["location"])
         done = post_to_acs(http, sign_in_at_idp(http, idp_page, "alice"))
     assert done.status_code == 302

@@ -38,7 +38,8 @@ class Pending:
 
 def begin(http: httpx.Client, stack: Stack) -> Pending:
     """Start a login in this browser; return the AuthnRequest ID and RelayState."""
-    answer = http.get(stack.url + "/saml/login", params={"next": PAGE})
+    answer = http.get(stack.url + "/saml/login",
+                      params={"next": PAGE, "idp": stack.demo.idp.entity_id})
     assert answer.status_code == 302
     query = parse_qs(urlsplit(answer.headers["location"]).query)
     xml = zlib.decompress(base64.b64decode(query["SAMLRequest"][0]), -15)

@@ -71,3 +71,15 @@ def test_gated_flag(policy: Policy) -> None:
 def test_owner_rule_without_parameter_is_a_config_error() -> None:
     with pytest.raises(ValueError, match=r"owner rule needs a \{parameter\} segment"):
         Rule(path="/members/**", access="owner")
+
+
+def test_registered_rule() -> None:
+    policy = Policy([Rule(path="/issues/free-2024/**", access="registered"),
+                     Rule(path="/issues/**", access="member")])
+    visitor = Principal(member_id="R-1", idp="", name_id="", kind="registered",
+                        status="registered")
+    assert policy.decide("/issues/free-2024/pages/1", None).kind == "register"
+    assert policy.decide("/issues/free-2024/pages/1", visitor).kind == "allow"
+    assert policy.decide("/issues/free-2024/pages/1", person()).kind == "allow"
+    member_only = policy.decide("/issues/2023-03/pages/1", visitor)
+    assert (member_only.kind, member_only.reason) == ("login", "a member sign-in is needed")

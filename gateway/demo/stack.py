@@ -60,6 +60,18 @@ access = "public"
 path = "/issues"
 access = "public"
 [[rules]]
+path = "/static/**"
+access = "public"
+[[rules]]
+path = "/search"
+access = "public"
+[[rules]]
+path = "/search.json"
+access = "public"
+[[rules]]
+path = "/issues/free-2024/**"
+access = "registered"
+[[rules]]
 path = "/issues/**"
 access = "member"
 require = {{ entitlement = "{member}", status = "active" }}

@@ -7,10 +7,13 @@ status, headers and bytes rather than framework response objects.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.responses import Response
+from starlette.types import Send
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -58,3 +61,26 @@ def error_answer(status: int, title: str, message: str, *, accept: str = "",
         return status, headers, body
     return render(template, status, title=title, message=message, reference=reference,
                   code=status, **context)
+
+
+def new_reference() -> str:
+    """A short code users can quote; the log line with the reason carries the same code."""
+    return secrets.token_hex(4).upper()
+
+
+def to_response(answer: Answer) -> Response:
+    status, headers, body = answer
+    response = Response(body, status_code=status)
+    for key, value in headers:
+        response.headers.append(key.decode(), value.decode("latin-1"))
+    return response
+
+
+async def send_answer(send: Send, answer: Answer,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a whole answer over raw ASGI (the hot path has no response objects)."""
+    status, headers, body = answer
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, *(extra or []),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
