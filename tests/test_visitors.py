@@ -30,7 +30,8 @@ def test_free_issue_sends_anonymous_visitors_to_registration(stack: Stack) -> No
     with client(stack) as http:
         first = http.get(stack.url + FREE)
         assert first.status_code == 302
-        assert first.headers["location"] == "/_gateway/register?next=%2Fissues%2Ffree-2024%2Fpages%2F1"
+        assert first.headers["location"] == \
+            "/_gateway/register?next=%2Fissues%2Ffree-2024%2Fpages%2F1"
         form = http.get(stack.url + first.headers["location"])
     assert form.status_code == 200
     assert 'name="email"' in form.text and 'name="consent"' in form.text
