@@ -44,9 +44,12 @@ def browser_context() -> Iterator[BrowserContext]:
 
 
 def open_to_idp(context: BrowserContext, stack: Stack, path: str) -> Page:
-    """Open a gated page in a new tab; the gateway sends it to the IdP's login page."""
+    """Open a gated page in a new tab; from the gateway's sign-in page, go to the IdP."""
     page = context.new_page()
     page.goto(stack.url + path)
+    page.wait_for_url(stack.url + "/saml/login?next=**")
+    assert page.title().startswith("Sign in")
+    page.get_by_role("link", name="Development IdP").click()
     page.wait_for_url(stack.demo.idp.sso_url + "?**")
     assert "DEVELOPMENT ONLY" in page.content()
     return page

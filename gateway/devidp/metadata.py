@@ -10,6 +10,7 @@ from gateway.devidp.users import NAMEID_PERSISTENT
 from gateway.keys import pem_body
 
 MEDIA_TYPE = "application/samlmetadata+xml"
+MDUI = "urn:oasis:names:tc:SAML:metadata:ui"
 
 
 def idp_metadata(settings: DevIdPSettings) -> str:
@@ -28,6 +29,11 @@ def idp_metadata(settings: DevIdPSettings) -> str:
             "WantAuthnRequestsSigned": "true" if settings.require_signed_requests else "false",
         },
     )
+    extensions = etree.SubElement(idp, f"{{{md}}}Extensions")
+    ui_info = etree.SubElement(extensions, f"{{{MDUI}}}UIInfo", nsmap={"mdui": MDUI})
+    name = etree.SubElement(ui_info, f"{{{MDUI}}}DisplayName")
+    name.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
+    name.text = settings.display_name
     key_descriptor = etree.SubElement(idp, f"{{{md}}}KeyDescriptor", attrib={"use": "signing"})
     key_info = etree.SubElement(key_descriptor, f"{{{ds}}}KeyInfo")
     x509_data = etree.SubElement(key_info, f"{{{ds}}}X509Data")

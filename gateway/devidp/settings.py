@@ -30,6 +30,7 @@ class DevIdPSettings:
     sp_acs_url: str
     sp_cert_pem: str | None = None
     entity_id: str = ""
+    display_name: str = "Development IdP (demo members)"
     users: tuple[DemoUser, ...] = DEMO_USERS
     session_lifetime: int = 8 * 3600
     require_signed_requests: bool = True
