@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.errors import AmbiguousPath, ConfigError, GatewayError, LoginFailed, StoreError
@@ -47,6 +47,10 @@ log = logging.getLogger("gateway")
 
 OWN_PREFIXES = ("/saml/", "/_gateway/", "/.well-known/", "/auth/")
 OWN_PATHS = frozenset({"/healthz", "/readyz"})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Called on internal addresses (probes, a proxy's forward-auth, services fetching the
+# JWKS), so with whatever Host those use; none of them builds anything from Host.
+ANY_HOST_PATHS = frozenset({b"/healthz", b"/readyz", b"/auth/check", b"/.well-known/jwks.json"})
 TITLES = {400: "Bad request", 401: "Sign-in required", 403: "Access denied",
           413: "Request too large", 429: "Too many requests", 502: "Service unreachable",
           503: "Temporarily unavailable", 504: "Service timed out"}
@@ -96,6 +100,9 @@ class Gateway:
             public_host=public[1], public_scheme=public[0],
             max_body_bytes=settings.max_body_bytes,
         )
+        self._hosts = frozenset(h.encode("latin-1") for h in settings.hosts)
+        self._origin = settings.public_url.encode("latin-1")
+        self._hsts = [(b"strict-transport-security", b"max-age=31536000")] if secure else []
         self.metadata_xml = ""
         self.web = Starlette(
             routes=[*routes(self),
@@ -113,6 +120,16 @@ class Gateway:
                 await self.web(scope, receive, send)
             return  # websockets are not proxied yet: closing the scope refuses them
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if self._hsts:
+            send = _with_headers(send, self._hsts)
+        if raw_path not in ANY_HOST_PATHS:
+            host = _header(scope, b"host").lower().encode("latin-1")
+            if host not in self._hosts:
+                log.warning("refused Host %r", host)
+                await send_answer(send, error_answer(
+                    400, "Unknown site", "This gateway does not serve that host name.",
+                    accept=_header(scope, b"accept")))
+                return
         try:
             path, encoded = canonical_path(raw_path.partition(b"?")[0])
         except AmbiguousPath as exc:
@@ -129,7 +146,7 @@ class Gateway:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str,
                        encoded: str) -> None:
-        accept = cookie = fetch_mode = b""
+        accept = cookie = fetch_mode = fetch_site = origin = b""
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value if not cookie else cookie + b"; " + value
@@ -137,6 +154,10 @@ class Gateway:
                 accept = value
             elif name == b"sec-fetch-mode":
                 fetch_mode = value
+            elif name == b"sec-fetch-site":
+                fetch_site = value
+            elif name == b"origin":
+                origin = value
         try:
             record, decision = await self.authorize(path, self._session_cookie(cookie))
         except StoreError as exc:
@@ -155,6 +176,16 @@ class Gateway:
             assert record is not None
             await send_answer(send, self.denied(record, decision, path,
                                                 accept.decode("latin-1")))
+            return
+        if (scope["method"] in UNSAFE_METHODS and decision.gated
+                and (fetch_site == b"cross-site" or (origin and origin != self._origin))):
+            # A cross-site form or fetch riding on the member's cookie (CSRF): the session
+            # cookie is SameSite=Lax, and this check covers older browsers and same-site
+            # subdomains as well.
+            log.warning("refused cross-site %s path=%s origin=%r", scope["method"], path, origin)
+            await send_answer(send, error_answer(
+                403, "Access denied", "This request came from another site.",
+                accept=accept.decode("latin-1")))
             return
         route = self.proxy.route(path)
         if route is None:
@@ -282,6 +313,15 @@ def app_from_env() -> Gateway:
     from gateway.config import load_settings
 
     return Gateway(load_settings())
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sender
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -136,7 +136,11 @@ def _serve(config: str | None, workers: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.listen_host,
                 port=settings.listen_port, workers=workers, loop="uvloop", http="httptools",
-                proxy_headers=False, server_header=False, log_level="info")
+                # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
+                # right-most-untrusted-hop logic), so scope["client"] is the real client.
+                proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+                server_header=False, log_level="info")
     return 0
 
 

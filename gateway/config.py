@@ -195,6 +195,10 @@ class Settings(_Model):
     public_url: str
     listen: str = "127.0.0.1:8000"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Host headers answered besides public_url's own; anything else is a 400.
+    allowed_hosts: list[str] = []
+    # Addresses of reverse proxies whose X-Forwarded-For/-Proto are believed ("*" = any).
+    trusted_proxies: list[str] = []
     sp: SPSettings = SPSettings()
     idp: IdPSettings = IdPSettings()
     attributes: AttributeMap = AttributeMap()
@@ -231,6 +235,16 @@ class Settings(_Model):
     @property
     def sp_entity_id(self) -> str:
         return self.sp.entity_id or f"{self.public_url}/saml/metadata"
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """Every Host header value the gateway answers (lower-case, with port as sent)."""
+        public = urlsplit(self.public_url)
+        default_port = 443 if public.scheme == "https" else 80
+        own = {public.netloc.lower()}
+        if public.port in (None, default_port):
+            own |= {public.hostname or "", f"{public.hostname}:{default_port}"}
+        return frozenset(own | {h.lower() for h in self.allowed_hosts})
 
     @property
     def cookie_secure(self) -> bool:

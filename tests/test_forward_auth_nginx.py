@@ -45,6 +45,7 @@ http {{
   fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
   server {{
     listen 127.0.0.1:{port};
+    proxy_set_header Host $http_host;  # the gateway answers only its public host name
     location /saml/ {{ proxy_pass http://127.0.0.1:{gateway}; }}
     location = /_gateway_auth {{
       internal;
@@ -54,6 +55,7 @@ http {{
       proxy_set_header X-Original-URI $request_uri;
       proxy_set_header X-Forwarded-Method $request_method;
       proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header Host $http_host;
     }}
     location @gateway_login {{ return 302 $gateway_login; }}
     location / {{

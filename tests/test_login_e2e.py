@@ -130,8 +130,9 @@ def test_next_to_another_origin_lands_on_root(stack: Stack) -> None:
 
 def test_sp_metadata_is_served_from_public_url(stack: Stack) -> None:
     with client(stack) as http:
-        answer = http.get(stack.url + "/saml/metadata", headers={"host": "evil.example"})
+        answer = http.get(stack.url + "/saml/metadata")
     assert answer.status_code == 200
+    assert answer.headers["strict-transport-security"] == "max-age=31536000"
     assert answer.headers["content-type"].startswith("application/samlmetadata+xml")
     root = etree.fromstring(answer.content)
     ns = {"md": "urn:oasis:names:tc:SAML:2.0:metadata"}
@@ -167,3 +168,25 @@ def test_upstream_down_is_a_502_page(tmp_path: Path, tls: TLSFiles) -> None:
     assert "The content service is not reachable right now." in page.text
     assert "reference" in page.text
     assert api.status_code == 502 and api.json()["error"] == "Service unreachable"
+
+
+def test_unknown_host_is_refused(stack: Stack) -> None:
+    with client(stack) as http:
+        spoofed = http.get(stack.url + "/saml/metadata", headers={"host": "evil.example"})
+        proxied = http.get(stack.url + "/public/about", headers={"host": "evil.example"})
+        probe = http.get(stack.url + "/healthz", headers={"host": "10.0.0.7:8000"})
+    assert (spoofed.status_code, proxied.status_code, probe.status_code) == (400, 400, 200)
+    assert stack.upstream.requests == []
+
+
+def test_cross_site_unsafe_requests_to_gated_pages_are_refused(stack: Stack) -> None:
+    with client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        evil = http.post(stack.url + "/members/M1001/notes", data={"text": "x"},
+                         headers={"origin": "https://evil.example"})
+        fetch = http.post(stack.url + "/members/M1001/notes", data={"text": "x"},
+                          headers={"sec-fetch-site": "cross-site"})
+        own = http.post(stack.url + "/members/M1001/notes", data={"text": "x"},
+                        headers={"origin": stack.url, "sec-fetch-site": "same-origin"})
+    assert (evil.status_code, fetch.status_code, own.status_code) == (403, 403, 200)
+    assert [r["method"] for r in stack.upstream.requests] == ["POST"]
