@@ -34,6 +34,7 @@ from gateway.proxy import Proxy
 from gateway.routes import routes
 from gateway.saml import IdPRegistry, ServiceProvider
 from gateway.sessions import CookieSigner, SessionManager, SessionRecord, open_store
+from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.web import (
     STATIC_DIR,
     error_answer,
@@ -75,6 +76,7 @@ class Gateway:
         self.login = LoginFlow(settings, self.sp, self.registry, self.sessions, self.store,
                                CookieSigner(secret_list, "login"))
         self.csrf = CookieSigner(secret_list, "csrf")
+        self.stash = PostStash(self.store, secret_list[0])
         secure = settings.cookie_secure
         self.cookie_name = ("__Host-" if secure else "") + settings.session.cookie_name
         self._cookie_attrs = (f"; Path=/; Max-Age={settings.session.lifetime}; HttpOnly; "
@@ -146,7 +148,7 @@ class Gateway:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str,
                        encoded: str) -> None:
-        accept = cookie = fetch_mode = fetch_site = origin = b""
+        accept = cookie = fetch_mode = fetch_site = origin = content_type = b""
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value if not cookie else cookie + b"; " + value
@@ -158,6 +160,8 @@ class Gateway:
                 fetch_site = value
             elif name == b"origin":
                 origin = value
+            elif name == b"content-type":
+                content_type = value
         try:
             record, decision = await self.authorize(path, self._session_cookie(cookie))
         except StoreError as exc:
@@ -168,7 +172,12 @@ class Gateway:
         if decision.kind in ("login", "register"):
             # Only a top-level navigation starts a login: an image, script or XHR that
             # followed a redirect would create a pending request and a cookie for nothing.
-            navigation = fetch_mode in (b"", b"navigate") and scope["method"] in {"GET", "HEAD"}
+            navigable = fetch_mode in (b"", b"navigate") and not wants_json(accept.decode())
+            if (navigable and decision.kind == "login" and scope["method"] == "POST"
+                    and content_type.startswith(b"application/x-www-form-urlencoded")):
+                await self._stash_and_sign_in(receive, send, target)
+                return
+            navigation = navigable and scope["method"] in {"GET", "HEAD"}
             await self._sign_in_needed(send, decision, navigation, target,
                                        accept.decode("latin-1"))
             return
@@ -253,6 +262,29 @@ class Gateway:
                 retry_url=location))
             return
         await send_answer(send, (302, [(b"location", location.encode()),
+                                       (b"cache-control", b"no-store")], b""))
+
+    async def _stash_and_sign_in(self, receive: Receive, send: Send, target: str) -> None:
+        """A form posted without a live session: keep it, sign in, replay it afterwards."""
+        body = bytearray()
+        more = True
+        while more and len(body) <= MAX_STASH_BYTES:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if len(body) > MAX_STASH_BYTES:
+            await send_answer(send, error_answer(
+                401, "Sign-in required", "Your session has ended and this form was too large "
+                "to keep; please sign in and send it again.", retry_url="/saml/login"))
+            return
+        stash_id = await self.stash.keep(target, bytes(body))
+        location = "/saml/login?next=" + quote(f"/_gateway/replay/{stash_id}", safe="")
+        cookie = (f"gw-stash={self.csrf.sign(stash_id)}; Path=/_gateway/replay; "
+                  f"Max-Age={STASH_TTL}; HttpOnly; SameSite=Lax"
+                  f"{'; Secure' if self.settings.cookie_secure else ''}")
+        log.info("kept a form POST for %s across sign-in", target.partition("?")[0])
+        await send_answer(send, (303, [(b"location", location.encode()),
+                                       (b"set-cookie", cookie.encode()),
                                        (b"cache-control", b"no-store")], b""))
 
     async def _fail(self, send: Send, exc: GatewayError, accept: bytes, extra: str = "") -> None:

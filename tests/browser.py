@@ -53,7 +53,12 @@ def start_login(http: httpx.Client, stack: Stack, path: str) -> httpx.Response:
     """
     first = http.get(stack.url + path)
     assert first.status_code == 302, first.text
-    sign_in = http.get(urljoin(stack.url, first.headers["location"]))
+    return follow_sign_in(http, stack, first.headers["location"])
+
+
+def follow_sign_in(http: httpx.Client, stack: Stack, sign_in_url: str) -> httpx.Response:
+    """From the gateway's sign-in page, choose the dev IdP; returns the IdP's login page."""
+    sign_in = http.get(urljoin(stack.url, sign_in_url))
     assert sign_in.status_code == 200, sign_in.text
     links = [html.unescape(href) for href in _IDP_LINK.findall(sign_in.text)]
     chosen = next(href for href in links

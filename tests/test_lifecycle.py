@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import re
 import secrets
+import sqlite3
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urljoin
 
-from tests.browser import client, login
+from tests.browser import (
+    client,
+    follow_sign_in,
+    form_action,
+    form_fields,
+    login,
+    post_to_acs,
+    sign_in_at_idp,
+)
 from tests.conftest import Stack, TLSFiles, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
@@ -71,3 +81,53 @@ def test_sessions_survive_a_restart(tmp_path: Path, tls: TLSFiles) -> None:
     with run_stack(tmp_path, tls) as stack, client(stack) as http:
         http.cookies.set("__Host-gw_session", cookie)
         assert reads(http, stack)
+
+
+def expire_sessions(stack: Stack) -> None:
+    with sqlite3.connect(stack.db) as db:
+        db.execute("UPDATE sessions SET expires = 0")
+
+
+def test_form_posted_with_an_expired_session_is_sent_after_sign_in(stack: Stack) -> None:
+    note = "Page 14: the ferry table — check the 1911 column ✓"
+    with client(stack) as http, client(stack) as other:
+        login(http, stack, PAGE, "alice")
+        expire_sessions(stack)
+        posted = http.post(stack.url + "/members/M1001/notes",
+                           data={"text": note, "page": PAGE}, headers={"origin": stack.url})
+        assert posted.status_code == 303
+        assert stack.upstream.requests == []  # nothing sent while signed out
+        sign_in_url = posted.headers["location"]
+        assert sign_in_url.startswith("/saml/login?next=%2F_gateway%2Freplay%2F")
+        stash_path = unquote(sign_in_url.split("next=", 1)[1])
+
+        done = post_to_acs(http, sign_in_at_idp(http, follow_sign_in(http, stack, sign_in_url),
+                                                "alice"))
+        assert done.headers["location"] == stash_path
+        # Another browser, signed in as the same member, cannot pick the form up.
+        login(other, stack, PAGE, "alice")
+        assert other.get(stack.url + stash_path).status_code == 404
+
+        replay = http.get(stack.url + stash_path)
+        assert replay.status_code == 200 and "Sending your form" in replay.text
+        fields = form_fields(replay.text)
+        assert fields == {"text": note, "page": PAGE}
+        sent = http.post(urljoin(stack.url, form_action(replay.text)), data=fields,
+                         headers={"origin": stack.url})
+        assert sent.status_code == 200
+        assert http.get(stack.url + stash_path).status_code == 404  # exactly once
+    posts = [r for r in stack.upstream.requests if r["method"] == "POST"]
+    assert len(posts) == 1 and posts[0]["path"] == "/members/M1001/notes"
+    assert parse_qs(posts[0]["body"].decode()) == {"text": [note], "page": [PAGE]}
+
+
+def test_json_post_with_an_expired_session_keeps_nothing(stack: Stack) -> None:
+    with client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        expire_sessions(stack)
+        answer = http.post(stack.url + "/members/M1001/notes", json={"text": "x"},
+                           headers={"accept": "application/json", "origin": stack.url})
+    assert answer.status_code == 401 and "set-cookie" not in answer.headers
+    with sqlite3.connect(stack.db) as db:
+        kept = db.execute("SELECT count(*) FROM once WHERE key LIKE 'stash:%'").fetchone()[0]
+    assert kept == 0

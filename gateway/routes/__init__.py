@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute
 
-from gateway.routes import account, admin, forward_auth, health, saml, visitors
+from gateway.routes import account, admin, forward_auth, health, replay, saml, visitors
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -18,4 +18,5 @@ if TYPE_CHECKING:
 
 def routes(gateway: Gateway) -> list[BaseRoute]:
     return [*saml.routes(gateway), *forward_auth.routes(gateway), *visitors.routes(gateway),
-            *admin.routes(gateway), *account.routes(gateway), *health.routes(gateway)]
+            *admin.routes(gateway), *account.routes(gateway),
+            *replay.routes(gateway), *health.routes(gateway)]

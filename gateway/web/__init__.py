@@ -27,7 +27,8 @@ _env = Environment(
 # The gateway's pages load nothing but their own stylesheet.
 PAGE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-security-policy",
-     b"default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+     b"default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self'; "
+     b"form-action 'self'; "
      b"frame-ancestors 'none'; base-uri 'none'"),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),

@@ -1,0 +1,39 @@
+"""``/_gateway/replay/{id}``: after a sign-in, resend the form that was kept across it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from gateway.routes.common import current_session
+from gateway.web import error_answer, render, to_response
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def routes(gw: Gateway) -> list[Route]:
+    async def replay(request: Request) -> Response:
+        stash_id = request.path_params["stash_id"]
+        if await current_session(gw, request) is None:
+            return RedirectResponse(f"/saml/login?next=/_gateway/replay/{stash_id}", 302)
+        # Only the browser that posted the form holds this cookie: another browser's
+        # session cannot pick the form up, even knowing the ID.
+        if gw.csrf.unsign(request.cookies.get("gw-stash")) != stash_id:
+            return to_response(error_answer(
+                404, "Nothing to send", "There is no kept form for this browser.",
+                accept=request.headers.get("accept", "")))
+        kept = await gw.stash.take(stash_id)
+        if kept is None:
+            return to_response(error_answer(
+                404, "Nothing to send", "The kept form was already sent, or it expired.",
+                accept=request.headers.get("accept", "")))
+        response = to_response(render("replay.html", title="Sending your form",
+                                      target=kept.target, fields=kept.fields))
+        response.headers.append("set-cookie", "gw-stash=; Path=/_gateway/replay; Max-Age=0")
+        return response
+
+    return [Route("/_gateway/replay/{stash_id}", replay)]

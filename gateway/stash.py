@@ -1,0 +1,66 @@
+"""Keeping a form POST across a login, so nothing a member typed is lost to an expired session.
+
+When a browser form is POSTed to a gated page without a live session, its body is
+encrypted (AES-GCM, key derived from the newest session secret) and kept in the
+store for a few minutes under a random ID — in the store, so any replica can replay
+it. After the login, the gateway sends the browser an auto-submitting form with the
+original fields, method and target. The stash is taken once (single use) and only by
+the browser that holds the matching signed cookie.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.sessions import Store
+
+MAX_STASH_BYTES = 64 * 1024
+STASH_TTL = 600  # seconds: long enough to sign in, short enough to forget
+
+
+@dataclass(frozen=True, slots=True)
+class StashedPost:
+    target: str
+    fields: list[tuple[str, str]]
+
+
+class PostStash:
+    def __init__(self, store: Store, secret: str, *, ttl: int = STASH_TTL) -> None:
+        self._store = store
+        self._ttl = ttl
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"sso-gateway post stash").derive(secret.encode())
+        self._aead = AESGCM(key)
+
+    async def keep(self, target: str, body: bytes) -> str:
+        """Keep a urlencoded form body for ``target``; returns the stash ID."""
+        stash_id = secrets.token_urlsafe(18)
+        plain = json.dumps({"target": target, "body": body.decode("latin-1")}).encode()
+        nonce = secrets.token_bytes(12)
+        sealed = nonce + self._aead.encrypt(nonce, plain, stash_id.encode())
+        await self._store.add_once(f"stash:{stash_id}", sealed.hex(), self._ttl)
+        return stash_id
+
+    async def take(self, stash_id: str) -> StashedPost | None:
+        """The stashed POST, once; ``None`` if unknown, used, expired or undecryptable."""
+        raw = await self._store.take(f"stash:{stash_id}")
+        if raw is None:
+            return None
+        try:
+            sealed = bytes.fromhex(raw)
+            plain = self._aead.decrypt(sealed[:12], sealed[12:], stash_id.encode())
+        except (ValueError, InvalidTag):
+            return None
+        data = json.loads(plain)
+        body: str = data["body"]
+        fields = parse_qsl(body.encode("latin-1").decode("utf-8", "replace"),
+                           keep_blank_values=True)
+        return StashedPost(str(data["target"]), fields)
