@@ -1,79 +1,79 @@
-"""A small sample reader: an issue list and numbered issue pages.
+"""The sample member reader that stands behind the gateway in the demo and the tests.
 
-It stands behind the gateway in the demo; the gateway decides who may see
-what. Content is placeholder text written for this project.
+It trusts only the gateway's signed identity token (``X-Gateway-Identity``,
+verified against the gateway's JWKS); without a valid token a request is
+anonymous. Routes:
+
+- ``/``, ``/issues``: the issue list; ``/issues/{issue}`` → its first page;
+  ``/issues/{issue}/pages/{n}``: a page (member-only, or any verified reader for
+  the free issue); ``/public/{name}``: open pages.
+- ``/search`` (HTML, works without JS) and ``/search.json?q=`` (used by ``search.js``).
+- ``/members/{member_id}/notes[/{note_id}[/delete]]``: notes, HTML and JSON.
+- ``/orders/new``, ``/orders``, ``/orders/{order_id}``: back-issue orders.
+- ``/static/…``: the stylesheet and scripts.
 """
 
 from __future__ import annotations
 
-from html import escape
-from urllib.parse import unquote
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse
-from starlette.routing import Route
+from starlette.middleware import Middleware
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-ISSUES = {
-    "2023-03": ("March 2023: Rivers and the towns they made", 60),
-    "2023-06": ("June 2023: A summer of field notes", 48),
-    "2023-09": ("September 2023: Workshops, benches and tools", 52),
-}
+from gateway.demo import notes_views, orders_views, pages
+from gateway.demo.auth import Authenticator, Csrf, JwksCache, load_secret
+from gateway.demo.db import open_database
+from gateway.demo.notes import NoteStore
+from gateway.demo.orders import OrderStore
+from gateway.demo.web import STATIC_DIR, IdentityMiddleware, ReaderState
 
-_TOPICS = ("ferry crossings", "mill races", "tide tables", "bridge tolls", "flood marks",
-           "lock keepers", "river charts", "weir repairs")
-
-
-def page_text(issue: str, number: int) -> str:
-    """Deterministic placeholder prose for one page."""
-    topic = _TOPICS[(number + len(issue)) % len(_TOPICS)]
-    return (f"Page {number} of the {issue} issue looks at {topic}. Members wrote in with "
-            f"their own records of {topic}, and this page gathers the most careful of them, "
-            f"with a short commentary from the editors.")
+_NOTES = "/members/{member_id}/notes"
 
 
-def _layout(title: str, body: str, request: Request) -> HTMLResponse:
-    who = request.headers.get("x-member-name")
-    member = f"<p class=who>Signed in as {escape(unquote(who))}</p>" if who else ""
-    return HTMLResponse(
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}"
-        f"</title></head><body><header><a href=/>The Member Magazine</a>{member}</header>"
-        f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
-    )
+def routes() -> list[Route | Mount]:
+    return [
+        Route("/", pages.index),
+        Route("/issues", pages.index),
+        Route("/issues/{issue}", pages.issue_start),
+        Route("/issues/{issue}/pages/{number:int}", pages.reading_page),
+        Route("/public/{name}", pages.public),
+        Route("/search", pages.search_page),
+        Route("/search.json", pages.search_json),
+        Route(_NOTES, notes_views.notes_list, methods=["GET"]),
+        Route(_NOTES, notes_views.note_create, methods=["POST"]),
+        Route(_NOTES + "/{note_id}", notes_views.note_show, methods=["GET"]),
+        Route(_NOTES + "/{note_id}", notes_views.note_edit, methods=["PUT", "POST"]),
+        Route(_NOTES + "/{note_id}", notes_views.note_delete, methods=["DELETE"]),
+        Route(_NOTES + "/{note_id}/delete", notes_views.note_delete, methods=["POST"]),
+        Route("/orders", orders_views.order_list),
+        Route("/orders/new", orders_views.order_new, methods=["GET"]),
+        Route("/orders/new", orders_views.order_post, methods=["POST"]),
+        Route("/orders/{order_id}", orders_views.order_show),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
 
 
-async def index(request: Request) -> HTMLResponse:
-    items = "".join(f"<li><a href=/issues/{i}/pages/1>{escape(t)}</a></li>"
-                    for i, (t, _) in ISSUES.items())
-    return _layout("The Member Magazine", f"<ul>{items}</ul>", request)
+def create_reader(*, gateway_url: str, jwks_verify: ssl.SSLContext | bool = True,
+                  data_dir: Path | None = None) -> Starlette:
+    """The reader for a gateway at ``gateway_url`` (its ``public_url``: token issuer and origin).
 
-
-async def issue_list(request: Request) -> HTMLResponse:
-    return await index(request)
-
-
-async def issue_page(request: Request) -> HTMLResponse:
-    issue = request.path_params["issue"]
-    number = request.path_params["number"]
-    if issue not in ISSUES or not 1 <= number <= ISSUES[issue][1]:
-        return _layout("Page not found", "<p>There is no such page.</p>", request)
-    title, pages = ISSUES[issue]
-    nav = " | ".join(
-        f"<a href=/issues/{issue}/pages/{n}>Page {n}</a>" for n in range(1, pages + 1)
-    )
-    body = f"<article><p>{escape(page_text(issue, number))}</p></article><nav>{nav}</nav>"
-    return _layout(f"{title} — page {number}", body, request)
-
-
-async def public_page(request: Request) -> HTMLResponse:
-    return _layout("About the magazine", "<p>The magazine is written by and for members.</p>",
-                   request)
-
-
-def create_reader() -> Starlette:
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/issues", issue_list),
-        Route("/issues/{issue}/pages/{number:int}", issue_page),
-        Route("/public/{rest:path}", public_page),
-    ])
+    ``jwks_verify`` is how the JWKS fetch checks the gateway's TLS certificate;
+    ``data_dir`` holds the notes/orders database and the CSRF secret (in memory and
+    per instance when ``None``).
+    """
+    gateway_url = gateway_url.rstrip("/")
+    parts = urlsplit(gateway_url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError(f"gateway_url must be an http(s) origin, not {gateway_url!r}")
+    auth = Authenticator(gateway_url, JwksCache(f"{gateway_url}/.well-known/jwks.json",
+                                                verify=jwks_verify))
+    db = open_database(data_dir)
+    app = Starlette(routes=routes(), middleware=[Middleware(IdentityMiddleware, auth=auth)])
+    app.state.reader = ReaderState(auth=auth, csrf=Csrf(load_secret(data_dir)),
+                                   notes=NoteStore(db), orders=OrderStore(db),
+                                   gateway_origin=f"{parts.scheme}://{parts.netloc}")
+    return app

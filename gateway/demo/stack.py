@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,6 +73,10 @@ access = "public"
 path = "/issues/free-2024/**"
 access = "registered"
 [[rules]]
+path = "/orders/**"
+access = "member"
+require = {{ entitlement = "{member}", status = "active" }}
+[[rules]]
 path = "/issues/**"
 access = "member"
 require = {{ entitlement = "{member}", status = "active" }}
@@ -132,7 +137,8 @@ def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
                      reader_url)
 
 
-def servers(stack: DemoStack) -> list[uvicorn.Server]:
+def servers(stack: DemoStack, *,
+            jwks_verify: ssl.SSLContext | bool = True) -> list[uvicorn.Server]:
     """Three uvicorn servers (gateway, IdP, reader), not yet started."""
     def server(app: object, url: str) -> uvicorn.Server:
         parts = urlsplit(url)
@@ -143,7 +149,8 @@ def servers(stack: DemoStack) -> list[uvicorn.Server]:
     return [
         server(create_app(stack.settings), stack.gateway_url),
         server(create_idp_app(stack.idp), stack.idp.base_url),
-        server(create_reader(), stack.reader_url),
+        server(create_reader(gateway_url=stack.gateway_url, jwks_verify=jwks_verify,
+                             data_dir=stack.workdir / "reader"), stack.reader_url),
     ]
 
 
