@@ -13,6 +13,7 @@ import ipaddress
 import socket
 import sqlite3
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.config import load_settings
+from gateway.demo.reader import create_reader
 from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
 
@@ -167,9 +169,10 @@ class Stack:
 
 @contextmanager
 def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
-              extra_config: str = "", gateway_tls: bool = True,
+              extra_config: str = "", gateway_tls: bool = True, reader: bool = False,
               setup: Callable[[DemoStack], None] | None = None) -> Iterator[Stack]:
-    """The demo stack with an echo upstream; ``setup`` may add files before the gateway loads."""
+    """The demo stack with an echo upstream (or, with ``reader``, the sample reader as in
+    ``make demo``); ``setup`` may add files before the gateway loads."""
     gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
     scheme = "https" if gateway_tls else "http"
     demo = prepare(workdir, gateway_url=f"{scheme}://127.0.0.1:{port_of(gw_sock)}",
@@ -180,8 +183,11 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
         setup(demo)
         demo = replace(demo, settings=load_settings(workdir / "gateway.toml", environ={}))
     upstream = EchoUpstream()
+    upstream_app = upstream.app() if not reader else create_reader(
+        gateway_url=demo.gateway_url, data_dir=workdir / "reader",
+        jwks_verify=tls.client_context() if gateway_tls else True)
     ssl_args = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert)} if gateway_tls else {}
-    with (serving(upstream.app(), up_sock),
+    with (serving(upstream_app, up_sock),
           serving(create_idp_app(demo.idp), idp_sock),
           serving(create_app(demo.settings), gw_sock, **ssl_args)):
         yield Stack(demo, upstream, tls)
@@ -191,3 +197,70 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
 def stack(tmp_path: Path, tls: TLSFiles) -> Iterator[Stack]:
     with run_stack(tmp_path, tls) as running:
         yield running
+
+
+# -- Redis ------------------------------------------------------------------------------
+
+REDIS_SERVER = Path("/usr/bin/redis-server")
+
+
+class RedisServer:
+    """A real ``redis-server`` on a loopback port, in its own directory, persisting nothing."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        if not REDIS_SERVER.exists():
+            pytest.fail(f"{REDIS_SERVER} is missing: `make test` installs the Debian package "
+                        "redis-server (apt-get install -y redis-server)", pytrace=False)
+        self.directory = directory
+        if port is None:
+            with bound_socket() as sock:
+                port = port_of(sock)
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [str(REDIS_SERVER), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--daemonize", "no", "--logfile", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def command(self, *args: str) -> bytes:
+        """One command over a raw socket (RESP); returns the raw reply."""
+        payload = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(payload)
+            return conn.recv(65536)
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING").startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests clear it (FLUSHALL) before use."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -131,3 +131,31 @@ def test_json_post_with_an_expired_session_keeps_nothing(stack: Stack) -> None:
     with sqlite3.connect(stack.db) as db:
         kept = db.execute("SELECT count(*) FROM once WHERE key LIKE 'stash:%'").fetchone()[0]
     assert kept == 0
+
+
+def test_note_kept_across_sign_in_is_saved_by_the_reader_once(tmp_path: Path,
+                                                              tls: TLSFiles) -> None:
+    """The same, through the real sample reader: the note exists once, text intact."""
+    note = "Ferry table, 1911 column — «check» the tide ✓"
+    with run_stack(tmp_path, tls, reader=True) as stack, client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        page = http.get(stack.url + PAGE)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert page.status_code == 200 and csrf is not None
+        expire_sessions(stack)
+        posted = http.post(stack.url + "/members/M1001/notes",
+                           data={"csrf": csrf.group(1), "text": note, "ref": PAGE},
+                           headers={"origin": stack.url})
+        assert posted.status_code == 303
+        sign_in_url = posted.headers["location"]
+        done = post_to_acs(http, sign_in_at_idp(http, follow_sign_in(http, stack, sign_in_url),
+                                                "alice"))
+        replay = http.get(stack.url + done.headers["location"])
+        sent = http.post(urljoin(stack.url, form_action(replay.text)),
+                         data=form_fields(replay.text), headers={"origin": stack.url})
+        assert sent.status_code in (200, 303), sent.text
+        assert http.get(stack.url + done.headers["location"]).status_code == 404
+        notes = http.get(stack.url + "/members/M1001/notes",
+                         headers={"accept": "application/json"}).json()
+    texts = [n["text"] for n in (notes["notes"] if isinstance(notes, dict) else notes)]
+    assert texts == [note]
