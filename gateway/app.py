@@ -163,7 +163,8 @@ class Gateway:
             elif name == b"content-type":
                 content_type = value
         try:
-            record, decision = await self.authorize(path, self._session_cookie(cookie))
+            session_cookie = self._session_cookie(cookie)
+            record, decision = await self.authorize(path, session_cookie)
         except StoreError as exc:
             await self._fail(send, exc, accept)
             return
@@ -173,7 +174,11 @@ class Gateway:
             # Only a top-level navigation starts a login: an image, script or XHR that
             # followed a redirect would create a pending request and a cookie for nothing.
             navigable = fetch_mode in (b"", b"navigate") and not wants_json(accept.decode())
+            # A form posted by a browser whose session ended (it still sends the cookie) is
+            # kept across the sign-in; a visitor who never signed in has typed nothing
+            # into a member page, and keeping anonymous bodies would invite filling the store.
             if (navigable and decision.kind == "login" and scope["method"] == "POST"
+                    and session_cookie is not None
                     and content_type.startswith(b"application/x-www-form-urlencoded")):
                 await self._stash_and_sign_in(receive, send, target)
                 return

@@ -126,6 +126,7 @@ class Upstream(_Model):
     claims: list[Claim] = ALL_CLAIMS  # what it learns besides member_id (headers and token)
     connect_timeout: float = Field(5.0, gt=0)
     timeout: float = Field(30.0, gt=0)  # whole response head; bodies stream after it
+    health_url: str = ""  # checked by /readyz (any 2xx/3xx is healthy); "" = not checked
 
     @field_validator("prefix")
     @classmethod
@@ -191,6 +192,19 @@ class IdentitySettings(_Model):
     token_lifetime: int = Field(60, ge=10, le=3600)
 
 
+class LoggingSettings(_Model):
+    format: Literal["json", "text"] | None = None  # default: json in `serve`, text in `demo`
+    audit: str = "stdout"  # the audit log: "stdout" or a file path (appended to)
+    log_member_id: bool = False  # put member_id into request log lines
+
+
+class MetricsSettings(_Model):
+    # Who may read /metrics: "network" = clients in allow_from; "admin" = the rules that
+    # guard /_gateway/admin (a member with the admin entitlement).
+    access: Literal["network", "admin"] = "network"
+    allow_from: list[str] = ["127.0.0.1", "::1"]  # addresses or networks (CIDR)
+
+
 class Settings(_Model):
     public_url: str
     listen: str = "127.0.0.1:8000"
@@ -208,6 +222,8 @@ class Settings(_Model):
     rules: list[Rule] = []
     identity_headers: IdentityHeaders = IdentityHeaders()
     identity: IdentitySettings = IdentitySettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     source: Path = Field(Path("gateway.toml"), exclude=True)
 
     @field_validator("public_url")

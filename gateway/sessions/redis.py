@@ -5,13 +5,15 @@ URLs: ``redis://[user:password@]host:port/db``, ``rediss://…`` (TLS), and Sent
 credentials are the data nodes'; the sentinels are asked without them). Valkey works
 too. Redis Cluster does not: the scripts below touch several keys of one session.
 
-Keys, all under ``key_prefix`` (default ``gw:``) and all expiring on their own:
+Keys, all under ``key_prefix`` (default ``gw:``), all but the last expiring on their own:
 
 * ``session:<key>``  a hash per session, expiring at the session's absolute end;
 * ``member:<id>``, ``nameid:<sha256(idp, NameID)>``, ``sessions``  sorted sets of
   session keys scored by expiry — indexes for listing and logout without a scan;
   pruned on every write and expiring with their last member;
-* ``once:<key>``  pending AuthnRequests and consumed Assertion IDs, ``"<expiry>\\n<value>"``.
+* ``once:<key>``  pending AuthnRequests and consumed Assertion IDs, ``"<expiry>\\n<value>"``;
+* ``registrations``  a list of e-mail registrations: records, the one key that does not
+  expire (persist Redis, or back it up, if you use them).
 
 Every multi-key change is one Lua script, so it is atomic and the indexes never
 disagree with the sessions. Expiry is decided by the gateway's clock (the value
@@ -31,13 +33,13 @@ from urllib.parse import unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
 from gateway.principal import Principal
-from gateway.sessions.store import Clock, SessionRecord
+from gateway.sessions.store import Clock, Registration, SessionRecord
 
 # KEYS: session, all-index, member-index, nameid-index
 # ARGV: session key, expiry score, now, ttl ms, then hash field/value pairs
@@ -150,9 +152,13 @@ class RedisStore:
     def _errors(self, operation: str) -> Iterator[None]:
         try:
             yield
+        except MasterNotFoundError as exc:  # its message is a page of client repr
+            raise StoreError(f"Redis store: {operation} failed: the sentinels name no "
+                             f"reachable master (unreachable, or not monitoring it)") from exc
         except (RedisError, OSError) as exc:
+            reason = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise StoreError(f"Redis store: {operation} failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
+                             f"{type(exc).__name__}: {reason}") from exc
 
     async def ping(self) -> None:
         with self._errors("ping"):
@@ -263,6 +269,21 @@ class RedisStore:
             async for name in self.redis.scan_iter(match=f"{self._p}once:*", count=500):
                 gone += int(await self._drop(keys=[name], args=[repr(now)]))
         return gone
+
+
+    # -- registrations ---------------------------------------------------------------------
+    # Records, not cache: the one key without a TTL (it grows with registrants, not traffic).
+
+    async def add_registration(self, registration: Registration) -> None:
+        entry = json.dumps([registration.email, registration.registered_at, registration.consent])
+        with self._errors("add_registration"):
+            await self.redis.rpush(f"{self._p}registrations", entry)
+
+    async def list_registrations(self) -> list[Registration]:
+        with self._errors("list_registrations"):
+            entries = await self.redis.lrange(f"{self._p}registrations", 0, -1)
+        found = [Registration(*json.loads(e)) for e in entries]
+        return sorted(found, key=lambda r: r.registered_at)  # stable: ties keep push order
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.principal import Principal
-from gateway.sessions.store import Clock, SessionRecord
+from gateway.sessions.store import Clock, Registration, SessionRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_member ON sessions (member_id);
 CREATE INDEX IF NOT EXISTS sessions_name_id ON sessions (idp, name_id);
+CREATE TABLE IF NOT EXISTS registrations (
+    email TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    consent TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS once (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -136,6 +141,15 @@ class SQLiteStore:
             (key, self._clock()),
         ).fetchone()
         return str(row[0]) if row else None
+
+    async def add_registration(self, registration: Registration) -> None:
+        self._run("INSERT INTO registrations VALUES (?, ?, ?)",
+                  (registration.email, registration.registered_at, registration.consent))
+
+    async def list_registrations(self) -> list[Registration]:
+        rows = self._run("SELECT email, registered_at, consent FROM registrations"
+                         " ORDER BY registered_at, rowid")
+        return [Registration(*row) for row in rows]
 
     async def purge_expired(self) -> int:
         now = self._clock()

@@ -39,6 +39,15 @@ class SessionRecord:
         return replace(self, last_seen=now)
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A visitor who gave an e-mail address for the free issue, and what they agreed to."""
+
+    email: str
+    registered_at: float
+    consent: str
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -70,6 +79,11 @@ class Store(Protocol):
         """Atomically read and delete a live value: at most one caller ever gets it."""
 
     async def purge_expired(self) -> int: ...
+
+    async def add_registration(self, registration: Registration) -> None: ...
+
+    async def list_registrations(self) -> list[Registration]:
+        """Every registration, oldest first (kept until an admin removes them)."""
 
 
 def open_store(url: str, clock: Clock, *, key_prefix: str = "gw:", pool_size: int = 32,

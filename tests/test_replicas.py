@@ -1,0 +1,222 @@
+"""Two gateway replicas sharing one Redis, on two real https sockets, no balancer between.
+
+Replica A's URL is the ``public_url``: the dev IdP posts there, and ACS/Destination
+checks come from ``public_url``, not from the Host header, so a response posted to B
+validates too. Cookies are host-scoped, not port-scoped, so one httpx client carries
+the session and the login-binding cookies to both replicas, as a browser behind a
+balancer would. Redis trouble is tested on a redis-server of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from lxml import etree
+
+from gateway.app import create_app
+from gateway.cli import main
+from gateway.demo.stack import DemoStack, prepare
+from gateway.sessions import open_store
+from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
+from tests.conftest import (
+    RedisServer,
+    Stack,
+    TLSFiles,
+    bound_socket,
+    port_of,
+    run_stack,
+    serving,
+)
+from tests.test_login_hostile import PAGE, Pending, forge
+
+SESSION_COOKIE = "__Host-gw_session"
+
+
+@dataclass
+class Replicas:
+    a: Stack  # replica A: the stack the dev IdP answers to
+    b_url: str
+    redis: RedisServer
+
+    def session_count(self) -> int:
+        reply = self.redis.command("EVAL", "return #redis.call('KEYS', ARGV[1])", "0",
+                                   "gw:session:*")
+        return int(reply.decode().strip().lstrip(":"))
+
+
+@contextmanager
+def run_replicas(workdir: Path, tls: TLSFiles, redis: RedisServer) -> Iterator[Replicas]:
+    sock = bound_socket()
+    b_host = f"127.0.0.1:{port_of(sock)}"
+
+    def use_redis(demo: DemoStack) -> None:
+        config = demo.workdir / "gateway.toml"
+        text = config.read_text()
+        assert 'url = "sqlite:///gateway.db"' in text and "\nlisten = " in text
+        text = text.replace('url = "sqlite:///gateway.db"',
+                            f'url = "{redis.url}"\nsocket_timeout = 1')
+        # B is reached by its own address here (a balancer would send public_url's host).
+        config.write_text(text.replace("\nlisten = ", f'\nallowed_hosts = ["{b_host}"]\nlisten = ',
+                                       1))
+
+    with sock, run_stack(workdir, tls, setup=use_redis) as stack:
+        replica_b = create_app(stack.demo.settings)  # the very same settings as A
+        with serving(replica_b, sock, ssl_keyfile=str(tls.key), ssl_certfile=str(tls.cert)):
+            yield Replicas(stack, f"https://{b_host}", redis)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, tls: TLSFiles, redis_server: RedisServer) -> Iterator[Replicas]:
+    redis_server.command("FLUSHALL")
+    with run_replicas(tmp_path, tls, redis_server) as running:
+        yield running
+
+
+def begin_at(http: httpx.Client, stack: Stack, base_url: str) -> Pending:
+    """Start a login at one replica; the AuthnRequest ID and RelayState (cf. ``begin``)."""
+    answer = http.get(base_url + "/saml/login",
+                      params={"idp": stack.demo.idp.entity_id, "next": PAGE})
+    assert answer.status_code == 302, answer.text
+    query = parse_qs(urlsplit(answer.headers["location"]).query)
+    xml = zlib.decompress(base64.b64decode(query["SAMLRequest"][0]), -15)
+    return Pending(etree.fromstring(xml).get("ID"), query["RelayState"][0])
+
+
+def test_login_at_a_is_a_session_at_b_and_revoking_ends_it_everywhere(
+        replicas: Replicas) -> None:
+    a, b = replicas.a.url, replicas.b_url
+    with client(replicas.a) as http:
+        login(http, replicas.a, PAGE, "alice")
+        assert replicas.session_count() == 1
+        at_b = http.get(b + PAGE)
+        assert at_b.status_code == 200 and "Upstream page" in at_b.text
+        assert http.get(a + PAGE).status_code == 200
+
+        async def revoke() -> int:  # a third client of the same Redis, as an admin tool is
+            store = open_store(replicas.redis.url, lambda: 0.0)
+            await store.open()
+            try:
+                return await store.delete_member_sessions("M1001")
+            finally:
+                await store.close()
+
+        assert asyncio.run(revoke()) == 1
+        for url in (a, b):
+            gone = http.get(url + PAGE)
+            assert gone.status_code == 302, gone.text
+            assert gone.headers["location"].startswith("/saml/login")
+    assert replicas.session_count() == 0
+
+
+def test_assertion_consumed_at_a_is_refused_at_b(replicas: Replicas) -> None:
+    stack = replicas.a
+    with client(stack) as http:
+        answer = sign_in_at_idp(http, start_login(http, stack, PAGE), "alice")
+        assert post_to_acs(http, answer).status_code == 302  # consumed at A
+        replayed = http.post(replicas.b_url + "/saml/acs",
+                             data={"SAMLResponse": answer.saml_response,
+                                   "RelayState": answer.relay_state})
+        assert replayed.status_code == 400
+    # The same Assertion ID in a fresh response to a fresh request started at B: only the
+    # shared replay cache can refuse this one.
+    with client(stack) as http:
+        first = begin_at(http, stack, stack.url)
+        assert http.post(stack.url + "/saml/acs", data={
+            "SAMLResponse": forge(stack, first, assertion_id="_once"),
+            "RelayState": first.relay_state}).status_code == 302
+    with client(stack) as http:
+        second = begin_at(http, stack, replicas.b_url)
+        again = http.post(replicas.b_url + "/saml/acs", data={
+            "SAMLResponse": forge(stack, second, assertion_id="_once"),
+            "RelayState": second.relay_state})
+        assert again.status_code == 400 and "Sign-in failed" in again.text
+    assert replicas.session_count() == 2
+
+
+async def test_fifty_concurrent_acs_posts_across_replicas_make_one_session(
+        replicas: Replicas) -> None:
+    stack = replicas.a
+    with client(stack) as http:
+        pending = begin_at(http, stack, stack.url)
+        cookies = http.cookies
+    response = forge(stack, pending)
+    data = {"SAMLResponse": response, "RelayState": pending.relay_state}
+    async with httpx.AsyncClient(verify=stack.tls.client_context(), cookies=cookies,
+                                 timeout=30) as browser:
+        answers = await asyncio.gather(*(
+            browser.post((stack.url if i % 2 else replicas.b_url) + "/saml/acs", data=data)
+            for i in range(50)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [302] + [400] * 49
+    assert replicas.session_count() == 1
+
+
+def test_redis_lost_and_back(tmp_path: Path, tls: TLSFiles) -> None:
+    """Redis stops: 503s, never anonymous access or a 500; it returns: served again, no restart.
+
+    This Redis keeps nothing on disk, so the session dies with it: after the restart the
+    old cookie leads to a new login, and a fresh login works on the same gateway.
+    """
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        with run_replicas(tmp_path / "site", tls, redis) as replicas:
+            stack = replicas.a
+            with client(stack) as http:
+                login(http, stack, PAGE, "alice")
+                assert http.get(stack.url + PAGE).status_code == 200
+                seen = len(stack.upstream.requests)
+                redis.stop()
+                for url in (stack.url, replicas.b_url):
+                    page = http.get(url + PAGE)
+                    assert page.status_code == 503, page.text
+                    assert "Temporarily unavailable" in page.text and "reference" in page.text
+                    as_json = http.get(url + PAGE, headers={"accept": "application/json"})
+                    assert as_json.status_code == 503
+                    assert as_json.json()["error"] == "Temporarily unavailable"
+                    ready = http.get(url + "/readyz")
+                    assert ready.status_code == 503 and "store" in ready.json()["failed"]
+                starting = http.get(stack.url + "/saml/login",
+                                    params={"idp": stack.demo.idp.entity_id, "next": PAGE})
+                assert starting.status_code == 503
+                assert len(stack.upstream.requests) == seen  # nothing reached the upstream
+                assert "Traceback" not in json.dumps(ready.json())
+
+                redis.start()  # same port, empty: the gateways reconnect on their own
+                assert http.get(stack.url + "/readyz").status_code == 200
+                assert http.get(replicas.b_url + "/readyz").status_code == 200
+                old = http.get(stack.url + PAGE)
+                assert old.status_code == 302  # the session went with Redis's memory
+                login(http, stack, PAGE, "alice")
+                assert http.get(replicas.b_url + PAGE).status_code == 200
+    finally:
+        redis.stop()
+
+
+def test_check_reports_the_store_with_its_password_masked(
+        tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    config = prepare(tmp_path).workdir / "gateway.toml"
+    sqlite_line = 'url = "sqlite:///gateway.db"'
+    with bound_socket() as sock:
+        down = f"redis://:s3cret-pw@127.0.0.1:{port_of(sock)}/0"  # nothing listens there
+    config.write_text(config.read_text().replace(
+        sqlite_line, f'url = "{down}"\nconnect_timeout = 0.5'))
+    assert main(["check", "--config", str(config)]) == 1
+    out, err = capsys.readouterr()
+    assert "s3cret" not in out + err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: session store redis://:*****@127.0.0.1:{down.rsplit(':', 1)[1]} "
+        "is not reachable: ")
+    config.write_text(config.read_text().replace(down, redis_server.url))
+    assert main(["check", "--config", str(config)]) == 0
+    assert f"store       {redis_server.url}" in capsys.readouterr().out
