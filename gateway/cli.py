@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway import cli_admin
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, StoreError
 from gateway.sessions import Store
@@ -51,8 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prune.add_argument("--dir", default="certs/identity")
     prune.add_argument("--keep", type=int, default=2, help="how many to keep (default 2)")
 
+    cli_admin.add_parsers(sub, CONFIG_HELP)
+
     args = parser.parse_args(argv)
     try:
+        if args.command in ("sessions", "registrations"):
+            return cli_admin.run(args)
         if args.command == "serve":
             return _serve(args.config, args.workers)
         if args.command == "check":
@@ -133,14 +137,23 @@ def _serve(config: str | None, workers: int) -> int:
               file=sys.stderr)
     if config:
         os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Logs: JSON lines by default ([logging] format); uvicorn's loggers go through the same
+    # handler (log_config=None), and the gateway writes its own line per request.
+    from gateway.logs import configure_logging
+
+    configure_logging(settings.logging.format or "json")
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker keeps its metrics in files here; a scrape adds them all up.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sso-gateway-metrics-")
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.listen_host,
                 port=settings.listen_port, workers=workers, loop="uvloop", http="httptools",
                 # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
                 # right-most-untrusted-hop logic), so scope["client"] is the real client.
                 proxy_headers=bool(settings.trusted_proxies),
                 forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-                server_header=False, log_level="info")
+                server_header=False, log_level="info", log_config=None, access_log=False)
     return 0
 
 
@@ -151,7 +164,9 @@ def _demo(workdir: Path, port: int) -> int:
     stack = prepare(workdir.resolve(), gateway_url=f"http://127.0.0.1:{port}",
                     idp_url=f"http://127.0.0.1:{port + 1}",
                     reader_url=f"http://127.0.0.1:{port + 2}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    from gateway.logs import configure_logging
+
+    configure_logging(stack.settings.logging.format or "text")
     print("sso-gateway demo (DEVELOPMENT ONLY, loopback only)")
     print(f"  open        {stack.gateway_url}/issues/2023-03/pages/14")
     print(f"  dev IdP     {stack.idp.base_url}   reader (behind the gateway) {stack.reader_url}")

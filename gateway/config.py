@@ -47,6 +47,13 @@ class SPSettings(_Model):
     sign_authn_requests: bool = True
 
 
+class LimitSettings(_Model):
+    """Per client address, per minute; counted in the store, so they hold across replicas."""
+
+    logins: int = Field(30, ge=1)  # sign-in starts and ACS posts
+    registrations: int = Field(10, ge=1)
+
+
 class IdPSettings(_Model):
     metadata_dir: Path = Path("idp_metadata")
     allow_unsolicited: bool = False
@@ -224,6 +231,7 @@ class Settings(_Model):
     identity: IdentitySettings = IdentitySettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    limits: LimitSettings = LimitSettings()
     source: Path = Field(Path("gateway.toml"), exclude=True)
 
     @field_validator("public_url")

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "proxy": {"app", "cli", "saml", "sessions", "policy", "login", "devidp", "demo"},
     "paths": {"app", "cli", "saml", "sessions", "policy", "proxy", "login", "devidp", "demo"},
     "login": {"app", "cli", "devidp", "demo"},
-    "app": {"cli", "devidp", "demo"},
+    "app": {"cli", "cli_admin", "devidp", "demo"},
     "web": {"app", "cli", "devidp", "demo"},
 }
 

@@ -8,6 +8,9 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin
 
+import pytest
+
+from gateway.cli import main
 from tests.browser import (
     client,
     follow_sign_in,
@@ -159,3 +162,32 @@ def test_note_kept_across_sign_in_is_saved_by_the_reader_once(tmp_path: Path,
                          headers={"accept": "application/json"}).json()
     texts = [n["text"] for n in (notes["notes"] if isinstance(notes, dict) else notes)]
     assert texts == [note]
+
+
+def test_admin_revokes_a_member_while_the_gateway_serves(
+        tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(tmp_path / "gateway.toml")
+    with run_stack(tmp_path, tls) as stack, client(stack) as alice, client(stack) as dave:
+        login(alice, stack, PAGE, "alice")
+        login(dave, stack, PAGE, "dave")
+        assert main(["sessions", "list", "--config", config]) == 0
+        listing = capsys.readouterr().out
+        assert "M1001" in listing and "M1004" in listing and "2 session(s)" in listing
+        assert main(["sessions", "revoke", "--member", "M1001", "--config", config]) == 0
+        assert "revoked 1 session(s) of M1001" in capsys.readouterr().out
+        assert not reads(alice, stack) and reads(dave, stack)
+        dave_cookie = dave.cookies["__Host-gw_session"]
+    with run_stack(tmp_path, tls) as stack, client(stack) as dave:  # restarted
+        dave.cookies.set("__Host-gw_session", dave_cookie)
+        assert reads(dave, stack)
+        key = re.search(r"^([0-9a-f]{16})", _listing(config, capsys), re.M)
+        assert key is not None
+        assert main(["sessions", "revoke", key.group(1), "--config", config]) == 0
+        assert not reads(dave, stack)
+    assert main(["sessions", "revoke", "0" * 16, "--config", config]) == 1
+    assert main(["sessions", "purge-expired", "--config", config]) == 0
+
+
+def _listing(config: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["sessions", "list", "--config", config]) == 0
+    return capsys.readouterr().out

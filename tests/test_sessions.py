@@ -149,6 +149,12 @@ class StoreContract:
         assert [r.email for r in await store.list_registrations()] == \
             ["a@example.org", "b@example.org", "c@example.org"]
 
+    async def test_count_per_window(self, store: Store) -> None:
+        assert [await store.count("client-a", 60) for _ in range(3)] == [1, 2, 3]
+        assert await store.count("client-b", 60) == 1
+        self.clock.advance(60)
+        assert await store.count("client-a", 60) == 1  # a new window starts over
+
     async def test_purge_expired(self, store: Store) -> None:
         now = self.clock()
         await store.put_session(SessionRecord("old", alice(), now, now, now + 5))

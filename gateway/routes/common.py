@@ -26,6 +26,18 @@ class CrossSite(BadRequest):
     public_message = "This form must be sent from this site's own pages."
 
 
+class TooManyRequests(BadRequest):
+    status = 429
+    public_message = "Too many attempts from your network. Please wait a minute and try again."
+
+
+async def rate_limit(gateway: Gateway, request: Request, what: str, per_minute: int) -> None:
+    """Refuse a client address that did ``what`` more than ``per_minute`` times this minute."""
+    client = request.client.host if request.client else "unknown"
+    if await gateway.store.count(f"rate:{what}:{client}", 60) > per_minute:
+        raise TooManyRequests(f"{client} exceeded {per_minute} {what} per minute")
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes before reading past it."""
     length = request.headers.get("content-length")

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from gateway.paths import safe_next
 from gateway.principal import Principal
-from gateway.routes.common import field, read_form, require_same_origin
+from gateway.routes.common import field, rate_limit, read_form, require_same_origin
 from gateway.sessions.store import Registration
 from gateway.web import render, to_response
 
@@ -48,6 +48,7 @@ def routes(gw: Gateway) -> list[Route]:
             next_url = safe_next(request.query_params.get("next"))
             return page(next_url, email="", consent=False, errors={})
         require_same_origin(gw, request)
+        await rate_limit(gw, request, "registrations", gw.settings.limits.registrations)
         form = await read_form(request)
         next_url = safe_next(field(form, "next"))
         typed = field(form, "email")[:300]

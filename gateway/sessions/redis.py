@@ -260,6 +260,18 @@ class RedisStore:
         ends, _, value = str(raw).partition("\n")
         return value if float(ends) > self._clock() else None
 
+    async def count(self, key: str, ttl: float) -> int:
+        # A fixed window named by the gateway's clock, so the count follows that clock;
+        # Redis's own expiry only clears the key away afterwards.
+        window = int(self._clock() // ttl) if ttl > 0 else 0
+        name = f"{self._p}count:{key}:{window}"
+        with self._errors("count"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(name)
+                pipe.pexpire(name, max(math.ceil(ttl * 2000), 1))
+                value, _ = await pipe.execute()
+        return int(value)
+
     async def purge_expired(self) -> int:
         """Redis expires keys itself; this drops what the gateway's clock says is over."""
         now = self._clock()

@@ -151,6 +151,19 @@ class SQLiteStore:
                          " ORDER BY registered_at, rowid")
         return [Registration(*row) for row in rows]
 
+    async def count(self, key: str, ttl: float) -> int:
+        now = self._clock()
+        row = self._run(
+            "INSERT INTO once (key, value, expires) VALUES (?, '1', ?)"
+            " ON CONFLICT(key) DO UPDATE SET"
+            "  value = CASE WHEN once.expires <= ? THEN '1'"
+            "          ELSE CAST(CAST(once.value AS INTEGER) + 1 AS TEXT) END,"
+            "  expires = CASE WHEN once.expires <= ? THEN excluded.expires ELSE once.expires END"
+            " RETURNING value",
+            (f"count:{key}", now + ttl, now, now),
+        ).fetchone()
+        return int(row[0])
+
     async def purge_expired(self) -> int:
         now = self._clock()
         gone = self._run("DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount
