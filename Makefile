@@ -7,8 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := xmlsec1 chromium nginx redis-server docker-compose
+AXE    := .cache/npm/node_modules/axe-core/axe.min.js
 
-.PHONY: demo test lint system-packages clean
+.PHONY: demo test lint system-packages clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +28,25 @@ system-packages:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: $(STAMP) system-packages
+# axe-core (the browser tests' accessibility audit) from the npm registry, kept out of git.
+$(AXE):
+	npm install --prefix .cache/npm --no-audit --no-fund --silent axe-core@4
+
+test: $(STAMP) system-packages $(AXE)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/python -m pytest -q
+
+# Benchmark against a direct upstream (nginx) and Apache's mod_proxy_http, on loopback;
+# prints a table and writes bench/results/latest.json (see docs/performance.md).
+BENCH_PACKAGES := wrk apache2 nginx
+
+bench: $(STAMP)
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(BENCH_PACKAGES)"
+	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/mypy gateway
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache .cache

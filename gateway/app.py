@@ -35,6 +35,7 @@ from gateway.routes import routes
 from gateway.saml import IdPRegistry, ServiceProvider
 from gateway.sessions import CookieSigner, SessionManager, SessionRecord, open_store
 from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
+from gateway.telemetry import Telemetry
 from gateway.web import (
     STATIC_DIR,
     error_answer,
@@ -47,11 +48,12 @@ from gateway.web import (
 log = logging.getLogger("gateway")
 
 OWN_PREFIXES = ("/saml/", "/_gateway/", "/.well-known/", "/auth/")
-OWN_PATHS = frozenset({"/healthz", "/readyz"})
+OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Called on internal addresses (probes, a proxy's forward-auth, services fetching the
 # JWKS), so with whatever Host those use; none of them builds anything from Host.
-ANY_HOST_PATHS = frozenset({b"/healthz", b"/readyz", b"/auth/check", b"/.well-known/jwks.json"})
+ANY_HOST_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/auth/check",
+                            b"/.well-known/jwks.json"})
 TITLES = {400: "Bad request", 401: "Sign-in required", 403: "Access denied",
           413: "Request too large", 429: "Too many requests", 502: "Service unreachable",
           503: "Temporarily unavailable", 504: "Service timed out"}
@@ -97,7 +99,8 @@ class Gateway:
         public = settings.public_url.split("://", 1)
         self.proxy = Proxy(
             settings.upstreams,
-            strip_headers=[*self.identity.names, settings.identity.token_header],
+            strip_headers=[*self.identity.names, settings.identity.token_header,
+                           "X-Request-Id"],
             strip_cookies=[self.cookie_name],
             public_host=public[1], public_scheme=public[0],
             max_body_bytes=settings.max_body_bytes,
@@ -106,6 +109,7 @@ class Gateway:
         self._origin = settings.public_url.encode("latin-1")
         self._hsts = [(b"strict-transport-security", b"max-age=31536000")] if secure else []
         self.metadata_xml = ""
+        self.telemetry = Telemetry(settings, self.registry, self.store, clock)
         self.web = Starlette(
             routes=[*routes(self),
                     Mount("/_gateway/static", StaticFiles(directory=STATIC_DIR))],
@@ -121,6 +125,7 @@ class Gateway:
             if scope["type"] == "lifespan":
                 await self.web(scope, receive, send)
             return  # websockets are not proxied yet: closing the scope refuses them
+        send = self.telemetry.begin(scope, send)  # request ID, access log line, metrics
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if self._hsts:
             send = _with_headers(send, self._hsts)
@@ -208,6 +213,7 @@ class Gateway:
                                                  accept=accept.decode("latin-1")))
             return
         extra = self.identity_headers(record, route.name) if record else []
+        extra.append(self.telemetry.proxying(route.name, record, path))  # X-Request-Id
         try:
             await self.proxy.forward(scope, receive, send, route=route, target=target,
                                      add_headers=extra,
@@ -234,6 +240,7 @@ class Gateway:
         principal = record.principal
         log.info("denied member=%s path=%s rule=%s reason=%s", principal.member_id, path,
                  decision.rule, decision.reason)
+        self.telemetry.denied(record, decision, path)
         lapsed = decision.failed == "status"
         return error_answer(
             403, "Your membership has lapsed" if lapsed else "Access denied",
@@ -295,6 +302,7 @@ class Gateway:
     async def _fail(self, send: Send, exc: GatewayError, accept: bytes, extra: str = "") -> None:
         ref = new_reference()
         log.error("%s ref=%s reason=%s%s", type(exc).__name__, ref, exc.reason, extra)
+        self.telemetry.failed(exc)
         await send_answer(send, error_answer(
             exc.status, TITLES.get(exc.status, "Error"), exc.public_message,
             accept=accept.decode("latin-1"), reference=ref))
@@ -305,6 +313,7 @@ class Gateway:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.store.open()
         await self.proxy.start()
+        self.telemetry.started()
         self.metadata_xml = self.sp.metadata()
         try:
             yield
@@ -318,11 +327,13 @@ class Gateway:
         accept = request.headers.get("accept", "")
         if isinstance(exc, LoginFailed):
             log.warning("login failed ref=%s kind=%s reason=%s", ref, exc.kind, exc.reason)
+            self.telemetry.login_failed(ref, exc)
             return to_response(error_answer(
                 400, "Sign-in failed", "We could not sign you in. Please try again; if it "
                 "keeps failing, contact support.", accept=accept, reference=ref,
                 retry_url="/saml/login"))
         log.warning("%s ref=%s reason=%s", type(exc).__name__, ref, exc.reason)
+        self.telemetry.failed(exc)
         return to_response(error_answer(exc.status, TITLES.get(exc.status, "Error"),
                                         exc.public_message, accept=accept, reference=ref))
 
@@ -348,8 +359,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 def app_from_env() -> Gateway:
     """The uvicorn factory for ``serve``: config from ``$GATEWAY_CONFIG``."""
     from gateway.config import load_settings
+    from gateway.logs import configure_logging
 
-    return Gateway(load_settings())
+    settings = load_settings()
+    configure_logging(settings.logging.format or "json")  # in every worker process
+    return Gateway(settings)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

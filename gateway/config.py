@@ -59,6 +59,7 @@ class IdPSettings(_Model):
     allow_unsolicited: bool = False
     login_timeout: int = Field(300, ge=30, le=3600)  # seconds an AuthnRequest stays valid
     auto_redirect: bool = False  # with one IdP, skip the sign-in page and go straight there
+    max_issue_age: int = Field(300, ge=30, le=3600)  # seconds; plus the 300 s clock drift
 
 
 class AttributeMap(_Model):

@@ -5,6 +5,7 @@
     ├── BadRequest               400: malformed input (path, form, parameters)
     │   └── AmbiguousPath        a path the gateway will not interpret (``%2f``, ``..``, ``;``)
     ├── LoginFailed              400: a SAML login was refused (the user sees only a reference)
+    ├── LogoutFailed             400: a SAML logout message was refused (likewise)
     ├── UnknownIdP               400: an IdP entity ID that is not configured
     ├── StoreError               503: the session store is unreachable or failed
     └── UpstreamError            502: the upstream could not be reached
@@ -49,6 +50,17 @@ class LoginFailed(GatewayError):
 
     status = 400
     public_message = "Sign-in failed."
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class LogoutFailed(GatewayError):
+    """A LogoutRequest or LogoutResponse was refused. ``kind`` as for ``LoginFailed``."""
+
+    status = 400
+    public_message = "The sign-out message could not be accepted."
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)

@@ -33,6 +33,7 @@ from gateway.errors import LoginFailed
 from gateway.paths import safe_next
 from gateway.saml import IdP, IdPRegistry, ServiceProvider
 from gateway.sessions import CookieSigner, SessionManager, SessionRecord, Store
+from gateway.telemetry import login_succeeded, note_idp
 
 log = logging.getLogger("gateway.login")
 
@@ -115,6 +116,7 @@ class LoginFlow:
             raise LoginFailed("in_response_to", "the login request is unknown, used or expired")
         pending = json.loads(raw)
         idp = self._registry.get(pending["idp"])
+        note_idp(idp.entity_id)  # labels this login's outcome in metrics and the audit log
         result = await run_in_threadpool(
             self._sp.finish_login, responses[0], request_id=pending["rid"], idp=idp
         )
@@ -125,6 +127,7 @@ class LoginFlow:
         record, value = await self._sessions.create(result.principal, user_agent=user_agent,
                                                     client_ip=client_ip)
         log.info("login ok member=%s idp=%s", result.principal.member_id, idp.entity_id)
+        login_succeeded(idp.entity_id, result.principal.member_id, record.key)  # audit, metrics
         return LoginFinished(record, value, pending["next"], self._cookie(state, "", 0))
 
     def _cookie(self, state: str, value: str, max_age: int) -> Cookie:

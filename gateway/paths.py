@@ -2,7 +2,7 @@
 
 Policy decides on the decoded path; the upstream receives the encoded form of
 exactly that path. Anything that two parsers could read two ways is refused
-rather than guessed at: encoded ``/`` ``\\`` ``;`` and NUL, dot segments in any
+rather than guessed at: encoded ``/`` ``\\`` ``;`` ``%`` and NUL, dot segments in any
 spelling, empty segments (``//``), path parameters, invalid or overlong UTF-8,
 and control characters. Needless percent-encoding of unreserved characters is
 decoded, and every other escape is re-emitted in upper-case hex, so equivalent
@@ -19,7 +19,8 @@ _HEX = b"0123456789abcdefABCDEF"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # What may appear unencoded in a path we accept (RFC 3986 pchar and "/", minus ";").
 _ALLOWED_RAW = _UNRESERVED | frozenset(b"!$&'()*+,=:@/%")
-_REFUSED_DECODED = frozenset(b"/\\;\x00")
+# Encoded '%' too: an upstream that decodes twice would read "%252f" as "/".
+_REFUSED_DECODED = frozenset(b"/\\;\x00%")
 _SAFE_OUT = "/:@!$&'()*+,=-._~"
 MAX_PATH_BYTES = 4096
 

@@ -8,39 +8,18 @@ one cookie jar; the pages render with their CSS under their CSP.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, Request, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Request
 
 from tests.conftest import Stack, TLSFiles, run_stack
+from tests.playwright_support import SCREENSHOTS, browser_context
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 PAGE_A = "/issues/2023-03/pages/14"
 PAGE_B = "/issues/2023-06/pages/2"
-TIMEOUT = 15_000
 
 pytestmark = pytest.mark.browser
-
-
-@contextmanager
-def browser_context() -> Iterator[BrowserContext]:
-    """A fresh context in a fresh headless Chromium; a missing Chromium is a failure."""
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing (make test installs it)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        try:
-            context = browser.new_context(ignore_https_errors=True)
-            context.set_default_timeout(TIMEOUT)
-            yield context
-            context.close()
-        finally:
-            browser.close()
 
 
 def open_to_idp(context: BrowserContext, stack: Stack, path: str) -> Page:

@@ -239,8 +239,126 @@ def test_metadata_parses_with_python3_saml(idp: RunningIdP, client: httpx.Client
     assert NAMEID_PERSISTENT in reply.text
 
 
-def test_slo_is_not_implemented_yet(idp: RunningIdP, client: httpx.Client) -> None:
-    assert client.get(idp.base_url + "/slo").status_code == 501
+def test_metadata_offers_both_slo_bindings(idp: RunningIdP, client: httpx.Client) -> None:
+    text = client.get(idp.base_url + "/metadata").text
+    for binding in (C.BINDING_HTTP_REDIRECT, C.BINDING_HTTP_POST):
+        assert f'Binding="{binding}" Location="{idp.settings.slo_url}"' in text
+    assert idp.settings.sp_sls_url == f"https://{SP_HOST}/saml/sls"  # derived from the ACS
+
+
+# -- single logout -----------------------------------------------------------------
+
+
+SLS_URL = f"https://{SP_HOST}/saml/sls"
+SLS_REQUEST_DATA = {"https": "on", "http_host": SP_HOST, "script_name": "/saml/sls"}
+
+
+def slo_settings(
+    idp: RunningIdP, sp_key: str | None = None, want_signed: bool = True
+) -> OneLogin_Saml2_Settings:
+    """An SP (python3-saml, strict) that knows the dev IdP's SLO endpoint."""
+    data = sp_settings(idp, sp_key=sp_key).get_sp_data()
+    return OneLogin_Saml2_Settings({
+        "strict": True,
+        "sp": {**data, "singleLogoutService": {"url": SLS_URL,
+                                               "binding": C.BINDING_HTTP_REDIRECT},
+               "privateKey": sp_key or idp.keys.sp_key},
+        "idp": {
+            "entityId": idp.settings.entity_id,
+            "singleSignOnService": {"url": idp.settings.sso_url,
+                                    "binding": C.BINDING_HTTP_REDIRECT},
+            "singleLogoutService": {"url": idp.settings.slo_url,
+                                    "binding": C.BINDING_HTTP_REDIRECT},
+            "x509cert": idp.keys.idp_cert,
+        },
+        "security": {"logoutRequestSigned": True, "logoutResponseSigned": True,
+                     "wantMessagesSigned": want_signed, "rejectDeprecatedAlgorithm": True,
+                     "signatureAlgorithm": C.RSA_SHA256, "digestAlgorithm": C.SHA256},
+    })
+
+
+def sp_processes(idp: RunningIdP, url: str, request_id: str | None = None) -> OneLogin_Saml2_Auth:
+    """python3-saml's SP handles a message the IdP redirected to the SLS; errors fail."""
+    query = urlsplit(url).query
+    request_data = SLS_REQUEST_DATA | {"get_data": dict(parse_qsl(query)), "query_string": query,
+                                       "validate_signature_from_qs": True}
+    auth = OneLogin_Saml2_Auth(request_data, slo_settings(idp))
+    auth.process_slo(request_id=request_id, keep_local_session=True)
+    assert auth.get_errors() == [], auth.get_last_error_reason()
+    return auth
+
+
+def signed_in_alice(idp: RunningIdP, client: httpx.Client) -> str:
+    """Sign alice in; return the SessionIndex of her login."""
+    url, request_id = login_url(idp)
+    page = sign_in(client, idp, url, "alice")
+    response = validated(idp, forms(page.text)[0][1]["SAMLResponse"], request_id)
+    assert client.cookies.get("devidp_session")
+    return str(response.get_session_index())
+
+
+def test_sp_initiated_logout_ends_the_idp_session(idp: RunningIdP, client: httpx.Client) -> None:
+    session_index = signed_in_alice(idp, client)
+    auth = OneLogin_Saml2_Auth(SLS_REQUEST_DATA, slo_settings(idp))
+    name_id = persistent_name_id(idp.settings.entity_id, "alice")
+    url = auth.logout(return_to="/bye", name_id=name_id, session_index=session_index,
+                      name_id_format=NAMEID_PERSISTENT)
+    answer = client.get(url)
+    assert answer.status_code == 302 and answer.headers["location"].startswith(SLS_URL + "?")
+    assert client.cookies.get("devidp_session") is None
+    assert dict(parse_qsl(urlsplit(answer.headers["location"]).query))["RelayState"] == "/bye"
+    sp_processes(idp, answer.headers["location"], request_id=auth.get_last_request_id())
+    assert "Already signed in" not in client.get(login_url(idp)[0]).text
+
+
+def test_unsigned_or_foreign_logout_request_is_refused(idp: RunningIdP,
+                                                       client: httpx.Client) -> None:
+    auth = OneLogin_Saml2_Auth(SLS_REQUEST_DATA, slo_settings(idp, sp_key=idp.keys.idp_key))
+    foreign = auth.logout(name_id="x", name_id_format=NAMEID_PERSISTENT)
+    unsigned = with_query(foreign, Signature=None, SigAlg=None)
+    for url in (foreign, unsigned, idp.base_url + "/slo"):
+        answer = client.get(url)
+        assert answer.status_code == 400 and BANNER in answer.text
+
+
+@pytest.mark.parametrize("binding", ["redirect", "post"])
+def test_idp_initiated_logout_names_the_login(idp: RunningIdP, client: httpx.Client,
+                                              binding: str) -> None:
+    session_index = signed_in_alice(idp, client)
+    started = client.post(idp.base_url + "/slo/initiate",
+                          data={"username": "alice", "binding": binding, "relay_state": "r"})
+    if binding == "redirect":
+        assert started.status_code == 302
+        auth = sp_processes(idp, started.headers["location"])  # signed query verifies
+        xml = auth.get_last_request_xml()
+        back = auth.process_slo(keep_local_session=True)
+    else:
+        assert started.status_code == 200 and BANNER in started.text
+        (attrs, fields), = forms(started.text)
+        assert attrs["action"] == SLS_URL and fields["RelayState"] == "r"
+        xml = OneLogin_Saml2_Utils.b64decode(fields["SAMLRequest"]).decode()
+        assert OneLogin_Saml2_Utils.validate_sign(
+            xml, idp.keys.idp_cert, xpath="/samlp:LogoutRequest/ds:Signature")
+        request_data = SLS_REQUEST_DATA | {"get_data": {"SAMLRequest": fields["SAMLRequest"],
+                                                        "RelayState": "r"}}
+        # python3-saml never checks a POSTed message's XML signature, and with
+        # wantMessagesSigned it refuses it as unsigned: the signature was checked above.
+        auth = OneLogin_Saml2_Auth(request_data, slo_settings(idp, want_signed=False))
+        back = auth.process_slo(keep_local_session=True)
+    assert client.cookies.get("devidp_session") is None
+    root = OneLogin_Saml2_XML.to_etree(xml)
+    assert OneLogin_Saml2_XML.query(root, "//samlp:SessionIndex")[0].text == session_index
+    assert OneLogin_Saml2_XML.query(root, "//saml:NameID")[0].text == persistent_name_id(
+        idp.settings.entity_id, "alice")
+    assert root.get("Destination") == SLS_URL
+    confirmed = client.get(back)  # the SP's signed LogoutResponse, checked by the IdP
+    assert confirmed.status_code == 200 and "confirmed that alice is signed out" in confirmed.text
+    assert client.get(back).status_code == 400  # answered once only
+
+
+def test_initiate_needs_a_known_user(idp: RunningIdP, client: httpx.Client) -> None:
+    for data in ({"username": "mallory"}, {"username": "alice", "binding": "soap"}):
+        assert client.post(idp.base_url + "/slo/initiate", data=data).status_code == 400
 
 
 # -- the AuthnRequest ------------------------------------------------------------

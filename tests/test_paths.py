@@ -29,6 +29,7 @@ def test_canonical_forms(raw: bytes, decoded: str, encoded: str) -> None:
     b"/a%2fb", b"/a%2Fb", b"/a%5cb", b"/a\\b", b"/a;b", b"/a%3bb", b"/a%00", b"/a\x00",
     b"//a", b"/a//b", b"/%c0%ae%c0%ae/", b"/%ff", b"/a%zz", b"/a%2", b"/a b", b"/a\tb",
     b"/a%0d%0aSet-Cookie:x", b"/a%7f", b"a/b", b"", b"/" + b"a" * 5000,
+    b"/a%252e%252e/b", b"/a%252fb", b"/100%25",
 ])
 def test_ambiguous_paths_are_refused(raw: bytes) -> None:
     with pytest.raises(AmbiguousPath):

@@ -9,6 +9,7 @@ only thing wrong with them is the thing under test.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 import zlib
 from collections.abc import Callable
@@ -20,13 +21,15 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from lxml import etree
 from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.response import OneLogin_Saml2_Response
+from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from onelogin.saml2.utils import OneLogin_Saml2_Utils
 
 from gateway.config import AttributeMap, Settings, load_settings
 from gateway.devidp.authn_request import verify_redirect_signature
 from gateway.devidp.response import build_response
 from gateway.errors import ConfigError, LoginFailed, UnknownIdP
-from gateway.keys import generate_self_signed, pem_body
+from gateway.keys import ensure_identity_key, generate_self_signed, pem_body
 from gateway.saml import IdP, IdPRegistry, LoginResult, ServiceProvider, map_principal
 
 PUBLIC_URL = "https://gw.example.org"
@@ -102,6 +105,7 @@ def aggregate_xml(*entities: str) -> str:
 @pytest.fixture
 def settings(tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Settings:
     (tmp_path / "certs").mkdir()
+    ensure_identity_key(tmp_path / "certs" / "identity")
     (tmp_path / "certs" / "sp.key").write_text(keys["sp"][0])
     (tmp_path / "certs" / "sp.crt").write_text(keys["sp"][1])
     (tmp_path / "idp_metadata").mkdir()
@@ -600,3 +604,55 @@ def test_map_canonicalises() -> None:
     assert p.entitlements == ("urn:a", "urn:z")
     assert p.status == "lapsed"
     assert p.display_name == "A B"
+
+
+# Trust: only the configured certificates ----------------------------------------------------
+
+
+def _fingerprint_idp(idp: IdP, cert_pem: str) -> IdP:
+    fingerprint = OneLogin_Saml2_Utils.calculate_x509_fingerprint(cert_pem, "sha256")
+    settings = {k: v for k, v in idp.settings.items() if k != "x509certMulti"}
+    settings.update(certFingerprint=fingerprint, certFingerprintAlgorithm="sha256")
+    return dataclasses.replace(idp, signing_certs=(), settings=settings)
+
+
+def test_library_in_fingerprint_mode_trusts_the_certificate_in_keyinfo(
+    sp: ServiceProvider, idp: IdP, keys: Any
+) -> None:
+    """Why fingerprint mode is refused: python3-saml then verifies with whatever
+    certificate the message carries in KeyInfo, if its fingerprint matches. A fingerprint
+    is not a trust anchor we can rotate or check against metadata."""
+    attacker = _fingerprint_idp(idp, keys["other"][1])
+    settings = OneLogin_Saml2_Settings({
+        "strict": True, "idp": dict(attacker.settings),
+        "sp": {"entityId": SP_ENTITY,
+               "assertionConsumerService": {"url": ACS, "binding": C.BINDING_HTTP_POST}},
+        "security": {"wantAssertionsSigned": True, "wantAttributeStatement": False},
+    })
+    xml = response_xml(keys, "_r", signer="other")  # attacker's key, its cert in KeyInfo
+    response = OneLogin_Saml2_Response(settings, b64(xml))
+    request_data = {"https": "on", "http_host": "gw.example.org", "script_name": "/saml/acs",
+                    "get_data": {}, "post_data": {}}
+    assert response.is_valid(request_data, "_r"), response.get_error()
+
+
+def test_fingerprint_mode_and_missing_certificates_are_refused(sp: ServiceProvider,
+                                                               idp: IdP, keys: Any) -> None:
+    with pytest.raises(ConfigError, match="fingerprint mode"):
+        sp.settings_for(_fingerprint_idp(idp, keys["idp"][1]))
+    no_certs = dataclasses.replace(
+        idp, entity_id="https://idp2.example.org/idp",
+        settings={**idp.settings, "x509certMulti": {"signing": []}, "x509cert": keys["idp"][1]})
+    with pytest.raises(ConfigError, match="no signing certificates"):
+        sp.settings_for(no_certs)
+
+
+def test_certificate_in_keyinfo_is_never_used(sp: ServiceProvider, idp: IdP, keys: Any) -> None:
+    """The configured certificate verifies; the attacker's own certificate in KeyInfo is
+    ignored (python3-saml sets the key on the xmlsec context, which then skips KeyInfo)."""
+    request = sp.start_login(idp, "/")
+    forged = response_xml(keys, request.request_id, signer="other", sign_response=True)
+    assert pem_body(keys["other"][1]) in "".join(forged.split())
+    with pytest.raises(LoginFailed) as info:
+        login(sp, idp, forged, request.request_id)
+    assert info.value.kind == "signature"

@@ -102,15 +102,25 @@ def test_sign_out_needs_the_form_and_kills_the_cookie(stack: Stack) -> None:
         assert confirm.status_code == 200 and stack.session_count() == 1  # GET ends nothing
         token = re.search(r'name="csrf" value="([^"]+)"', confirm.text)
         assert token is not None
-        forged = http.post(stack.url + "/saml/logout", data={"csrf": "x"}, headers=origin(stack))
-        cross = http.post(stack.url + "/saml/logout", data={"csrf": token.group(1)},
+        logout = stack.url + "/saml/logout"
+        forged = http.post(logout, data={"csrf": "x"}, headers=origin(stack))
+        cross = http.post(logout, data={"csrf": token.group(1)},
                           headers={"origin": "https://evil.example"})
+        # A cross-site form without the token: refused by origin, and by token alone.
+        no_token = [http.post(logout, data={"next": "/"}, headers=headers) for headers in (
+            {"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}, {},
+            origin(stack))]
         assert (forged.status_code, cross.status_code) == (403, 403)
+        assert [answer.status_code for answer in no_token] == [403] * 4
         assert stack.session_count() == 1
-        done = http.post(stack.url + "/saml/logout", data={"csrf": token.group(1)},
-                         headers=origin(stack))
-        assert done.status_code == 200 and "You are signed out" in done.text
+        done = http.post(logout, data={"csrf": token.group(1)}, headers=origin(stack))
         assert stack.session_count() == 0
+        # The dev IdP has SLO: the gateway sends the member there, and back to sign-out.
+        assert done.status_code == 302 and done.headers["location"].startswith(
+            stack.demo.idp.slo_url)
+        back = http.get(done.headers["location"])
+        signed_out = http.get(back.headers["location"])
+        assert signed_out.status_code == 200 and "You are signed out" in signed_out.text
     with client(stack) as copier:  # a copied cookie is dead after sign-out
         again = copier.get(stack.url + PAGE, headers={"cookie": f"__Host-gw_session={cookie}"})
     assert again.status_code == 302

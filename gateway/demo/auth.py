@@ -64,7 +64,7 @@ class Viewer:
         if not isinstance(entitlements, list) or not all(isinstance(e, str) for e in entitlements):
             raise InvalidToken("entitlements must be a list of strings")
         sid = claims.get("sid")
-        return cls(member_id=sub, name=str(claims.get("name") or sub),
+        return cls(member_id=sub, name=str(claims.get("name") or claims.get("email") or sub),
                    email=str(claims.get("email") or ""), entitlements=tuple(entitlements),
                    status=str(claims.get("member_status") or ""),
                    sid=sid if isinstance(sid, str) and sid else f"sub:{sub}")

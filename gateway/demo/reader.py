@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -53,6 +55,7 @@ def routes() -> list[Route | Mount]:
         Route("/orders/new", orders_views.order_new, methods=["GET"]),
         Route("/orders/new", orders_views.order_post, methods=["POST"]),
         Route("/orders/{order_id}", orders_views.order_show),
+        Route("/favicon.ico", _favicon),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
 
@@ -77,3 +80,8 @@ def create_reader(*, gateway_url: str, jwks_verify: ssl.SSLContext | bool = True
                                    notes=NoteStore(db), orders=OrderStore(db),
                                    gateway_origin=f"{parts.scheme}://{parts.netloc}")
     return app
+
+
+async def _favicon(request: Request) -> RedirectResponse:
+    """Browsers ask every page's origin for /favicon.ico; ours is an SVG."""
+    return RedirectResponse("/static/favicon.svg", 301)

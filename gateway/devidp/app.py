@@ -1,6 +1,8 @@
-"""The development IdP as a Starlette app: metadata, SSO over HTTP-Redirect, a login form.
+"""The development IdP as a Starlette app: metadata, SSO over HTTP-Redirect, a login form,
+and Single Logout (``gateway.devidp.slo``).
 
-It keeps no server-side state. The pending AuthnRequest (ID, ACS URL, RelayState) rides
+Sign-in keeps no server-side state (logout remembers the SessionIndexes it issued, in
+memory). The pending AuthnRequest (ID, ACS URL, RelayState) rides
 in a hidden form field signed with a per-instance secret, so two tabs with two
 concurrent sign-ins each complete on their own; the IdP "session" is a signed cookie
 naming the user. Restarting the IdP invalidates both, which is fine for development.
@@ -21,7 +23,7 @@ from onelogin.saml2.utils import OneLogin_Saml2_Utils
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from gateway.devidp.authn_request import ALLOWED_SIG_ALGS
@@ -35,6 +37,7 @@ from gateway.devidp.response import (
     verify_redirect_signature,
 )
 from gateway.devidp.settings import DevIdPSettings, ensure_keys
+from gateway.devidp.slo import Logouts
 from gateway.devidp.users import (
     DEMO_PASSWORD,
     NAMEID_PERSISTENT,
@@ -57,11 +60,14 @@ _TEMPLATES: Final = jinja2.Environment(
 
 
 class _DevIdP:
+    session_cookie: Final = SESSION_COOKIE
+
     def __init__(self, settings: DevIdPSettings) -> None:
         self.settings = settings
         secret = secrets.token_urlsafe(32)
         self.pending = URLSafeTimedSerializer(secret, salt="devidp-pending")
         self.sessions = URLSafeTimedSerializer(secret, salt="devidp-session")
+        self.logouts = Logouts(self)
 
     # -- pages -----------------------------------------------------------------
 
@@ -205,6 +211,8 @@ class _DevIdP:
         self, user: DemoUser, pending: dict[str, Any], now: float, session_started: float
     ) -> Response:
         s = self.settings
+        session_index = new_id()
+        self.logouts.remember(user.username, session_index)
         xml = await run_in_threadpool(
             lambda: build_response(
                 idp_entity_id=s.entity_id,
@@ -216,7 +224,7 @@ class _DevIdP:
                 name_id=persistent_name_id(s.entity_id, user.username),
                 name_id_format=NAMEID_PERSISTENT,
                 attributes=user.attributes,
-                session_index=new_id(),
+                session_index=session_index,
                 now=now,
                 lifetime=s.assertion_lifetime,
                 session_not_on_or_after=session_started + s.session_lifetime,
@@ -241,9 +249,6 @@ class _DevIdP:
         )
         return page
 
-    async def slo(self, request: Request) -> Response:
-        return PlainTextResponse("Single logout is not implemented yet.", status_code=501)
-
 
 def create_app(settings: DevIdPSettings) -> Starlette:
     """The dev IdP's ASGI app. Serve it on loopback only (see :func:`run`)."""
@@ -253,7 +258,8 @@ def create_app(settings: DevIdPSettings) -> Starlette:
             Route("/metadata", idp.metadata, methods=["GET"]),
             Route("/sso", idp.sso, methods=["GET"]),
             Route("/login", idp.login, methods=["POST"]),
-            Route("/slo", idp.slo, methods=["GET"]),
+            Route("/slo", idp.logouts.slo, methods=["GET"]),
+            Route("/slo/initiate", idp.logouts.initiate, methods=["POST"]),
         ]
     )
 

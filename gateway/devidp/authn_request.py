@@ -25,7 +25,6 @@ from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
 ALLOWED_SIG_ALGS: Final = frozenset({C.RSA_SHA256, C.RSA_SHA384, C.RSA_SHA512})
 MAX_ENCODED_REQUEST: Final = 64 * 1024
 MAX_INFLATED_REQUEST: Final = 256 * 1024
-_SIGNED_PARAMS: Final = ("SAMLRequest", "RelayState", "SigAlg")
 
 
 class AuthnRequestError(ValueError):
@@ -60,8 +59,12 @@ def parse_redirect_query(query_string_raw: str) -> dict[str, str]:
     return params
 
 
-def verify_redirect_signature(query_string_raw: str, sp_cert_pem: str) -> bool:
+def verify_redirect_signature(
+    query_string_raw: str, sp_cert_pem: str, kind: str = "SAMLRequest"
+) -> bool:
     """True if the raw query carries a valid RSA-SHA256/384/512 signature by ``sp_cert_pem``.
+
+    ``kind`` names the message parameter: ``SAMLRequest`` or ``SAMLResponse``.
 
     SHA-1 and unknown algorithms, a missing or malformed signature, and repeated
     parameters all give False.
@@ -70,7 +73,7 @@ def verify_redirect_signature(query_string_raw: str, sp_cert_pem: str) -> bool:
         params = parse_redirect_query(query_string_raw)
     except AuthnRequestError:
         return False
-    if "SAMLRequest" not in params or "SigAlg" not in params or "Signature" not in params:
+    if kind not in params or "SigAlg" not in params or "Signature" not in params:
         return False
     algorithm = unquote_plus(params["SigAlg"])
     if algorithm not in ALLOWED_SIG_ALGS:
@@ -79,7 +82,9 @@ def verify_redirect_signature(query_string_raw: str, sp_cert_pem: str) -> bool:
         signature = base64.b64decode(unquote_plus(params["Signature"]), validate=True)
     except (binascii.Error, ValueError):
         return False
-    signed = "&".join(f"{name}={params[name]}" for name in _SIGNED_PARAMS if name in params)
+    signed = "&".join(
+        f"{name}={params[name]}" for name in (kind, "RelayState", "SigAlg") if name in params
+    )
     try:
         return bool(
             OneLogin_Saml2_Utils.validate_binary_sign(
@@ -90,7 +95,8 @@ def verify_redirect_signature(query_string_raw: str, sp_cert_pem: str) -> bool:
         return False
 
 
-def _inflate(saml_request_b64_deflated: str) -> bytes:
+def inflate(saml_request_b64_deflated: str) -> bytes:
+    """base64, then raw DEFLATE, within the size limits (Redirect binding)."""
     if len(saml_request_b64_deflated) > MAX_ENCODED_REQUEST:
         raise AuthnRequestError("The SAMLRequest is too large.")
     try:
@@ -113,7 +119,7 @@ def parse_authn_request(saml_request_b64_deflated: str) -> AuthnRequestInfo:
     The argument is the *decoded* value of the ``SAMLRequest`` parameter. This checks
     form only; whether the request is signed and whom it comes from is the caller's job.
     """
-    xml = _inflate(saml_request_b64_deflated)
+    xml = inflate(saml_request_b64_deflated)
     try:
         # onelogin's parser refuses DTDs and entities (no XXE, no billion laughs).
         root = OneLogin_Saml2_XML.to_etree(xml)

@@ -38,11 +38,12 @@ def idp_metadata(settings: DevIdPSettings) -> str:
     key_info = etree.SubElement(key_descriptor, f"{{{ds}}}KeyInfo")
     x509_data = etree.SubElement(key_info, f"{{{ds}}}X509Data")
     etree.SubElement(x509_data, f"{{{ds}}}X509Certificate").text = pem_body(settings.cert_pem)
-    etree.SubElement(
-        idp,
-        f"{{{md}}}SingleLogoutService",
-        attrib={"Binding": C.BINDING_HTTP_REDIRECT, "Location": settings.slo_url},
-    )
+    for binding in (C.BINDING_HTTP_REDIRECT, C.BINDING_HTTP_POST):
+        etree.SubElement(
+            idp,
+            f"{{{md}}}SingleLogoutService",
+            attrib={"Binding": binding, "Location": settings.slo_url},
+        )
     etree.SubElement(idp, f"{{{md}}}NameIDFormat").text = NAMEID_PERSISTENT
     etree.SubElement(
         idp,

@@ -18,9 +18,11 @@ CERT_FILE = "devidp-cert.pem"
 class DevIdPSettings:
     """Everything the dev IdP needs to know about itself and its one SP.
 
-    ``session_lifetime`` (seconds) bounds the IdP's own sign-in cookie and is sent to the
-    SP as ``SessionNotOnOrAfter``. ``assertion_lifetime`` is how long an Assertion may be
-    presented. ``clock`` returns Unix time; tests move it instead of sleeping.
+    ``sp_sls_url`` is where LogoutRequests and LogoutResponses go (default: the ACS URL
+    with ``/acs`` replaced by ``/sls``). ``session_lifetime`` (seconds) bounds the IdP's
+    own sign-in cookie and is sent to the SP as ``SessionNotOnOrAfter``.
+    ``assertion_lifetime`` is how long an Assertion may be presented. ``clock`` returns
+    Unix time; tests move it instead of sleeping.
     """
 
     base_url: str
@@ -29,6 +31,7 @@ class DevIdPSettings:
     sp_entity_id: str
     sp_acs_url: str
     sp_cert_pem: str | None = None
+    sp_sls_url: str = ""
     entity_id: str = ""
     display_name: str = "Development IdP (demo members)"
     users: tuple[DemoUser, ...] = DEMO_USERS
@@ -42,6 +45,9 @@ class DevIdPSettings:
         object.__setattr__(self, "base_url", base_url)
         if not self.entity_id:
             object.__setattr__(self, "entity_id", base_url + "/metadata")
+        if not self.sp_sls_url:
+            head, sep, _ = self.sp_acs_url.rpartition("/acs")
+            object.__setattr__(self, "sp_sls_url", head + "/sls" if sep else "")
         if self.require_signed_requests and not self.sp_cert_pem:
             raise ValueError("sp_cert_pem is required when require_signed_requests is on")
 

@@ -1,21 +1,59 @@
-"""``/_gateway/admin/*``: admin endpoints, guarded by the configured access rules."""
+"""``/_gateway/admin``: the admin console, guarded by the configured access rules.
+
+Pages: overview (IdPs, configuration with secrets masked, registrations), sessions
+(search by member, revoke one or all), recent login failures with their explanation,
+and the registrations CSV. Every change is a same-origin, CSRF-checked POST and is
+written to the audit log with the admin's member ID.
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.audit import audit
+from gateway.config import mask_url
+from gateway.logs import session_hash
+from gateway.routes.account import HANDLE_LENGTH, describe
+from gateway.routes.common import check_csrf, csrf_token, field, read_form, require_same_origin
+from gateway.sessions import SessionRecord
 from gateway.sessions.store import Registration
-from gateway.web import error_answer, to_response
+from gateway.web import error_answer, render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+#: What each login failure kind means, for the admin reading the console.
+EXPLANATIONS = {
+    "malformed": "The IdP's answer was not a well-formed SAML Response.",
+    "signature": "The Response or Assertion was not signed by the IdP's certificate in our "
+                 "metadata: the IdP changed its key (update the metadata) or the answer was "
+                 "tampered with.",
+    "unsolicited": "A Response arrived without a login request from us (IdP-initiated "
+                   "sign-in is off).",
+    "login_state": "The browser that finished the sign-in did not start it: cookies blocked, "
+                   "or the login link was opened in another browser.",
+    "in_response_to": "The login request it answers is unknown, used already or expired: "
+                      "the member took too long at the IdP, or pressed Back and resent it.",
+    "replay": "This Assertion was used before: a resent or replayed answer.",
+    "attributes": "The IdP did not release an attribute the gateway needs (member ID, "
+                  "status…): ask the IdP to release them to this SP.",
+    "destination": "The Response was addressed to another URL: check public_url and the "
+                   "ACS URL registered at the IdP.",
+    "not_yet_valid": "The Assertion is not valid yet: the IdP's or the gateway's clock is off.",
+    "expired": "The Assertion had expired: the clocks are off, or the answer was held back.",
+    "issuer": "The Response came from an IdP other than the one asked.",
+    "audience": "The Assertion was meant for another SP: check the SP entity ID at the IdP.",
+    "subject_confirmation": "The Assertion's subject confirmation did not match this login.",
+    "too_large": "The answer was larger than the gateway accepts.",
+}
 
 
 def registrations_csv(registrations: list[Registration]) -> str:
@@ -30,24 +68,133 @@ def registrations_csv(registrations: list[Registration]) -> str:
     return out.getvalue()
 
 
+async def admin_guard(gw: Gateway, request: Request,
+                      path: str = "") -> tuple[SessionRecord | None, Response | None]:
+    """The admin's session when the configured rules allow ``path`` (default: this
+    request's), else the answer to send instead."""
+    path = path or request.url.path
+    record, decision = await gw.authorize(path, request.cookies.get(gw.cookie_name))
+    accept = request.headers.get("accept", "")
+    if decision.kind in ("login", "register"):
+        return None, RedirectResponse(f"/saml/login?next={path}", 302)
+    if decision.kind == "deny":
+        assert record is not None
+        return None, to_response(gw.denied(record, decision, path, accept))
+    if decision.access == "public" or decision.rule == "/**" or record is None:
+        # Only an explicit admin rule opens admin pages: a missing or public rule
+        # must not hand them to every member (or everyone).
+        return None, to_response(error_answer(403, "Access denied",
+                                              "Admin pages need an admin rule in the gateway's "
+                                              "configuration.", accept=accept))
+    return record, None
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def idp_rows(gw: Gateway) -> list[dict[str, Any]]:
+    now = gw.clock()
+    rows = []
+    for idp in gw.registry.all():
+        until = gw.telemetry.readiness.valid_until.get(idp.entity_id)
+        certs = [c for c in gw.telemetry.certificates
+                 if c.role == "idp" and c.entity_id == idp.entity_id]
+        first = min(certs, key=lambda c: c.not_after) if certs else None
+        rows.append({
+            "entity_id": idp.entity_id, "name": idp.display_name, "source": str(idp.source),
+            "status": "expired" if until is not None and until <= now else "loaded",
+            "valid_until": _when(until) or "not set",
+            "cert_expiry": _when(first.not_after) if first else "",
+            "cert_days": int(first.days_left(now)) if first else None})
+    return rows
+
+
+def config_rows(gw: Gateway) -> list[tuple[str, str]]:
+    s = gw.settings
+    sp_cert = next((c for c in gw.telemetry.certificates if c.role == "sp"), None)
+    rows = [("Configuration file", str(s.source)), ("Public URL", s.public_url),
+            ("Listen", s.listen), ("SP entity ID", s.sp_entity_id),
+            ("SP certificate expires", _when(sp_cert.not_after) if sp_cert else "unreadable"),
+            ("Session store", s.store.display_url),
+            ("Session secrets", f"{len(s.session_secrets())} configured (not shown)"),
+            ("Session lifetime / idle", f"{s.session.lifetime} s / {s.session.idle_timeout} s"),
+            ("Access rules", f"{len(s.rules)} (+ default: member)"),
+            ("Trusted proxies", ", ".join(s.trusted_proxies) or "none"),
+            ("Metrics", f"{s.metrics.access}"
+                        + (f" from {', '.join(s.metrics.allow_from)}"
+                           if s.metrics.access == "network" else "")),
+            ("Logs", f"{s.logging.format or 'default'}; audit to {s.logging.audit}")]
+    for up in s.upstreams:
+        health = f", health {mask_url(up.health_url)}" if up.health_url else ""
+        rows.append((f"Upstream {up.name}", f"{up.prefix} → {mask_url(up.url)}{health}"))
+    return rows
+
+
 def routes(gw: Gateway) -> list[Route]:
     async def guard(request: Request) -> Response | None:
         """None when the configured rules allow this admin path, else the answer to send."""
-        record, decision = await gw.authorize(request.url.path,
-                                              request.cookies.get(gw.cookie_name))
-        accept = request.headers.get("accept", "")
-        if decision.kind in ("login", "register"):
-            return RedirectResponse(f"/saml/login?next={request.url.path}", 302)
-        if decision.kind == "deny":
-            assert record is not None
-            return to_response(gw.denied(record, decision, request.url.path, accept))
-        if decision.access == "public" or decision.rule == "/**":
-            # Only an explicit admin rule opens admin pages: a missing or public rule
-            # must not hand them to every member (or everyone).
-            return to_response(error_answer(403, "Access denied",
-                                            "Admin pages need an admin rule in the gateway's "
-                                            "configuration.", accept=accept))
-        return None
+        return (await admin_guard(gw, request))[1]
+
+    async def console(request: Request) -> Response:
+        record, refused = await admin_guard(gw, request)
+        if refused is not None:
+            return refused
+        assert record is not None
+        return to_response(render(
+            "admin.html", title="Admin console", section="overview", idps=idp_rows(gw),
+            config=config_rows(gw), registrations=len(await gw.store.list_registrations())))
+
+    async def sessions(request: Request) -> Response:
+        record, refused = await admin_guard(gw, request)
+        if refused is not None:
+            return refused
+        assert record is not None
+        if request.method == "POST":
+            require_same_origin(gw, request)
+            form = await read_form(request)
+            check_csrf(gw, record, field(form, "csrf"))
+            member, handle = field(form, "member"), field(form, "end")
+            ended = await _revoke(member, handle)
+            audit("session_revoked", by=record.principal.member_id, member_id=member,
+                  sessions_ended=ended, scope="all" if handle == "all" else "one")
+            return RedirectResponse(
+                f"/_gateway/admin/sessions?member={quote(member, safe='')}&ended={ended}", 303)
+        member = request.query_params.get("member", "").strip()[:200]
+        found = await gw.store.list_sessions(member) if member else []
+        rows = [{**describe(s, record), "member_id": s.principal.member_id,
+                 "name": s.principal.display_name, "idp": s.principal.idp,
+                 "tag": session_hash(s.key)} for s in found]
+        return to_response(render(
+            "admin_sessions.html", title="Sessions", section="sessions", member=member,
+            sessions=rows, csrf=csrf_token(gw, record),
+            ended=request.query_params.get("ended")))
+
+    async def _revoke(member: str, handle: str) -> int:
+        if not member:
+            return 0
+        if handle == "all":
+            return await gw.store.delete_member_sessions(member)
+        ended = 0
+        for other in await gw.store.list_sessions(member):
+            if len(handle) == HANDLE_LENGTH and other.key.startswith(handle):
+                ended += await gw.sessions.revoke(other.key)
+        return ended
+
+    async def failures(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return refused
+        wanted = request.query_params.get("reference", "").strip().upper()[:32]
+        rows = [{"when": _when(f.time), "reference": f.reference, "kind": f.kind,
+                 "explanation": EXPLANATIONS.get(f.kind, "See the technical reason."),
+                 "reason": f.reason, "idp": f.idp or "not known yet",
+                 "request_id": f.request_id, "client_ip": f.client_ip}
+                for f in gw.telemetry.failures if not wanted or f.reference == wanted]
+        return to_response(render("admin_failures.html", title="Login failures",
+                                  section="failures", failures=rows, reference=wanted))
 
     async def registrations(request: Request) -> Response:
         refused = await guard(request)
@@ -58,4 +205,7 @@ def routes(gw: Gateway) -> list[Route]:
             "content-disposition": 'attachment; filename="registrations.csv"',
             "cache-control": "no-store"})
 
-    return [Route("/_gateway/admin/registrations.csv", registrations)]
+    return [Route("/_gateway/admin", console),
+            Route("/_gateway/admin/sessions", sessions, methods=["GET", "POST"]),
+            Route("/_gateway/admin/failures", failures),
+            Route("/_gateway/admin/registrations.csv", registrations)]

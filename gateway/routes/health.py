@@ -1,4 +1,9 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (it can serve: the store answers)."""
+"""Operations endpoints: ``/healthz`` (the process answers), ``/readyz`` (it can serve:
+store, upstream health URLs, IdP metadata) and ``/metrics`` (Prometheus text format).
+
+``/metrics`` answers clients in ``[metrics] allow_from`` (default: loopback only), or,
+with ``access = "admin"``, members the rules let into ``/_gateway/admin``.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,44 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.errors import StoreError
+from gateway.metrics import CONTENT_TYPE
+from gateway.routes.admin import admin_guard
+from gateway.telemetry import address_matcher
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger("gateway.health")
+NO_STORE = {"cache-control": "no-store"}
 
 
 def routes(gw: Gateway) -> list[Route]:
+    allowed = address_matcher(gw.settings.metrics.allow_from)
+    by_admin = gw.settings.metrics.access == "admin"
+
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+        return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
     async def readyz(request: Request) -> Response:
-        try:
-            await gw.store.ping()
-        except StoreError as exc:
-            log.error("not ready: %s", exc.reason)
-            return JSONResponse({"status": "unavailable", "failed": {"store": exc.reason}}, 503,
-                                headers={"cache-control": "no-store"})
-        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+        failed = await gw.telemetry.readiness.failures()
+        if failed:
+            log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            return JSONResponse({"status": "unavailable", "failed": failed}, 503,
+                                headers=NO_STORE)
+        return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
-    return [Route("/healthz", healthz), Route("/readyz", readyz)]
+    async def metrics(request: Request) -> Response:
+        if by_admin:
+            _, refused = await admin_guard(gw, request, "/_gateway/admin")
+            if refused is not None:
+                return refused
+        else:
+            client = request.client.host if request.client else ""
+            if allowed is None or not allowed(client):
+                return JSONResponse({"error": "Access denied",
+                                     "message": "Metrics are not served to this address."},
+                                    403, headers=NO_STORE)
+        body = await gw.telemetry.metrics.exposition(gw.store)
+        return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE})
+
+    return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]

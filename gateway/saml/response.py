@@ -14,7 +14,14 @@ the library's own parsed and validated document:
 - Destination present and equal the ACS URL exactly (the library accepts a missing
   Destination and any URL that starts with ours), and every bearer
   SubjectConfirmationData's Recipient equal to it too (the library: substring);
-- exactly one Assertion, with an ID, and it is the one the signature reference points at.
+- exactly one Assertion, with an ID, and it is the one the signature reference points at;
+- every bearer SubjectConfirmationData carries NotOnOrAfter (the library accepts one
+  without, so an assertion could be confirmable forever) and InResponseTo equal to our
+  request ID (the library compares it only when present, so a genuine assertion issued
+  without it could be re-wrapped into a Response answering another request);
+- the Response's and the Assertion's IssueInstant are no older than ``max_issue_age``
+  plus the library's clock drift, and not in the future beyond that drift (the library
+  never looks at IssueInstant).
 
 The library's error codes are turned into short ``kind`` labels; reasons never quote
 the message (values taken from it are escaped and truncated).
@@ -36,6 +43,7 @@ from gateway.errors import LoginFailed
 _NS = C.NSMAP
 _E = OneLogin_Saml2_ValidationError
 _ENTITY_FORMAT = "urn:oasis:names:tc:SAML:2.0:nameid-format:entity"
+MAX_ISSUE_AGE = 300.0  # seconds; the library's ALLOWED_CLOCK_DRIFT comes on top
 
 _KINDS: dict[int, str] = {
     _E.STATUS_CODE_IS_NOT_SUCCESS: "status",
@@ -123,7 +131,8 @@ class Auth(OneLogin_Saml2_Auth):  # type: ignore[misc]
 
 
 def check_response(
-    auth: Auth, *, request_id: str, idp_entity_id: str, sp_entity_id: str, acs_url: str
+    auth: Auth, *, request_id: str, idp_entity_id: str, sp_entity_id: str, acs_url: str,
+    now: float, max_issue_age: float = MAX_ISSUE_AGE,
 ) -> Any:
     """The application's checks on a Response the library accepted; returns the Assertion."""
     response = auth.response
@@ -167,7 +176,27 @@ def check_response(
     _check_issuer(assertion.findall("saml:Issuer", _NS), "Assertion", where, idp_entity_id)
     _check_audience(assertion, where, sp_entity_id)
     _check_subject_confirmations(assertion, where, request_id, acs_url)
+    _check_issue_instant(document, "Response", where, now, max_issue_age)
+    _check_issue_instant(assertion, "Assertion", where, now, max_issue_age)
     return assertion
+
+
+def _check_issue_instant(element: Any, name: str, where: str, now: float, max_age: float) -> None:
+    value = element.get("IssueInstant")
+    try:
+        issued = saml_time(value)
+    except Exception:
+        issued = None
+    if issued is None:
+        raise LoginFailed("malformed", f"{where} has no readable {name} IssueInstant.")
+    drift = C.ALLOWED_CLOCK_DRIFT
+    if issued < now - max_age - drift:
+        raise LoginFailed(
+            "expired", f"{where} has a {name} issued {int(now - issued)} s ago "
+            f"(at most {int(max_age)} s, plus {drift} s clock drift)."
+        )
+    if issued > now + drift:
+        raise LoginFailed("not_yet_valid", f"{where} has a {name} issued in the future.")
 
 
 def _check_issuer(nodes: list[Any], element: str, where: str, idp_entity_id: str) -> None:
@@ -203,6 +232,11 @@ def _check_subject_confirmations(assertion: Any, where: str, request_id: str, ac
         if confirmation.get("Method", C.CM_BEARER) != C.CM_BEARER:
             continue  # the library ignores these too; only bearer confirms a browser login
         for data in confirmation.findall("saml:SubjectConfirmationData", _NS):
+            if not data.get("NotOnOrAfter"):
+                raise LoginFailed(
+                    "subject_confirmation",
+                    f"{where} has a bearer SubjectConfirmationData without NotOnOrAfter.",
+                )
             recipient = data.get("Recipient")
             if recipient != acs:
                 raise LoginFailed(
@@ -211,11 +245,11 @@ def _check_subject_confirmations(assertion: Any, where: str, request_id: str, ac
                     f"{clean(recipient)}; expected exactly {acs}.",
                 )
             irt = data.get("InResponseTo")
-            if irt is not None and irt != request_id:
+            if irt is None or not hmac.compare_digest(irt.encode(), request_id.encode()):
+                shown = "no InResponseTo" if irt is None else "an InResponseTo that differs"
                 raise LoginFailed(
                     "in_response_to",
-                    f"{where} has a SubjectConfirmationData InResponseTo that differs from "
-                    "the Response's.",
+                    f"{where} has a SubjectConfirmationData with {shown} from the request.",
                 )
 
 

@@ -33,7 +33,14 @@ from gateway.errors import ConfigError, LoginFailed
 from gateway.principal import Principal
 from gateway.saml.attributes import map_principal
 from gateway.saml.registry import IdP, IdPRegistry
-from gateway.saml.response import Auth, check_response, clean, kind_for, saml_time
+from gateway.saml.response import (
+    Auth,
+    check_response,
+    clean,
+    kind_for,
+    saml_time,
+)
+from gateway.saml.structure import check_structure
 
 MAX_RESPONSE_BASE64 = 256 * 1024
 ACS_PATH = "/saml/acs"
@@ -68,6 +75,7 @@ class ServiceProvider:
         self._config = settings
         self._registry = registry
         self._clock = clock
+        self._max_issue_age = float(settings.idp.max_issue_age)
         self.entity_id = settings.sp_entity_id
         self.acs_url = settings.public_url + ACS_PATH
         self.sls_url = settings.public_url + SLS_PATH
@@ -95,7 +103,8 @@ class ServiceProvider:
         """Validate a POSTed ``SAMLResponse`` answering ``request_id``; raise ``LoginFailed``."""
         if not request_id:
             raise ValueError("request_id is required: without it the library skips InResponseTo")
-        encoded = _check_envelope(saml_response)
+        encoded, xml = _check_envelope(saml_response)
+        check_structure(xml)
         where = f"The SAML response from IdP {clean(idp.entity_id)}"
         auth = Auth(
             self._request_data(ACS_PATH, {"SAMLResponse": encoded}), self.settings_for(idp)
@@ -124,6 +133,8 @@ class ServiceProvider:
             idp_entity_id=idp.entity_id,
             sp_entity_id=self.entity_id,
             acs_url=self.acs_url,
+            now=self._clock(),
+            max_issue_age=self._max_issue_age,
         )
         try:
             not_on_or_after = self._not_on_or_after(auth, assertion, where)
@@ -212,6 +223,7 @@ class ServiceProvider:
             },
         }
         if idp is not None:
+            _check_trust(idp)
             # The library formats certificates in place: give it a copy.
             data["idp"] = copy.deepcopy(dict(idp.settings))
         try:
@@ -249,8 +261,8 @@ class ServiceProvider:
         return limit
 
 
-def _check_envelope(saml_response: str) -> str:
-    """Size, base64 and DOCTYPE checks before the library parses anything."""
+def _check_envelope(saml_response: str) -> tuple[str, bytes]:
+    """Size, base64 and DOCTYPE checks before anything parses it: (base64, XML bytes)."""
     if len(saml_response) > MAX_RESPONSE_BASE64:
         raise LoginFailed(
             "too_large",
@@ -266,7 +278,27 @@ def _check_envelope(saml_response: str) -> str:
         raise LoginFailed("malformed", "The SAMLResponse is empty.")
     if _DOCTYPE.search(xml):
         raise LoginFailed("malformed", "The SAMLResponse contains a DOCTYPE; refused unparsed.")
-    return compact
+    return compact, xml
+
+
+def _check_trust(idp: IdP) -> None:
+    """Signatures verify against the IdP's configured certificates and nothing else.
+
+    python3-saml verifies with ``x509certMulti['signing']`` when it is set (ignoring
+    ``x509cert`` and any fingerprint). Fingerprint mode (``certFingerprint`` without a
+    certificate) makes it take the certificate from the message's own ``KeyInfo`` and
+    trust it if the fingerprint matches: refused, like settings without signing certs.
+    """
+    settings = idp.settings
+    signing = (settings.get("x509certMulti") or {}).get("signing") or []
+    problems = []
+    if settings.get("certFingerprint") or settings.get("certFingerprintAlgorithm"):
+        problems.append("fingerprint mode is not allowed (signatures must verify against "
+                        "configured certificates)")
+    if not signing or not all(isinstance(c, str) and c.strip() for c in signing):
+        problems.append("no signing certificates (x509certMulti.signing)")
+    if problems:
+        raise ConfigError([f"IdP {idp.entity_id!r} ({idp.source}): {p}" for p in problems])
 
 
 def _string_values(attributes: dict[str, list[Any]]) -> dict[str, list[str]]:

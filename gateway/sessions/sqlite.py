@@ -170,7 +170,22 @@ class SQLiteStore:
         return gone + self._run("DELETE FROM once WHERE expires <= ?", (now,)).rowcount
 
 
+# Parsed principals by their stored text: a Principal is immutable, and parsing the same
+# JSON on every request was a measurable share of the hot path (bench/, profile).
+_PRINCIPALS: dict[str, Principal] = {}
+_PRINCIPALS_LIMIT = 10_000
+
+
+def _principal(text: str) -> Principal:
+    principal = _PRINCIPALS.get(text)
+    if principal is None:
+        if len(_PRINCIPALS) >= _PRINCIPALS_LIMIT:
+            _PRINCIPALS.clear()
+        principal = _PRINCIPALS[text] = Principal.from_dict(json.loads(text))
+    return principal
+
+
 def _record(row: tuple[str, str, float, float, float, str, str]) -> SessionRecord:
     key, principal, created, last_seen, expires, user_agent, client_ip = row
-    return SessionRecord(key, Principal.from_dict(json.loads(principal)), created, last_seen,
-                         expires, user_agent, client_ip)
+    return SessionRecord(key, _principal(principal), created, last_seen, expires, user_agent,
+                         client_ip)

@@ -15,6 +15,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.responses import Response
 from starlette.types import Send
 
+from gateway.logs import current_request_id
+
 STATIC_DIR = Path(__file__).parent / "static"
 
 _env = Environment(
@@ -23,6 +25,7 @@ _env = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+_env.globals["request_id"] = current_request_id  # shown on error pages
 
 # The gateway's pages load nothing but their own stylesheet.
 PAGE_HEADERS: list[tuple[bytes, bytes]] = [

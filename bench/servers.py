@@ -1,0 +1,205 @@
+"""The processes a benchmark run starts: nginx (upstream), Apache httpd, the gateway.
+
+Each runs in the foreground as a child process with a config written into the run's
+work directory, on a free loopback port; ``Proc`` reads CPU time and RSS of the
+process and its children from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+@dataclass
+class Proc:
+    """A started server: its process, port and log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+
+    def pids(self) -> list[int]:
+        """The process and all its descendants (uvicorn workers, Apache children)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(_stat(int(entry))[1])
+                except (OSError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole tree (children still running; none are reaped)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = _stat(pid)
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime after the comm field
+        return total / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            except OSError:
+                continue
+        return total
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after ``comm`` (which may contain spaces): state, ppid…"""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def _start(name: str, args: list[str], port: int, workdir: Path,
+           env: dict[str, str] | None = None) -> Proc:
+    log = (workdir / f"{name}.log").open("wb")
+    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             cwd=workdir)
+    proc = Proc(name, popen, port)
+    try:
+        wait_for_port(port, popen)
+    except RuntimeError:
+        proc.stop()
+        raise RuntimeError(f"{name} did not start; see {workdir / (name + '.log')}") from None
+    return proc
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+error_log {dir}/nginx-error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {dir}/nginx-tmp;
+    default_type text/html;
+    server {{
+        listen 127.0.0.1:{port};
+        root {dir}/www;
+    }}
+}}
+"""
+
+
+def start_upstream(workdir: Path, pages: dict[str, int]) -> Proc:
+    """nginx serving static pages ``{path: size}``: the fastest upstream there is here."""
+    for path, size in pages.items():
+        file = workdir / "www" / path.lstrip("/")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        line = b"<p>Member-only issue text, the same line again and again.</p>\n"
+        file.write_bytes((line * (size // len(line) + 1))[:size])
+    (workdir / "nginx-tmp").mkdir(exist_ok=True)
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port))
+    return _start("nginx", ["nginx", "-p", str(workdir), "-c", str(conf)], port, workdir)
+
+
+APACHE_CONF = """\
+ServerRoot /etc/apache2
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {dir}/httpd.pid
+DefaultRuntimeDir {dir}
+ErrorLog {dir}/apache-error.log
+LogLevel warn
+{user}
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+# Without an authz module every request fails with "couldn't check user" (AH00025).
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule proxy_module /usr/lib/apache2/modules/mod_proxy.so
+LoadModule proxy_http_module /usr/lib/apache2/modules/mod_proxy_http.so
+# The same per-request work the gateway does: one access-log line.
+LogFormat "%h %l %u %t \\"%r\\" %>s %b" common
+CustomLog {dir}/apache-access.log common
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 75
+ServerLimit 4
+StartServers 2
+ThreadsPerChild 64
+MaxRequestWorkers 256
+<Location "/">
+    Require all granted
+</Location>
+ProxyPass / http://127.0.0.1:{upstream}/
+ProxyPassReverse / http://127.0.0.1:{upstream}/
+"""
+
+
+def start_apache(workdir: Path, upstream: int) -> Proc:
+    """Debian's Apache httpd (mpm_event, mod_proxy_http) as a plain reverse proxy."""
+    port = free_port()
+    # As root, Apache must drop to a user; as anyone else it runs as that user.
+    user = "User www-data\nGroup www-data" if os.getuid() == 0 else ""
+    conf = workdir / "apache2.conf"
+    conf.write_text(APACHE_CONF.format(dir=workdir, port=port, upstream=upstream, user=user))
+    return _start("apache", ["apache2", "-DFOREGROUND", "-f", str(conf)], port, workdir)
+
+
+def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
+    """``sso-gateway serve`` exactly as in production (uvicorn, uvloop, httptools)."""
+    exe = Path(sys.executable).with_name("sso-gateway")
+    args = [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
+            "--workers", str(workers)]
+    proc = _start(f"gateway-{workers}w", args, port, workdir, env=dict(os.environ))
+    if workers > 1:  # the supervisor listens before its workers have started
+        deadline = time.monotonic() + 20
+        while len(proc.pids()) < workers + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+    return proc

@@ -1,0 +1,151 @@
+"""Prometheus metrics (``/metrics``, text format), per gateway instance.
+
+Counters and the latency histogram are updated where things happen; gauges that
+describe state (sessions, pending logins, metadata, certificates) are computed when
+``/metrics`` is scraped, so nothing has to keep them in step.
+
+Label values come from fixed sets — configured upstream and IdP names, status classes,
+the login failure kinds and denial reasons below (anything else becomes ``other``) — so
+a client can never create new time series.
+
+Several worker processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``sso-gateway serve
+--workers N`` sets it to a fresh directory), prometheus-client keeps each process's
+values in files there and a scrape, answered by any worker, adds them all up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.sessions import Store
+from gateway.status import Certificate
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LOGIN_FAILURE_KINDS = frozenset({
+    "malformed", "signature", "unsolicited", "login_state", "in_response_to", "replay",
+    "attributes", "destination", "not_yet_valid", "expired", "issuer", "audience",
+    "subject_confirmation", "too_large", "unknown_idp", "store", "other"})
+DENIAL_REASONS = frozenset({"owner", "entitlement", "status", "idp", "other"})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UNKNOWN_IDP = "unknown"
+
+
+class Metrics:
+    def __init__(self, upstreams: Sequence[str], idps: Sequence[str],
+                 clock: Callable[[], float]) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # In multiprocess mode values live in files; a scrape builds its own registry.
+        own = None if self.multiprocess else CollectorRegistry()
+        self._registry = own
+        self.logins = Counter("gateway_logins", "Finished SAML logins by IdP and result",
+                              ["idp", "result", "kind"], registry=own)
+        self.requests = Counter("gateway_proxied_requests",
+                                "Requests proxied upstream by upstream and status class",
+                                ["upstream", "status_class"], registry=own)
+        self.latency = Histogram("gateway_upstream_response_seconds",
+                                 "Time from sending a request upstream to its response head",
+                                 ["upstream"], buckets=LATENCY_BUCKETS, registry=own)
+        self.upstream_errors = Counter("gateway_upstream_errors",
+                                       "Upstreams not reachable or too slow (502/504 pages)",
+                                       ["upstream", "kind"], registry=own)
+        self.denials = Counter("gateway_policy_denials", "Requests denied by policy (403)",
+                               ["reason"], registry=own)
+        self.store_errors = Counter("gateway_store_errors",
+                                    "Session store failures seen while serving requests",
+                                    registry=own)
+        self._idps = frozenset(idps)
+        # Children per label set, made once: the hot path only looks them up.
+        self._requests = {(u, c): self.requests.labels(u, f"{c}xx")
+                          for u in upstreams for c in range(1, 6)}
+        self._latency = {u: self.latency.labels(u) for u in upstreams}
+        for reason in DENIAL_REASONS:
+            self.denials.labels(reason)
+        for idp in idps:
+            self.logins.labels(idp, "success", "none")
+        self.state = StateCollector(clock)
+        if own is not None:
+            own.register(self.state)
+
+    def proxied(self, upstream: str, status: int, latency: float | None) -> None:
+        child = self._requests.get((upstream, status // 100))
+        if child is not None:
+            child.inc()
+        if latency is not None:
+            self._latency[upstream].observe(latency)
+
+    def login(self, idp: str, kind: str | None) -> None:
+        """A finished login: ``kind`` is ``None`` on success, else the failure kind."""
+        label = idp if idp in self._idps else UNKNOWN_IDP
+        if kind is None:
+            self.logins.labels(label, "success", "none").inc()
+        else:
+            kind = kind if kind in LOGIN_FAILURE_KINDS else "other"
+            self.logins.labels(label, "failure", kind).inc()
+
+    def denied(self, failed: str) -> None:
+        self.denials.labels(failed if failed in DENIAL_REASONS else "other").inc()
+
+    async def exposition(self, store: Store) -> bytes:
+        await self.state.refresh(store)
+        if self._registry is not None:
+            return generate_latest(self._registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(self.state)
+        return generate_latest(registry)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time. Store counts need ``count_sessions()`` and
+    ``count_once(prefix)`` on the store; a store without them leaves those gauges out."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.idps: list[tuple[str, float, float | None]] = []  # entity, loaded, validUntil
+        self.certificates: list[Certificate] = []
+        self._sessions: int | None = None
+        self._pending: int | None = None
+
+    async def refresh(self, store: Store) -> None:
+        count_sessions = getattr(store, "count_sessions", None)
+        count_once = getattr(store, "count_once", None)
+        self._sessions = int(await count_sessions()) if count_sessions else None
+        self._pending = int(await count_once("authn:")) if count_once else None
+
+    def collect(self) -> Iterable[Metric]:
+        now = self._clock()
+        if self._sessions is not None:
+            yield GaugeMetricFamily("gateway_sessions_active", "Live sessions in the store",
+                                    value=self._sessions)
+        if self._pending is not None:
+            yield GaugeMetricFamily("gateway_login_requests_outstanding",
+                                    "AuthnRequests sent and not yet answered or expired",
+                                    value=self._pending)
+        loaded = GaugeMetricFamily("gateway_idp_metadata_loaded_timestamp_seconds",
+                                   "When each IdP's metadata was loaded", labels=["idp"])
+        valid = GaugeMetricFamily("gateway_idp_metadata_valid_until_timestamp_seconds",
+                                  "validUntil of each IdP's metadata (where it has one)",
+                                  labels=["idp"])
+        for entity_id, at, until in self.idps:
+            loaded.add_metric([entity_id], at)
+            if until is not None:
+                valid.add_metric([entity_id], until)
+        certs = GaugeMetricFamily("gateway_certificate_expiry_days",
+                                  "Days until a certificate expires (negative: expired)",
+                                  labels=["role", "entity_id", "subject"])
+        for cert in self.certificates:
+            certs.add_metric([cert.role, cert.entity_id, cert.subject],
+                             round(cert.days_left(now), 3))
+        yield from (loaded, valid, certs)

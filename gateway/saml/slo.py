@@ -1,0 +1,249 @@
+"""SAML Single Logout for the gateway as an SP: LogoutRequests out and in, LogoutResponses.
+
+python3-saml builds and signs the messages; what it leaves open is closed here:
+
+- it accepts an *unsigned* logout message unless ``wantMessagesSigned`` (which would also
+  demand signed Responses at the ACS): a signature is required here, always;
+- it verifies only the HTTP-Redirect (query) signature, so a POSTed message's enveloped
+  signature would go unchecked: ``gateway.saml.logout_message`` verifies it;
+- it inflates without a limit and silently falls back to plain base64 when inflating
+  fails: ``logout_message`` decodes (a Redirect message must inflate, within a limit);
+- it accepts a missing Issuer, a missing Destination or one that merely starts with our
+  URL, and a LogoutResponse without InResponseTo: each must be present and exact here;
+- it checks NotOnOrAfter against the wall clock and never looks at IssueInstant: here
+  both are checked against the gateway's clock.
+
+The Redirect signature is checked on the query string exactly as it arrived
+(``validate_signature_from_qs``): re-encoding would break senders that encode
+differently (ADFS's lower-case hex). Every function is synchronous: run it in a thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+from xml.sax.saxutils import escape
+
+from onelogin.saml2.auth import OneLogin_Saml2_Auth
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+from onelogin.saml2.logout_request import OneLogin_Saml2_Logout_Request
+from onelogin.saml2.logout_response import OneLogin_Saml2_Logout_Response
+from onelogin.saml2.utils import OneLogin_Saml2_Utils, OneLogin_Saml2_ValidationError
+
+from gateway.errors import LogoutFailed, UnknownIdP
+from gateway.principal import Principal
+from gateway.saml.logout_message import (
+    REQUEST,
+    RESPONSE,
+    SIGNATURE,
+    Message,
+    check_enveloped_signature,
+    decode,
+    parse,
+    read_post,
+    read_redirect,
+)
+from gateway.saml.registry import IdP, IdPRegistry
+from gateway.saml.response import clean, kind_for, saml_time
+from gateway.saml.sp import ServiceProvider
+
+__all__ = ["MAX_MESSAGE_AGE", "PENDING_TTL", "REQUEST", "RESPONSE", "IdPLogout",
+           "LogoutAnswer", "LogoutStart", "Message", "SingleLogout", "read_post", "read_redirect"]
+
+MAX_MESSAGE_AGE = 300.0  # seconds since IssueInstant; the library's clock drift on top
+PENDING_TTL = 300.0  # how long an SP-initiated logout waits for its LogoutResponse
+REDIRECT_SIG_ALGS = frozenset({C.RSA_SHA256, C.RSA_SHA384, C.RSA_SHA512})
+_TAGS = {REQUEST: f"{{{C.NS_SAMLP}}}LogoutRequest", RESPONSE: f"{{{C.NS_SAMLP}}}LogoutResponse"}
+_ISSUER = f"{{{C.NS_SAML}}}Issuer"
+
+
+@dataclass(frozen=True)
+class LogoutStart:
+    url: str  # the IdP's SLO URL with the signed HTTP-Redirect query
+    request_id: str  # store it: the LogoutResponse must answer exactly this
+
+
+@dataclass(frozen=True)
+class IdPLogout:
+    """A validated LogoutRequest from an IdP: whose sessions to end."""
+
+    idp: IdP
+    request_id: str
+    name_id: str
+    name_id_format: str
+    session_indexes: tuple[str, ...]
+    relay_state: str | None
+
+    def ends(self, principal: Principal) -> bool:
+        """Whether a session of ``principal`` (already matched by IdP and NameID) ends."""
+        if principal.idp != self.idp.entity_id or principal.name_id != self.name_id:
+            return False
+        formats = {self.name_id_format, principal.name_id_format} - {"", C.NAMEID_UNSPECIFIED}
+        if len(formats) > 1:
+            return False
+        return not self.session_indexes or principal.session_index in self.session_indexes
+
+
+@dataclass(frozen=True)
+class LogoutAnswer:
+    """A validated LogoutResponse: the IdP and the request ID it answers."""
+
+    idp: IdP
+    in_response_to: str
+
+
+class SingleLogout:
+    """Logout for the IdPs of one SP (this gateway)."""
+
+    def __init__(self, sp: ServiceProvider, registry: IdPRegistry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._sp = sp
+        self._registry = registry
+        self._clock = clock
+        self.sls_url = sp.sls_url
+
+    def start(self, idp: IdP, principal: Principal) -> LogoutStart:
+        """A signed LogoutRequest (Redirect binding) for the login behind ``principal``."""
+        auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), self._sp.settings_for(idp))
+        # The library pastes SessionIndex into its XML template unescaped.
+        url = auth.logout(return_to="/", name_id=principal.name_id,
+                          session_index=escape(principal.session_index) or None,
+                          name_id_format=principal.name_id_format or None)
+        return LogoutStart(url=url, request_id=auth.get_last_request_id())
+
+    def accept_request(self, message: Message) -> IdPLogout:
+        """Validate an IdP's LogoutRequest; raise ``LogoutFailed`` if anything is off."""
+        idp, xml, root = self._verified(message, REQUEST)
+        settings = self._sp.settings_for(idp)
+        request = OneLogin_Saml2_Logout_Request(settings, OneLogin_Saml2_Utils.b64encode(xml))
+        where = f"The LogoutRequest from IdP {clean(idp.entity_id)}"
+        self._library_verdict(request, xml, where, lambda: request.is_valid(
+            _request_data(self.sls_url, message.params), raise_exceptions=True))
+        expires = saml_time(root.get("NotOnOrAfter"))
+        if expires is not None and expires <= self._clock():
+            raise LogoutFailed("expired", f"{where} has expired (NotOnOrAfter).")
+        if root.find(f"{{{C.NS_SAML}}}EncryptedID") is not None:
+            raise LogoutFailed("malformed", f"{where} has an encrypted NameID.")
+        try:
+            name_id = OneLogin_Saml2_Logout_Request.get_nameid_data(xml)
+            indexes = OneLogin_Saml2_Logout_Request.get_session_indexes(xml)
+        except Exception as exc:  # no NameID, an empty one
+            raise LogoutFailed("malformed", f"{where} has no usable NameID ({clean(exc)}).") \
+                from exc
+        if not name_id.get("Value"):
+            raise LogoutFailed("malformed", f"{where} has an empty NameID.")
+        return IdPLogout(idp=idp, request_id=str(root.get("ID")), name_id=name_id["Value"],
+                         name_id_format=name_id.get("Format") or "",
+                         session_indexes=tuple(str(i) for i in indexes),
+                         relay_state=message.relay_state)
+
+    def accept_response(self, message: Message) -> LogoutAnswer:
+        """Validate a LogoutResponse. The caller must still consume its InResponseTo."""
+        idp, xml, root = self._verified(message, RESPONSE)
+        settings = self._sp.settings_for(idp)
+        response = OneLogin_Saml2_Logout_Response(settings, OneLogin_Saml2_Utils.b64encode(xml))
+        where = f"The LogoutResponse from IdP {clean(idp.entity_id)}"
+        in_response_to = root.get("InResponseTo") or ""
+        if not in_response_to:
+            raise LogoutFailed("in_response_to", f"{where} has no InResponseTo.")
+        self._library_verdict(response, xml, where, lambda: response.is_valid(
+            _request_data(self.sls_url, message.params), request_id=in_response_to,
+            raise_exceptions=True))
+        status = response.get_status()
+        if status != C.STATUS_SUCCESS:
+            raise LogoutFailed("status", f"{where} has status {clean(status, 120)}.")
+        return LogoutAnswer(idp=idp, in_response_to=in_response_to)
+
+    def answer(self, logout: IdPLogout) -> str | None:
+        """The signed LogoutResponse (Success) as a Redirect URL to the IdP, if it has SLO."""
+        settings = self._sp.settings_for(logout.idp)
+        target = settings.get_idp_slo_response_url()
+        if not target:
+            return None
+        builder = OneLogin_Saml2_Logout_Response(settings)
+        builder.build(logout.request_id)
+        params = {RESPONSE: builder.get_response()}
+        if logout.relay_state is not None:
+            params["RelayState"] = logout.relay_state
+        auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), settings)
+        auth.add_response_signature(params, C.RSA_SHA256)
+        return str(auth.redirect_to(target, params))
+
+    # Internals -----------------------------------------------------------------------
+
+    def _verified(self, message: Message, kind: str) -> tuple[IdP, bytes, Any]:
+        """Decode, check the shape, find the IdP by Issuer, verify the signature."""
+        what = "LogoutRequest" if kind == REQUEST else "LogoutResponse"
+        if message.kind != kind:
+            raise LogoutFailed("malformed", f"Expected a {what}.")
+        xml = decode(message.value, inflate=message.binding == "redirect")
+        root = parse(xml, _TAGS[kind], what)
+        issuers = root.findall(_ISSUER)
+        entity_id = (issuers[0].text or "").strip() if len(issuers) == 1 else ""
+        if not entity_id:
+            raise LogoutFailed("issuer", f"The {what} has no single Issuer.")
+        try:
+            idp = self._registry.get(entity_id)
+        except UnknownIdP:
+            raise LogoutFailed("unknown_issuer",
+                               f"The {what} comes from unknown IdP {clean(entity_id)}.") from None
+        where = f"The {what} from IdP {clean(entity_id)}"
+        signatures = list(root.iter(SIGNATURE))
+        if message.binding == "redirect":
+            if signatures:
+                raise LogoutFailed("signature", f"{where} has an XML signature in the Redirect "
+                                   "binding, which signs the query instead.")
+            self._check_query_signature(message, idp, where)
+        else:
+            check_enveloped_signature(root, signatures, idp, where)
+        if root.get("Destination") != self.sls_url:
+            raise LogoutFailed("destination", f"{where} is addressed to "
+                               f"{clean(root.get('Destination'))}, not {self.sls_url}.")
+        issued = saml_time(root.get("IssueInstant"))
+        now = self._clock()
+        if issued is None or not (now - MAX_MESSAGE_AGE - C.ALLOWED_CLOCK_DRIFT <= issued
+                                  <= now + C.ALLOWED_CLOCK_DRIFT):
+            raise LogoutFailed("expired", f"{where} was issued too long ago or in the future.")
+        return idp, xml, root
+
+    def _check_query_signature(self, message: Message, idp: IdP, where: str) -> None:
+        params = message.params
+        if "Signature" not in params or "SigAlg" not in params:
+            raise LogoutFailed("unsigned", f"{where} is not signed.")
+        if params["SigAlg"] not in REDIRECT_SIG_ALGS:
+            raise LogoutFailed("signature", f"{where} uses SigAlg {clean(params['SigAlg'])}.")
+        data = _request_data(self.sls_url, params, query_string=message.raw_query,
+                             validate_signature_from_qs=True)
+        auth = OneLogin_Saml2_Auth(data, self._sp.settings_for(idp))
+        # Without a Signature the library answers True: the check above must come first.
+        check = (auth.validate_request_signature if message.kind == REQUEST
+                 else auth.validate_response_signature)
+        if not check(params):
+            raise LogoutFailed("signature", f"{where} has a signature that does not verify "
+                               f"({clean(auth.get_last_error_reason())}).")
+
+    @staticmethod
+    def _library_verdict(obj: Any, xml: bytes, where: str, check: Callable[[], Any]) -> None:
+        # The library decodes the base64 again (and would inflate it if it could): make sure
+        # it reads exactly the bytes whose signature was verified.
+        if obj.get_xml().encode() != xml:
+            raise LogoutFailed("malformed", f"{where} decodes differently for the library.")
+        try:
+            check()
+        except OneLogin_Saml2_ValidationError as exc:
+            raise LogoutFailed(kind_for(exc.code), f"{where} was refused: {clean(exc)}") from exc
+        except Exception as exc:
+            raise LogoutFailed("malformed", f"{where} could not be processed "
+                               f"({type(exc).__name__}: {clean(exc)}).") from exc
+
+
+def _request_data(url: str, get_data: dict[str, str] | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """The library's view of a request to ``url`` (from our configuration, never Host)."""
+    parts = urlsplit(url)
+    return {"https": "on" if parts.scheme == "https" else "off",
+            "http_host": parts.netloc.rpartition("@")[2], "script_name": parts.path,
+            "get_data": get_data or {}, "post_data": {}, **extra}

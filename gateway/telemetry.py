@@ -1,0 +1,233 @@
+"""Telemetry of one gateway: request IDs, the request log line, metrics and audit events.
+
+``Gateway`` holds one ``Telemetry`` and tells it what happens (few calls, each one line
+in ``app.py``): ``begin`` at the start of every HTTP request wraps ``send`` so the answer
+carries ``X-Request-Id`` and, when its last byte is sent, one ``gateway.access`` log line
+is written and the request counted; ``proxying``, ``denied``, ``failed`` and
+``login_failed`` fill in what the line and the metrics need. Per request that is one
+monotonic clock read at each end, a few counter increments and one log call.
+
+``login.py`` reports a finished login with ``login_succeeded``; the request's context
+finds the right ``Telemetry``, so the login flow needs no reference to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.types import Message, Scope, Send
+
+from gateway.audit import audit, configure_audit
+from gateway.config import Settings
+from gateway.errors import LoginFailed, StoreError, UpstreamError, UpstreamTimeout
+from gateway.logs import (
+    CURRENT,
+    RequestContext,
+    clean_request_id,
+    current,
+    new_request_id,
+    session_hash,
+)
+from gateway.metrics import Metrics
+from gateway.saml import IdPRegistry
+from gateway.sessions import SessionRecord, Store
+from gateway.status import Readiness, certificates
+
+if TYPE_CHECKING:
+    from gateway.policy import Decision
+
+access_log = logging.getLogger("gateway.access")
+RECENT_FAILURES = 200
+_monotonic = time.monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailure:
+    """A refused login as the admin console shows it (kept in memory, per process)."""
+
+    time: float
+    reference: str
+    kind: str
+    reason: str
+    idp: str
+    request_id: str
+    client_ip: str
+
+
+class Telemetry:
+    def __init__(self, settings: Settings, registry: IdPRegistry, store: Store,
+                 clock: Callable[[], float]) -> None:
+        wall = clock
+        self.settings = settings
+        self.registry = registry
+        self.metrics = Metrics([u.name for u in settings.upstreams],
+                               [i.entity_id for i in registry.all()], wall)
+        self.readiness = Readiness(store, registry, settings.upstreams, wall)
+        self.certificates = certificates(settings, registry)
+        loaded = wall()
+        self.metrics.state.certificates = self.certificates
+        self.metrics.state.idps = [(e, loaded, until)
+                                   for e, until in self.readiness.valid_until.items()]
+        self.failures: deque[LoginFailure] = deque(maxlen=RECENT_FAILURES)
+        self._wall = wall
+        self._trusted = address_matcher(settings.trusted_proxies)
+        self._log_member = settings.logging.log_member_id
+        configure_audit(settings.logging.audit, Path(settings.source).parent)
+
+    def started(self) -> None:
+        """Audit what this process serves with: its config and each IdP's metadata."""
+        source = Path(self.settings.source)
+        audit("config_reload", trigger="startup", config=str(source),
+              config_sha256=_sha256(source))
+        for idp in self.registry.all():
+            audit("metadata_change", change="loaded", entity_id=idp.entity_id,
+                  source=str(idp.source), sha256=_sha256(Path(idp.source)))
+
+    # -- per request ----------------------------------------------------------------------
+
+    def begin(self, scope: Scope, send: Send) -> Send:
+        """Start a request's context; the returned ``send`` finishes it."""
+        client = scope.get("client")
+        host = client[0] if client else ""
+        request_id = None
+        if self._trusted is not None and self._trusted(host):
+            for name, value in scope["headers"]:
+                if name == b"x-request-id":
+                    request_id = clean_request_id(value)
+                    break
+        ctx = RequestContext(request_id or new_request_id(), _monotonic(), host, self)
+        CURRENT.set(ctx)
+        header = (b"x-request-id", ctx.request_id.encode("ascii"))
+
+        async def sender(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx.status = message["status"]
+                if ctx.upstream_started:
+                    ctx.upstream_started = _monotonic() - ctx.upstream_started  # the latency
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                await send(message)
+                self._finished(ctx, scope)
+                return
+            await send(message)
+
+        return sender
+
+    def proxying(self, upstream: str, record: SessionRecord | None,
+                 path: str) -> tuple[bytes, bytes]:
+        """The request goes to ``upstream``; returns the ``X-Request-Id`` header for it."""
+        ctx = CURRENT.get()
+        if ctx is None:
+            return (b"x-request-id", new_request_id().encode())
+        ctx.upstream, ctx.path, ctx.upstream_started = upstream, path, _monotonic()
+        if record is not None:
+            ctx.session = session_hash(record.key)
+            ctx.member_id = record.principal.member_id
+        return (b"x-request-id", ctx.request_id.encode("ascii"))
+
+    def denied(self, record: SessionRecord, decision: Decision, path: str) -> None:
+        session = session_hash(record.key)
+        ctx = CURRENT.get()
+        if ctx is not None:
+            ctx.path, ctx.session, ctx.member_id = path, session, record.principal.member_id
+        self.metrics.denied(decision.failed)
+        audit("access_denied", member_id=record.principal.member_id, session=session,
+              path=path, rule=decision.rule, reason=decision.reason,
+              failed=decision.failed or None)
+
+    def failed(self, exc: Exception) -> None:
+        """A store or upstream failure is about to be answered with an error page."""
+        if isinstance(exc, StoreError):
+            self.metrics.store_errors.inc()
+        ctx = CURRENT.get()
+        if isinstance(exc, UpstreamError) and ctx is not None and ctx.upstream:
+            ctx.upstream_started = 0.0  # no latency to record: there was no answer
+            kind = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+            self.metrics.upstream_errors.labels(ctx.upstream, kind).inc()
+
+    def login_failed(self, reference: str, exc: LoginFailed) -> None:
+        ctx = current()
+        idp = ctx.idp if ctx is not None else ""
+        self.metrics.login(idp, exc.kind)
+        self.failures.appendleft(LoginFailure(
+            self._wall(), reference, exc.kind, exc.reason, idp,
+            ctx.request_id if ctx else "", ctx.client if ctx else ""))
+        audit("login_failure", reference=reference, kind=exc.kind, reason=exc.reason, idp=idp)
+
+    def _finished(self, ctx: RequestContext, scope: Scope) -> None:
+        latency = ctx.upstream_started if ctx.upstream else 0.0
+        if ctx.upstream:
+            self.metrics.proxied(ctx.upstream, ctx.status, latency or None)
+        fields: dict[str, object] = {
+            "method": scope["method"], "path": ctx.path or scope["path"][:512],
+            "status": ctx.status,
+            "duration_ms": round((_monotonic() - ctx.started) * 1000, 2)}
+        if ctx.upstream:
+            fields["upstream"] = ctx.upstream
+        if ctx.session:
+            fields["session"] = ctx.session
+        if self._log_member and ctx.member_id:
+            fields["member_id"] = ctx.member_id
+        access_log.info("request", extra={"fields": fields, "request_id": ctx.request_id})
+
+
+def note_idp(entity_id: str) -> None:
+    """The login being finished answers this IdP (labels its outcome)."""
+    ctx = CURRENT.get()
+    if ctx is not None:
+        ctx.idp = entity_id
+
+
+def login_succeeded(idp: str, member_id: str, session_key: str) -> None:
+    ctx = CURRENT.get()
+    session = session_hash(session_key)
+    if ctx is not None:
+        ctx.idp, ctx.session, ctx.member_id = idp, session, member_id
+        if isinstance(ctx.owner, Telemetry):
+            ctx.owner.metrics.login(idp, None)
+    audit("login_success", idp=idp, member_id=member_id, session=session)
+
+
+def address_matcher(entries: list[str]) -> Callable[[str], bool] | None:
+    """A test for client addresses in ``entries`` (IPs, CIDR networks, ``*``), or ``None``
+    when the list is empty."""
+    if not entries:
+        return None
+    if "*" in entries:
+        return lambda host: True
+    networks = [ipaddress.ip_network(e, strict=False) for e in entries if _is_ip(e)]
+    literals = frozenset(e for e in entries if not _is_ip(e))
+
+    def match(host: str) -> bool:
+        if host in literals:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in net for net in networks)
+
+    return match
+
+
+def _is_ip(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

@@ -1,0 +1,182 @@
+"""The audit log and the request log, over a full scripted run through the real stack.
+
+Every audit line written must validate against the documented schema
+(``gateway.audit.EVENTS``); every event kind the gateway produces is produced here; and
+nothing written anywhere — audit file, log records, stdout, stderr — contains a session
+cookie, a SAMLResponse or an identity token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.audit import EVENTS, json_schema, validate
+from gateway.demo.stack import DemoStack
+from gateway.logs import JsonFormatter, TextFormatter
+from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
+from tests.conftest import Stack, TLSFiles, run_stack
+
+PAGE = "/issues/2023-03/pages/14"
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+#: Events whose call sites live in modules owned by others (not instrumented yet).
+PENDING = {"logout", "slo_in", "slo_out", "registration"}
+_PRODUCED: set[str] = set()
+CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def all_log_records() -> Iterator[Collect]:
+    root = logging.getLogger()
+    handler, level = Collect(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def csrf_of(page: httpx.Response) -> str:
+    match = _CSRF.search(page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+def audit_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    audit_file = tmp_path / "audit.log"
+    extra = f'\n[logging]\naudit = "{audit_file}"\n'
+    secrets: list[str] = []
+    with all_log_records() as logs, run_stack(tmp_path / "stack", tls,
+                                              extra_config=extra) as stack:
+        with client(stack) as alice:
+            answer = sign_in_at_idp(alice, start_login(alice, stack, PAGE), "alice")
+            secrets.append(answer.saml_response)
+            assert post_to_acs(alice, answer).status_code == 302
+            assert alice.get(stack.url + PAGE).status_code == 200
+            assert alice.get(stack.url + "/members/M1002/notes/").status_code == 403
+            assert alice.get(stack.url + "/_gateway/admin").status_code == 403
+            secrets += [c.value for c in alice.cookies.jar]
+        with client(stack) as mallory:  # a refused login
+            bad = sign_in_at_idp(mallory, start_login(mallory, stack, PAGE), "dave")
+            secrets.append(bad.saml_response)
+            refused = post_to_acs(mallory, bad, SAMLResponse="bm90IFNBTUw=")
+            assert refused.status_code == 400
+        with client(stack) as carol:  # the admin revokes alice's sessions
+            login(carol, stack, PAGE, "carol")
+            page = carol.get(stack.url + "/_gateway/admin/sessions", params={"member": "M1001"})
+            assert page.status_code == 200 and "M1001" in page.text
+            done = carol.post(stack.url + "/_gateway/admin/sessions", data={
+                "csrf": csrf_of(page), "member": "M1001", "end": "all"},
+                headers={"origin": stack.url})
+            assert done.status_code == 303
+            bye = carol.get(stack.url + "/saml/logout")
+            carol.post(stack.url + "/saml/logout", data={"csrf": csrf_of(bye)},
+                       headers={"origin": stack.url})
+            secrets += [c.value for c in carol.cookies.jar]
+        with client(stack) as reader:
+            reader.post(stack.url + "/_gateway/register", headers={"origin": stack.url},
+                        data={"email": "reader@example.org", "consent": "yes", "next": "/"})
+        secrets += stack.upstream.header_values("x-gateway-identity")
+    out, err = capfd.readouterr()
+
+    lines = audit_lines(audit_file)
+    problems = [p for line in lines for p in validate(line)]
+    assert problems == []
+    produced = {str(line["event"]) for line in lines}
+    _PRODUCED.update(produced)
+    assert produced >= set(EVENTS) - PENDING, set(EVENTS) - PENDING - produced
+    by_event = {str(line["event"]): line for line in lines}
+    assert by_event["login_failure"]["kind"] == "malformed"
+    assert by_event["login_failure"]["reference"] in refused.text
+    assert by_event["session_revoked"] == {**by_event["session_revoked"], "by": "M1003",
+                                           "member_id": "M1001", "scope": "all"}
+    assert by_event["access_denied"]["rule"]
+
+    secrets = [s for s in secrets if len(s) >= 16]
+    assert len(secrets) >= 5 and any(s.startswith("ey") for s in secrets)  # a JWT among them
+    written = [audit_file.read_text(), out, err]
+    # The test's own HTTP client logs its requests (cookies included): not the gateway's.
+    for record in (r for r in logs.records if not r.name.startswith(CLIENT_LOGGERS)):
+        written += [JsonFormatter().format(record), TextFormatter().format(record),
+                    repr(record.args), repr(getattr(record, "fields", ""))]
+    text = "\n".join(written)
+    leaked = [s[:12] + "…" for s in secrets if s in text]
+    assert leaked == []
+
+
+@pytest.mark.xfail(reason="logout, SLO and registration are audited by routes/saml.py and "
+                          "routes/visitors.py once they call gateway.audit.audit()",
+                   strict=False)
+def test_every_event_kind_is_produced() -> None:
+    assert set(EVENTS) <= _PRODUCED, set(EVENTS) - _PRODUCED
+
+
+def test_schema_is_closed_and_versioned() -> None:
+    schema = json_schema()
+    assert schema["$id"] == "sso-gateway.audit/1"
+    assert len(schema["oneOf"]) == len(EVENTS)
+    good = {"schema": "sso-gateway.audit/1", "event": "session_revoked",
+            "time": "2024-05-01T12:00:00.000Z", "by": "M1003", "member_id": "M1001",
+            "sessions_ended": 2, "scope": "all"}
+    assert validate(good) == []
+    assert validate({**good, "cookie": "x"}) == ["session_revoked: unexpected field 'cookie'"]
+    assert validate({**good, "sessions_ended": "2"})
+    assert validate({**good, "event": "nope"}) == ["unknown event 'nope'"]
+
+
+def _trusting(demo: DemoStack) -> None:
+    toml = demo.workdir / "gateway.toml"
+    toml.write_text('trusted_proxies = ["127.0.0.1"]\n' + toml.read_text()
+                    + "\n[logging]\nlog_member_id = true\n")
+
+
+def test_request_log_lines_and_request_ids(tmp_path: Path, tls: TLSFiles) -> None:
+    with all_log_records() as logs, run_stack(tmp_path, tls, setup=_trusting) as stack, \
+            client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        mine = http.get(stack.url + PAGE, headers={"x-request-id": "lb-1234"})
+        spoofed = http.get(stack.url + PAGE, headers={"x-request-id": "bad id {}"})
+    assert mine.headers["x-request-id"] == "lb-1234"  # from a trusted proxy: kept
+    assert re.fullmatch(r"[0-9a-f]{16}", spoofed.headers["x-request-id"])  # unsafe: replaced
+    sent = stack.upstream.header_values("x-request-id")
+    assert "lb-1234" in sent and spoofed.headers["x-request-id"] in sent
+    assert all(v != "bad id {}" for v in sent)
+    lines = [json.loads(JsonFormatter().format(r)) for r in logs.records
+             if r.name == "gateway.access"]
+    proxied = next(line for line in lines if line.get("request_id") == "lb-1234")
+    assert proxied["method"] == "GET" and proxied["path"] == PAGE
+    assert proxied["status"] == 200 and proxied["upstream"] == "reader"
+    assert proxied["member_id"] == "M1001" and re.fullmatch(r"[0-9a-f]{12}", proxied["session"])
+    assert isinstance(proxied["duration_ms"], float)
+
+
+def test_untrusted_request_ids_are_replaced_and_shown_on_error_pages(stack: Stack) -> None:
+    with client(stack) as http:
+        page = http.get(stack.url + "/public/x%2fy", headers={"x-request-id": "client-1"})
+    assert page.status_code == 400
+    request_id = page.headers["x-request-id"]
+    assert request_id != "client-1"
+    assert f"request ID <code>{request_id}</code>" in page.text

@@ -1,0 +1,119 @@
+"""``/healthz`` and ``/readyz``: 503 naming each failed check — store stopped, upstream
+health URL down, IdP metadata missing or expired — and 200 again once it is fixed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.demo.stack import prepare
+from tests.conftest import RedisServer, bound_socket, port_of, serving
+
+
+@contextmanager
+def gateway(workdir: Path, *, extra_config: str = "", clock: Callable[[], float] | None = None,
+            edit: Callable[[Path], None] | None = None) -> Iterator[str]:
+    """The gateway alone (no IdP is needed to answer probes), over plain http on loopback."""
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{port_of(sock)}"
+    prepare(workdir, gateway_url=url, idp_url="http://127.0.0.1:9",
+            reader_url="http://127.0.0.1:9", extra_config=extra_config)
+    if edit is not None:
+        edit(workdir)
+    settings = load_settings(workdir / "gateway.toml", environ={})
+    app = create_app(settings, clock=clock) if clock else create_app(settings)
+    with serving(app, sock):
+        yield url
+
+
+def ready(url: str) -> httpx.Response:
+    return httpx.get(url + "/readyz", timeout=10)
+
+
+def test_healthz_is_trivial(tmp_path: Path) -> None:
+    with gateway(tmp_path) as url:
+        answer = httpx.get(url + "/healthz")
+        assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
+        assert ready(url).json() == {"status": "ok"}
+
+
+def test_store_stopped_and_back(tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis").start()  # its own: this test stops it
+
+    def use_redis(workdir: Path) -> None:
+        toml = workdir / "gateway.toml"
+        toml.write_text(toml.read_text().replace(
+            'url = "sqlite:///gateway.db"',
+            f'url = "{redis.url}"\nconnect_timeout = 0.5\nsocket_timeout = 0.5'))
+
+    try:
+        with gateway(tmp_path / "gw", edit=use_redis) as url:
+            assert ready(url).status_code == 200
+            redis.stop()
+            down = ready(url)
+            assert down.status_code == 503
+            assert list(down.json()["failed"]) == ["store"]
+            redis.start()  # same port
+            assert ready(url).status_code == 200
+    finally:
+        redis.stop()
+
+
+def test_upstream_health_url_down_and_back(tmp_path: Path) -> None:
+    now = [1_900_000_000.0]
+    sock = bound_socket()  # bound, not listening yet: the health URL is refused
+    health = f"http://127.0.0.1:{port_of(sock)}/health"
+    extra = (f'\n[[upstreams]]\nname = "search"\nprefix = "/search-api"\n'
+             f'url = "http://127.0.0.1:{port_of(sock)}"\nhealth_url = "{health}"\n')
+    with gateway(tmp_path, extra_config=extra, clock=lambda: now[0]) as url:
+        down = ready(url)
+        assert down.status_code == 503
+        failed = down.json()["failed"]
+        assert list(failed) == ["upstream:search"]
+        assert "unreachable" in failed["upstream:search"]
+        calls: list[str] = []
+
+        async def ok(request: object) -> PlainTextResponse:
+            calls.append("health")
+            return PlainTextResponse("ok")
+
+        with serving(Starlette(routes=[Route("/health", ok)]), sock):
+            assert ready(url).status_code == 503  # the result is kept a few seconds
+            now[0] += 6
+            assert ready(url).status_code == 200
+            assert ready(url).status_code == 200
+        assert calls == ["health"]  # probes in between were answered from the cache
+
+
+def _set_valid_until(workdir: Path, when: str) -> None:
+    metadata = workdir / "idp_metadata" / "devidp.xml"
+    text = re.sub(r'\svalidUntil="[^"]*"', "", metadata.read_text())
+    metadata.write_text(re.sub(r"(<(?:md:)?EntityDescriptor)\b", rf'\1 validUntil="{when}"',
+                               text, count=1))
+
+
+def test_metadata_expired_or_missing(tmp_path: Path) -> None:
+    with gateway(tmp_path, edit=lambda d: _set_valid_until(d, "2001-01-01T00:00:00Z")) as url:
+        expired = ready(url)
+    assert expired.status_code == 503
+    [(name, reason)] = expired.json()["failed"].items()
+    assert name.startswith("idp_metadata:") and "expired" in reason and "2001-01-01" in reason
+
+    # Fixed: fresh metadata, and a restart (the registry is loaded at startup).
+    with gateway(tmp_path, edit=lambda d: _set_valid_until(d, "2999-01-01T00:00:00Z")) as url:
+        assert ready(url).status_code == 200
+
+    with gateway(tmp_path, edit=lambda d: (d / "idp_metadata" / "devidp.xml").unlink()) as url:
+        missing = ready(url)
+    assert missing.status_code == 503
+    assert missing.json()["failed"] == {"idp_metadata": "no IdP metadata is loaded"}

@@ -1,0 +1,91 @@
+"""``/metrics`` after a scripted run: logins (one good, one refused), allowed and denied
+requests, an upstream that is down — every counter and the histogram moved as they should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
+from tests.conftest import Stack, TLSFiles, bound_socket, run_stack
+
+PAGE = "/issues/2023-03/pages/14"
+
+
+def scrape(http: httpx.Client, stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]],
+                                                   float]:
+    answer = http.get(stack.url + "/metrics")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(answer.text) for s in family.samples}
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_counters_and_histogram_after_a_scripted_run(tmp_path: Path, tls: TLSFiles) -> None:
+    dead = bound_socket()  # bound, never listening: connections are refused
+    extra = (f'\n[[upstreams]]\nname = "dead"\nprefix = "/public/dead"\n'
+             f'url = "http://127.0.0.1:{dead.getsockname()[1]}"\n')
+    with run_stack(tmp_path, tls, extra_config=extra) as stack, client(stack) as http:
+        idp = stack.demo.idp.entity_id
+        before = scrape(http, stack)
+        assert value(before, "gateway_logins_total", idp=idp, result="success", kind="none") == 0
+
+        login(http, stack, PAGE, "alice")
+        for _ in range(3):
+            assert http.get(stack.url + PAGE).status_code == 200
+        assert http.get(stack.url + "/members/M1002/notes/").status_code == 403  # owner
+        assert http.get(stack.url + "/public/dead/x").status_code == 502
+        with client(stack) as other:  # a refused login: garbage where the Response goes
+            answer = sign_in_at_idp(other, start_login(other, stack, PAGE), "dave")
+            assert post_to_acs(other, answer, SAMLResponse="bm90IFNBTUw=").status_code == 400
+        with client(stack) as lapsed:
+            login(lapsed, stack, PAGE, "bob")
+            assert lapsed.get(stack.url + PAGE).status_code == 403  # status: lapsed
+
+        after = scrape(http, stack)
+    dead.close()
+
+    assert value(after, "gateway_logins_total", idp=idp, result="success", kind="none") == 2
+    assert value(after, "gateway_logins_total", idp=idp, result="failure",
+                 kind="malformed") == 1
+    assert value(after, "gateway_proxied_requests_total", upstream="reader",
+                 status_class="2xx") >= 3
+    assert value(after, "gateway_proxied_requests_total", upstream="dead",
+                 status_class="5xx") == 1
+    assert value(after, "gateway_upstream_errors_total", upstream="dead",
+                 kind="unreachable") == 1
+    assert value(after, "gateway_policy_denials_total", reason="owner") == 1
+    assert value(after, "gateway_policy_denials_total", reason="status") == 1
+    proxied = value(after, "gateway_proxied_requests_total", upstream="reader",
+                    status_class="2xx")
+    # Every answered upstream request is timed; the failed one to "dead" is not.
+    assert value(after, "gateway_upstream_response_seconds_count", upstream="reader") \
+        == proxied
+    assert value(after, "gateway_upstream_response_seconds_sum", upstream="reader") > 0
+    assert value(after, "gateway_upstream_response_seconds_bucket", upstream="reader",
+                 le="+Inf") == proxied
+    assert value(after, "gateway_upstream_response_seconds_count", upstream="dead") == 0
+    assert value(after, "gateway_store_errors_total") == 0
+
+    certs = {labels: v for (name, labels), v in after.items()
+             if name == "gateway_certificate_expiry_days"}
+    roles = {dict(labels)["role"] for labels in certs}
+    assert roles == {"sp", "idp"} and all(v > 300 for v in certs.values())
+    assert value(after, "gateway_idp_metadata_loaded_timestamp_seconds", idp=idp) > 0
+    if ("gateway_sessions_active", frozenset()) in after:  # needs Store.count_sessions
+        assert after[("gateway_sessions_active", frozenset())] == 2
+
+
+def test_metrics_are_refused_outside_allow_from(tmp_path: Path, tls: TLSFiles) -> None:
+    extra = '\n[metrics]\nallow_from = ["10.0.0.0/8"]\n'
+    with run_stack(tmp_path, tls, extra_config=extra) as stack, client(stack) as http:
+        refused = http.get(stack.url + "/metrics")
+        assert refused.status_code == 403
+        assert "gateway_" not in refused.text
