@@ -175,6 +175,8 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
     ``make demo``); ``setup`` may add files before the gateway loads."""
     gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
     scheme = "https" if gateway_tls else "http"
+    if "[limits]" not in extra_config:  # tests sign in far more often than people do
+        extra_config += "\n[limits]\nlogins = 100000\nregistrations = 100000\n"
     demo = prepare(workdir, gateway_url=f"{scheme}://127.0.0.1:{port_of(gw_sock)}",
                    idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}",

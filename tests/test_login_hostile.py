@@ -11,6 +11,7 @@ import socket
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,7 +23,7 @@ from gateway.devidp.response import build_response
 from gateway.devidp.users import NAMEID_PERSISTENT
 from gateway.keys import generate_self_signed
 from tests.browser import IdPAnswer, client, login, post_to_acs, sign_in_at_idp, start_login
-from tests.conftest import Stack
+from tests.conftest import Stack, TLSFiles, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
 ALICE = {"memberId": ["M1001"], "mail": ["alice@members.example.org"],
@@ -217,3 +218,18 @@ def raw_request(stack: Stack, request_line: str, *headers: str) -> int:
         tls.sendall("\r\n".join(lines).encode("latin-1"))
         head = tls.recv(65536).split(b"\r\n", 1)[0]
     return int(head.split()[1])
+
+
+def test_sign_in_attempts_are_rate_limited(tmp_path: Path, tls: TLSFiles) -> None:
+    with run_stack(tmp_path, tls, extra_config="\n[limits]\nlogins = 3\n") as stack, \
+            client(stack) as http:
+        answers = [http.get(stack.url + "/saml/login",
+                            params={"next": PAGE, "idp": stack.demo.idp.entity_id})
+                   for _ in range(4)]
+        acs_answer = http.post(stack.url + "/saml/acs", data={"SAMLResponse": "x"})
+        register = http.post(stack.url + "/_gateway/register", headers={"origin": stack.url},
+                             data={"email": "a@example.org", "consent": "yes"})
+    assert [a.status_code for a in answers] == [302, 302, 302, 429]
+    assert "Too many attempts" in answers[-1].text
+    assert acs_answer.status_code == 429
+    assert register.status_code == 303  # counted separately

@@ -11,13 +11,16 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.audit import audit
 from gateway.errors import LogoutFailed
+from gateway.logs import session_hash
 from gateway.paths import safe_next
 from gateway.routes.common import (
     check_csrf,
     csrf_token,
     current_session,
     field,
+    rate_limit,
     read_form,
     require_same_origin,
 )
@@ -55,6 +58,7 @@ def routes(gw: Gateway) -> list[Route]:
         if idp is None or (not chosen and not gw.settings.idp.auto_redirect):
             return to_response(render("sign_in.html", title="Sign in", next=next_url,
                                       idps=gw.registry.all()))
+        await rate_limit(gw, request, "logins", gw.settings.limits.logins)
         started = await gw.login.start(idp, next_url)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
@@ -62,6 +66,7 @@ def routes(gw: Gateway) -> list[Route]:
         return response
 
     async def acs(request: Request) -> Response:
+        await rate_limit(gw, request, "logins", gw.settings.limits.logins)
         form = await read_form(request, MAX_ACS_BODY)
         client = request.client.host if request.client else ""
         done = await gw.login.finish(form, request.cookies,
@@ -105,6 +110,8 @@ def routes(gw: Gateway) -> list[Route]:
             return signed_out()
         check_csrf(gw, record, field(form, "csrf"))
         await gw.sessions.revoke(record.key)
+        audit("logout", member_id=record.principal.member_id, session=session_hash(record.key),
+              idp=record.principal.idp)
         url = await start_idp_logout(record)
         if url is None:
             return signed_out()
@@ -133,6 +140,7 @@ def routes(gw: Gateway) -> list[Route]:
             log.exception("could not build a LogoutRequest for IdP %s", idp.entity_id)
             return None
         await gw.store.add_once(f"slo:{started.request_id}", idp.entity_id, PENDING_TTL)
+        audit("slo_out", idp=idp.entity_id, member_id=principal.member_id, result="sent")
         log.info("logout member=%s sent to IdP %s", principal.member_id, idp.entity_id)
         return started.url
 
@@ -156,6 +164,7 @@ def routes(gw: Gateway) -> list[Route]:
         except LogoutFailed as exc:
             return refused(request, exc, kind)
         log.info("logout confirmed by IdP %s", answer.idp.entity_id)
+        audit("slo_in", idp=answer.idp.entity_id, result="logout_response")
         return signed_out()
 
     async def idp_logout(request: Request, message: Message) -> Response:
@@ -170,6 +179,8 @@ def routes(gw: Gateway) -> list[Route]:
                 ended += 1
         log.info("IdP %s ended %d session(s) by LogoutRequest %s", logout.idp.entity_id,
                  ended, logout.request_id)
+        audit("slo_in", idp=logout.idp.entity_id, sessions_ended=ended,
+              result="logout_request")
         url = await run_in_threadpool(slo.answer, logout)
         if url is None:
             return signed_out()

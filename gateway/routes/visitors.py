@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.audit import audit
 from gateway.paths import safe_next
 from gateway.principal import Principal
 from gateway.routes.common import field, rate_limit, read_form, require_same_origin
@@ -71,6 +72,7 @@ def routes(gw: Gateway) -> list[Route]:
         _, cookie = await gw.sessions.create(
             principal, user_agent=request.headers.get("user-agent", ""), client_ip=client)
         log.info("registered reader=%s", reader_id)
+        audit("registration", reader_id=reader_id)
         response = RedirectResponse(next_url, status_code=303)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", gw.session_cookie_header(cookie))
