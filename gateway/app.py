@@ -33,6 +33,7 @@ from gateway.policy import Decision, Policy
 from gateway.proxy import Proxy
 from gateway.routes import routes
 from gateway.saml import IdPRegistry, ServiceProvider
+from gateway.saml.metadata_source import MetadataRefresher
 from gateway.sessions import CookieSigner, SessionManager, SessionRecord, open_store
 from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.telemetry import Telemetry
@@ -313,11 +314,16 @@ class Gateway:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.store.open()
         await self.proxy.start()
+        # [[metadata]] URLs: cached copies, first downloads, then refreshed in background.
+        self.idp_refresher = MetadataRefresher(self.settings.metadata, self.registry, self.sp,
+                                               self.clock)
+        await self.idp_refresher.start()
         self.telemetry.started()
         self.metadata_xml = self.sp.metadata()
         try:
             yield
         finally:
+            await self.idp_refresher.stop()
             await self.proxy.close()
             await self.store.close()
 

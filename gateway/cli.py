@@ -1,4 +1,5 @@
-"""``sso-gateway``: serve · demo · check · certs. The only module that prints and exits.
+"""``sso-gateway``: serve · demo · check · certs · sessions · registrations · idp · explain ·
+selftest. This package's CLI modules (``cli*.py``) are the only ones that print and exit.
 
 Exit codes: 0 success, 1 operation failed, 2 bad configuration or usage.
 """
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import cli_admin
+from gateway import cli_admin, cli_explain, cli_idp, cli_selftest
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, StoreError
 from gateway.sessions import Store
@@ -52,11 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     prune.add_argument("--keep", type=int, default=2, help="how many to keep (default 2)")
 
     cli_admin.add_parsers(sub, CONFIG_HELP)
+    cli_selftest.add_parsers(sub)
+    cli_idp.add_parsers(sub, CONFIG_HELP)
+    cli_explain.add_parsers(sub, CONFIG_HELP)
 
     args = parser.parse_args(argv)
     try:
         if args.command in ("sessions", "registrations"):
             return cli_admin.run(args)
+        if args.command == "selftest":
+            return cli_selftest.run(args)
+        if args.command == "idp":
+            return cli_idp.run(args)
+        if args.command == "explain":
+            return cli_explain.run(args)
         if args.command == "serve":
             return _serve(args.config, args.workers)
         if args.command == "check":
@@ -194,9 +204,10 @@ def _certs_generate(directory: Path, name: str, force: bool) -> int:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(48) + "\n")
         print(f"wrote {secret_file} (mode 0600): the session cookie secret")
-    key = ensure_identity_key(directory / "identity")
-    if key is not None:
-        print(f"wrote {key.path} (mode 0600): identity-token signing key, kid {key.kid}")
+    identity_key = ensure_identity_key(directory / "identity")
+    if identity_key is not None:
+        print(f"wrote {identity_key.path} (mode 0600): identity-token signing key, "
+              f"kid {identity_key.kid}")
     print("Give the IdP the SP metadata from /saml/metadata once the gateway runs.")
     return 0
 

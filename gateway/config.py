@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -45,6 +46,16 @@ class SPSettings(_Model):
     key_file: Path = Path("certs/sp.key")
     cert_file: Path = Path("certs/sp.crt")
     sign_authn_requests: bool = True
+    # Key rollover: the next key pair is published in SP metadata and decrypts too;
+    # completing the rollover = moving it to key_file/cert_file (docs/idp-admin.md).
+    next_key_file: Path | None = None
+    next_cert_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _next_pair(self) -> SPSettings:
+        if (self.next_key_file is None) != (self.next_cert_file is None):
+            raise ValueError("next_key_file and next_cert_file go together (both or neither)")
+        return self
 
 
 class LimitSettings(_Model):
@@ -59,7 +70,23 @@ class IdPSettings(_Model):
     allow_unsolicited: bool = False
     login_timeout: int = Field(300, ge=30, le=3600)  # seconds an AuthnRequest stays valid
     auto_redirect: bool = False  # with one IdP, skip the sign-in page and go straight there
-    max_issue_age: int = Field(300, ge=30, le=3600)  # seconds; plus the 300 s clock drift
+    max_issue_age: int = Field(300, ge=30, le=3600)  # seconds; plus clock_skew
+    # Allowed difference between the IdP's clock and ours, in seconds (python3-saml's own
+    # fixed 300 s stays the outer bound, so more than 300 cannot be allowed).
+    clock_skew: int = Field(120, ge=0, le=300)
+    # An external discovery service (SAML IdP Discovery protocol); "" = our own list.
+    discovery_url: str = ""
+
+    @field_validator("discovery_url")
+    @classmethod
+    def _discovery_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in {"http", "https"} or not parts.hostname
+                      or parts.fragment):
+            raise ValueError("must be an absolute http(s) URL without a fragment")
+        if value and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+            raise ValueError("must be https:// (plain http is allowed only on loopback)")
+        return value
 
 
 class AttributeMap(_Model):
@@ -70,6 +97,15 @@ class AttributeMap(_Model):
     display_name: list[str] = ["displayName", "urn:oid:2.16.840.1.113730.3.1.241"]
     entitlements: list[str] = ["eduPersonEntitlement", "urn:oid:1.3.6.1.4.1.5923.1.1.1.7"]
     status: list[str] = ["memberStatus"]
+
+
+class IdPOptions(_Model):
+    """``[[idps]]``: settings for one IdP, by entity ID."""
+
+    entity_id: str = Field(min_length=1)
+    attributes: AttributeMap | None = None  # the fields given replace [attributes]'s
+    allow_unsolicited: bool | None = None  # IdP-initiated SSO; None: [idp] allow_unsolicited
+    require_encryption: bool = False  # refuse assertions that are not encrypted
 
 
 class SessionSettings(_Model):
@@ -213,6 +249,27 @@ class MetricsSettings(_Model):
     allow_from: list[str] = ["127.0.0.1", "::1"]  # addresses or networks (CIDR)
 
 
+class MetadataSource(_Model):
+    """One ``[[metadata]]`` entry: IdP metadata fetched from a URL, signature required."""
+
+    url: str
+    signing_cert: Path  # PEM certificate the metadata signature must verify against
+    refresh: int = Field(3600, ge=60, le=7 * 86400)  # seconds (a shorter cacheDuration wins)
+    entities: list[str] = []  # keep only these entity IDs from an aggregate
+    registration_authority: str = ""  # keep only entities registered by this authority
+    timeout: float = Field(30.0, gt=0, le=600)  # seconds for the whole download
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    cache_dir: Path = Path("metadata_cache")  # last good copies, for restarts without network
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class Settings(_Model):
     public_url: str
     listen: str = "127.0.0.1:8000"
@@ -224,9 +281,11 @@ class Settings(_Model):
     sp: SPSettings = SPSettings()
     idp: IdPSettings = IdPSettings()
     attributes: AttributeMap = AttributeMap()
+    idps: list[IdPOptions] = []
     session: SessionSettings = SessionSettings()
     store: StoreSettings = StoreSettings()
     upstreams: list[Upstream] = []
+    metadata: list[MetadataSource] = []
     rules: list[Rule] = []
     identity_headers: IdentityHeaders = IdentityHeaders()
     identity: IdentitySettings = IdentitySettings()
@@ -284,6 +343,21 @@ class Settings(_Model):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    def idp_options(self, entity_id: str) -> IdPOptions:
+        """The ``[[idps]]`` entry of one IdP (defaults when it has none)."""
+        found = next((o for o in self.idps if o.entity_id == entity_id), None)
+        options = found or IdPOptions(entity_id=entity_id)
+        if options.allow_unsolicited is None:
+            options = options.model_copy(update={"allow_unsolicited": self.idp.allow_unsolicited})
+        return options
+
+    def attribute_map(self, entity_id: str) -> AttributeMap:
+        """``[attributes]`` with the fields one IdP's ``[[idps]]`` entry overrides."""
+        own = self.idp_options(entity_id).attributes
+        if own is None:
+            return self.attributes
+        return self.attributes.model_copy(update=own.model_dump(include=own.model_fields_set))
 
     def session_secrets(self) -> list[str]:
         """All cookie secrets, newest first (from ``secrets`` then ``secrets_file``)."""
@@ -354,7 +428,8 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: list[s
             target[keys[-1]] = parsed if isinstance(parsed, list | bool | int | float) else value
 
 
-_PATH_KEYS = (("sp", "key_file"), ("sp", "cert_file"), ("idp", "metadata_dir"),
+_PATH_KEYS = (("sp", "key_file"), ("sp", "cert_file"), ("sp", "next_key_file"),
+              ("sp", "next_cert_file"), ("idp", "metadata_dir"),
               ("session", "secrets_file"), ("identity", "keys_dir"))
 
 
@@ -368,6 +443,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         value = table.get(key, defaults.get((section, key)))
         if isinstance(value, str):
             table[key] = str(base / Path(value).expanduser())
+    for entry in raw.get("metadata") or []:
+        if isinstance(entry, dict):
+            entry.setdefault("cache_dir", "metadata_cache")
+            for key in ("signing_cert", "cache_dir"):
+                if isinstance(entry.get(key), str):
+                    entry[key] = str(base / Path(entry[key]).expanduser())
     store = raw.get("store")
     if isinstance(store, dict) and isinstance(store.get("url"), str):
         url = store["url"]
@@ -393,6 +474,11 @@ def _check_files(raw: dict[str, Any], source: Path) -> list[str]:
         elif not want_dir and not p.is_file():
             hint = " (run `sso-gateway certs generate`)" if section == "sp" else ""
             problems.append(f"{source}: key {section}.{key}: file {str(p)!r} does not exist{hint}")
+    for i, entry in enumerate(raw.get("metadata") or []):
+        cert = entry.get("signing_cert") if isinstance(entry, dict) else None
+        if isinstance(cert, str) and not Path(cert).is_file():
+            problems.append(
+                f"{source}: key metadata[{i}].signing_cert: file {cert!r} does not exist")
     return problems
 
 
@@ -415,6 +501,18 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
     names = [u.name for u in settings.upstreams]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{source}: key upstreams: name {name!r} is used twice")
+    entities = [o.entity_id for o in settings.idps]
+    for entity in sorted({e for e in entities if entities.count(e) > 1}):
+        problems.append(f"{source}: key idps: entity_id {entity!r} is listed twice")
+    for i, entry in enumerate(settings.metadata):
+        try:
+            x509.load_pem_x509_certificate(entry.signing_cert.read_bytes())
+        except (OSError, ValueError):
+            problems.append(f"{source}: key metadata[{i}].signing_cert: "
+                            f"{str(entry.signing_cert)!r} is not a PEM certificate")
+    urls = [m.url for m in settings.metadata]
+    for url in sorted({u for u in urls if urls.count(u) > 1}):
+        problems.append(f"{source}: key metadata: url {url!r} is listed twice")
     if settings.session.idle_timeout > settings.session.lifetime:
         problems.append(f"{source}: key session.idle_timeout: must not exceed session.lifetime")
     return problems

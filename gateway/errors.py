@@ -46,14 +46,16 @@ class AmbiguousPath(BadRequest):
 
 
 class LoginFailed(GatewayError):
-    """A login response was refused. ``kind`` is a short fixed label for metrics and logs."""
+    """A login response was refused. ``kind`` is a short fixed label for metrics and logs;
+    ``details`` holds the values the check compared (for ``sso-gateway explain``)."""
 
     status = 400
     public_message = "Sign-in failed."
 
-    def __init__(self, kind: str, reason: str) -> None:
+    def __init__(self, kind: str, reason: str, details: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.kind = kind
+        self.details = dict(details or {})
 
 
 class LogoutFailed(GatewayError):

@@ -138,7 +138,7 @@ def verify_token(token: str | bytes, jwks: Mapping[str, Any], audience: str, *,
         if header.get("alg") != ALGORITHM or header.get("kid") not in keys:
             raise InvalidToken(f"unknown key or algorithm (kid={header.get('kid')!r})")
         key = jwt.PyJWK.from_dict(keys[header["kid"]], algorithm=ALGORITHM)
-        options = {"require": ["exp", "iat", "iss", "aud", "sub"]}
+        options: jwt.types.Options = {"require": ["exp", "iat", "iss", "aud", "sub"]}
         return dict(jwt.decode(token, key.key, algorithms=[ALGORITHM], audience=audience,
                                issuer=issuer, leeway=leeway, options=options))
     except jwt.PyJWTError as exc:

@@ -13,11 +13,9 @@ import base64
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from cryptography import x509
-from lxml import etree
 
 from gateway.config import Settings, Upstream
 from gateway.errors import StoreError
@@ -26,7 +24,6 @@ from gateway.sessions import Store
 
 HEALTH_CACHE_SECONDS = 5.0
 HEALTH_TIMEOUT = 2.0
-_MD = "urn:oasis:names:tc:SAML:2.0:metadata"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,34 +59,8 @@ def _certificate(role: str, entity_id: str, cert: x509.Certificate) -> Certifica
 
 def metadata_valid_until(idp: IdP) -> float | None:
     """The earliest ``validUntil`` over the IdP's EntityDescriptor and its enclosing
-    aggregates, or ``None`` when none is set. Taken from the registry when it says so,
-    else read from the metadata file the IdP was loaded from (trusted, admin-placed;
-    parsed without DTDs, entities or network)."""
-    known = getattr(idp, "valid_until", None)
-    if known is not None:
-        return float(known)
-    try:
-        parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
-        root = etree.parse(str(Path(idp.source)), parser).getroot()
-    except (OSError, etree.XMLSyntaxError):
-        return None
-    for entity in root.iter(f"{{{_MD}}}EntityDescriptor"):
-        if entity.get("entityID", "").strip() != idp.entity_id:
-            continue
-        times = [_instant(node.get("validUntil")) for node in (entity, *entity.iterancestors())]
-        valid = [t for t in times if t is not None]
-        return min(valid) if valid else None
-    return None
-
-
-def _instant(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    aggregates (from the registry), or ``None`` when none is set."""
+    return idp.valid_until
 
 
 class Readiness:
@@ -102,7 +73,11 @@ class Readiness:
         self._clock = clock
         self._health = [(u.name, u.health_url) for u in upstreams if u.health_url]
         self._cache: dict[str, tuple[float, str | None]] = {}
-        self.valid_until = {idp.entity_id: metadata_valid_until(idp) for idp in registry.all()}
+
+    @property
+    def valid_until(self) -> dict[str, float | None]:
+        """Per IdP now in the registry (metadata URLs are refreshed while running)."""
+        return {idp.entity_id: metadata_valid_until(idp) for idp in self._registry.all()}
 
     async def failures(self) -> dict[str, str]:
         failed: dict[str, str] = {}

@@ -13,13 +13,14 @@ finds the right ``Telemetry``, so the login flow needs no reference to it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from starlette.types import Message, Scope, Send
 from gateway.audit import audit, configure_audit
 from gateway.config import Settings
 from gateway.errors import LoginFailed, StoreError, UpstreamError, UpstreamTimeout
+from gateway.explain import FAILURE_TTL, Failure, failure_key
 from gateway.logs import (
     CURRENT,
     RequestContext,
@@ -45,21 +47,17 @@ if TYPE_CHECKING:
     from gateway.policy import Decision
 
 access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
 RECENT_FAILURES = 200
 _monotonic = time.monotonic
 
 
-@dataclass(frozen=True, slots=True)
-class LoginFailure:
-    """A refused login as the admin console shows it (kept in memory, per process)."""
-
-    time: float
-    reference: str
-    kind: str
-    reason: str
-    idp: str
-    request_id: str
-    client_ip: str
+# A refused login: the last RECENT_FAILURES in memory (this process, for the console's
+# list), every one in the store for FAILURE_TTL (any process, `sso-gateway explain`).
+LoginFailure = Failure
+# Store writes of this request's failures: awaited before its answer starts, so a
+# reference the member sees can already be explained.
+_PENDING: ContextVar[list[asyncio.Task[None]] | None] = ContextVar("failures", default=None)
 
 
 class Telemetry:
@@ -78,6 +76,7 @@ class Telemetry:
                                    for e, until in self.readiness.valid_until.items()]
         self.failures: deque[LoginFailure] = deque(maxlen=RECENT_FAILURES)
         self._wall = wall
+        self._store = store
         self._trusted = address_matcher(settings.trusted_proxies)
         self._log_member = settings.logging.log_member_id
         configure_audit(settings.logging.audit, Path(settings.source).parent)
@@ -105,10 +104,14 @@ class Telemetry:
                     break
         ctx = RequestContext(request_id or new_request_id(), _monotonic(), host, self)
         CURRENT.set(ctx)
+        pending: list[asyncio.Task[None]] = []
+        _PENDING.set(pending)
         header = (b"x-request-id", ctx.request_id.encode("ascii"))
 
         async def sender(message: Message) -> None:
             if message["type"] == "http.response.start":
+                while pending:
+                    await pending.pop()
                 ctx.status = message["status"]
                 if ctx.upstream_started:
                     ctx.upstream_started = _monotonic() - ctx.upstream_started  # the latency
@@ -157,10 +160,22 @@ class Telemetry:
         ctx = current()
         idp = ctx.idp if ctx is not None else ""
         self.metrics.login(idp, exc.kind)
-        self.failures.appendleft(LoginFailure(
-            self._wall(), reference, exc.kind, exc.reason, idp,
-            ctx.request_id if ctx else "", ctx.client if ctx else ""))
+        failure = Failure(self._wall(), reference, exc.kind, exc.reason,
+                          idp or exc.details.get("idp", ""), ctx.request_id if ctx else "",
+                          ctx.client if ctx else "", dict(exc.details))
+        self.failures.appendleft(failure)
         audit("login_failure", reference=reference, kind=exc.kind, reason=exc.reason, idp=idp)
+        task = asyncio.get_running_loop().create_task(self._keep(failure))
+        pending = _PENDING.get()
+        if pending is not None:
+            pending.append(task)
+
+    async def _keep(self, failure: Failure) -> None:
+        try:
+            await self._store.add_once(failure_key(failure.reference), failure.to_json(),
+                                       FAILURE_TTL)
+        except Exception:  # the member's error page must not fail with it
+            log.exception("could not store login failure ref=%s", failure.reference)
 
     def _finished(self, ctx: RequestContext, scope: Scope) -> None:
         latency = ctx.upstream_started if ctx.upstream else 0.0

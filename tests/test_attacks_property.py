@@ -35,7 +35,7 @@ from gateway.paths import canonical_path
 from gateway.policy import Policy
 from gateway.principal import Principal
 from gateway.saml import IdP, IdPRegistry, LoginResult, ServiceProvider
-from tests.forge import NS, Forge, parse, unsign
+from tests.forge import NS, forge_for_demo, parse, unsign
 
 REQUEST_ID = "_pending-request-for-hypothesis"
 MEMBER = "urn:mace:example.org:entitlement:member"
@@ -70,7 +70,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     registry = IdPRegistry.load_dir(demo.settings.idp.metadata_dir)
     sp = ServiceProvider(demo.settings, registry)
     idp = registry.get(demo.idp.entity_id)
-    forge = Forge.for_demo(demo)
+    forge = forge_for_demo(demo)
     xml = forge.xml(REQUEST_ID, lifetime=600).encode()
     start = xml.index(b"<saml:Assertion")
     end = xml.index(b"</saml:Assertion>") + len(b"</saml:Assertion>")

@@ -39,6 +39,7 @@ from tests.forge import (
     consumed_assertion_ids,
     encode,
     forge_attack,
+    forge_for_demo,
     now_id,
 )
 
@@ -56,7 +57,7 @@ def attack_stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Ite
 
 @pytest.fixture(scope="module")
 def forge(attack_stack: Stack) -> Forge:
-    return Forge.for_demo(attack_stack.demo)
+    return forge_for_demo(attack_stack.demo)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_replay_is_refused_after_a_gateway_restart(tmp_path: Path, tls: TLSFiles
     (same key: the work directory keeps it)."""
     assertion_id = now_id()
     with run_stack(tmp_path, tls) as first:
-        forge = Forge.for_demo(first.demo)
+        forge = forge_for_demo(first.demo)
         assert genuine_login(first, forge, assertion_id).status_code == 302
         metadata = (first.demo.workdir / "idp_metadata" / "devidp.xml").read_text()
     saved = tmp_path.parent / f"{tmp_path.name}-devidp.xml"
@@ -224,7 +225,7 @@ def test_replay_is_refused_after_a_gateway_restart(tmp_path: Path, tls: TLSFiles
 
     with run_stack(tmp_path, tls, setup=same_idp) as second:
         assert second.session_count() == 1
-        forge = Forge.for_demo(second.demo, idp_entity_id=first.demo.idp.entity_id)
+        forge = forge_for_demo(second.demo, idp_entity_id=first.demo.idp.entity_id)
         fresh = now_id()
         assert genuine_login(second, forge, fresh).status_code == 302  # the restart works
         login_page_refusal(genuine_login(second, forge, assertion_id))

@@ -97,6 +97,14 @@ class StoreContract:
         self.clock.advance(11)
         assert await store.take("late") is None
 
+    async def test_get_reads_without_consuming(self, store: Store) -> None:
+        assert await store.get("g") is None
+        await store.add_once("g", "kept", 10)
+        assert await store.get("g") == "kept"
+        assert await store.get("g") == "kept"
+        self.clock.advance(10)
+        assert await store.get("g") is None
+
     async def test_concurrent_takes_let_exactly_one_through(self, store: Store) -> None:
         await store.add_once("race", "v", 10)
         results = await asyncio.gather(*(store.take("race") for _ in range(20)))

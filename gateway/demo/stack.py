@@ -14,6 +14,7 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -140,7 +141,7 @@ def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
 def servers(stack: DemoStack, *,
             jwks_verify: ssl.SSLContext | bool = True) -> list[uvicorn.Server]:
     """Three uvicorn servers (gateway, IdP, reader), not yet started."""
-    def server(app: object, url: str) -> uvicorn.Server:
+    def server(app: Any, url: str) -> uvicorn.Server:
         parts = urlsplit(url)
         config = uvicorn.Config(app, host=parts.hostname or "127.0.0.1", port=parts.port or 80,
                                 log_level="warning", lifespan="auto")

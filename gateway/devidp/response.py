@@ -8,6 +8,11 @@ exclusive c14n). ``add_sign`` puts the signature after the *first* ``saml:Issuer
 the document it is given, so the Assertion is signed as a document of its own and only
 then placed into the Response; the Response (if signed) is signed last, so that its
 signature covers the already signed Assertion.
+
+With ``encrypt_to`` (the SP's certificate, PEM) the signed Assertion is encrypted to
+that certificate and sent as an ``EncryptedAssertion``: AES-256-GCM content (or
+AES-128-CBC, ``encryption="aes128-cbc"``) under a fresh session key, the key wrapped
+with RSA-OAEP, as python3-saml's ``generate_name_id`` does it for NameIDs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import secrets
 import time
 from typing import Final
 
+import xmlsec
 from lxml import etree
 from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
 from onelogin.saml2.utils import OneLogin_Saml2_Utils
@@ -46,6 +52,9 @@ _NSMAP: Final = {"samlp": SAMLP, "saml": SAML}
 PASSWORD_PROTECTED_TRANSPORT: Final = C.AC_PASSWORD_PROTECTED
 STATUS_SUCCESS: Final = C.STATUS_SUCCESS
 BEARER: Final = C.CM_BEARER
+XENC: Final = "http://www.w3.org/2001/04/xmlenc#"
+CONTENT_CIPHERS: Final = {"aes256-gcm": (xmlsec.constants.TransformAes256Gcm, 256),
+                          "aes128-cbc": (xmlsec.constants.TransformAes128Cbc, 128)}
 
 
 def new_id() -> str:
@@ -78,6 +87,27 @@ def _sign(element: etree._Element, key_pem: str, cert_pem: str) -> etree._Elemen
     # add_sign's own output, re-read without DTDs, entities or network access.
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     return etree.fromstring(signed, parser)
+
+
+def encrypt_assertion(assertion: etree._Element, cert_pem: str,
+                      encryption: str = "aes256-gcm") -> etree._Element:
+    """``saml:EncryptedAssertion`` holding ``assertion`` encrypted to ``cert_pem``."""
+    transform, bits = CONTENT_CIPHERS[encryption]
+    manager = xmlsec.KeysManager()
+    manager.add_key(xmlsec.Key.from_memory(cert_pem, xmlsec.constants.KeyDataFormatCertPem, None))
+    template = xmlsec.template.encrypted_data_create(
+        assertion, transform, type=xmlsec.constants.TypeEncElement, ns="xenc")
+    xmlsec.template.encrypted_data_ensure_cipher_value(template)
+    key_info = xmlsec.template.encrypted_data_ensure_key_info(template, ns="ds")
+    encrypted_key = xmlsec.template.add_encrypted_key(key_info, xmlsec.constants.TransformRsaOaep)
+    xmlsec.template.encrypted_data_ensure_cipher_value(encrypted_key)
+    context = xmlsec.EncryptionContext(manager)
+    context.key = xmlsec.Key.generate(xmlsec.constants.KeyDataAes, bits,
+                                      xmlsec.constants.KeyDataTypeSession)
+    encrypted = context.encrypt_xml(template, assertion)
+    wrapper = etree.Element(f"{{{SAML}}}EncryptedAssertion", nsmap={"saml": SAML})
+    wrapper.append(encrypted)
+    return wrapper
 
 
 def _assertion(
@@ -153,6 +183,8 @@ def build_response(
     recipient: str | None = None,
     session_not_on_or_after: float | None = None,
     authn_instant: float | None = None,
+    encrypt_to: str | None = None,
+    encryption: str = "aes256-gcm",
 ) -> str:
     """Return a SAML Response (XML text) carrying one Assertion, signed as asked.
 
@@ -161,7 +193,8 @@ def build_response(
     ``audience``, ``destination`` and ``recipient`` default to the honest values so that a
     forging test overrides only the one it attacks. ``authn_instant`` (when the user
     actually typed a password; default ``now``) differs from ``now`` for single sign-on
-    through an existing IdP session.
+    through an existing IdP session. ``encrypt_to`` (a PEM certificate) sends the signed
+    Assertion encrypted to it.
     """
     now = time.time() if now is None else now
     assertion = _assertion(
@@ -194,6 +227,10 @@ def build_response(
     _el(response, SAML, "Issuer", idp_entity_id)
     status = _el(response, SAMLP, "Status")
     _el(status, SAMLP, "StatusCode", Value=STATUS_SUCCESS)
+    if encrypt_to is not None:
+        # encrypt_xml replaces the element in its tree: give it a document of its own.
+        assertion = encrypt_assertion(etree.fromstring(etree.tostring(assertion)), encrypt_to,
+                                      encryption)
     response.append(assertion)
     if sign_response:
         response = _sign(response, key_pem, cert_pem)

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from gateway.audit import audit
 from gateway.config import mask_url
+from gateway.explain import Failure, failure_key
 from gateway.logs import session_hash
 from gateway.routes.account import HANDLE_LENGTH, describe
 from gateway.routes.common import check_csrf, csrf_token, field, read_form, require_same_origin
@@ -29,32 +30,6 @@ from gateway.web import error_answer, render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-
-#: What each login failure kind means, for the admin reading the console.
-EXPLANATIONS = {
-    "malformed": "The IdP's answer was not a well-formed SAML Response.",
-    "signature": "The Response or Assertion was not signed by the IdP's certificate in our "
-                 "metadata: the IdP changed its key (update the metadata) or the answer was "
-                 "tampered with.",
-    "unsolicited": "A Response arrived without a login request from us (IdP-initiated "
-                   "sign-in is off).",
-    "login_state": "The browser that finished the sign-in did not start it: cookies blocked, "
-                   "or the login link was opened in another browser.",
-    "in_response_to": "The login request it answers is unknown, used already or expired: "
-                      "the member took too long at the IdP, or pressed Back and resent it.",
-    "replay": "This Assertion was used before: a resent or replayed answer.",
-    "attributes": "The IdP did not release an attribute the gateway needs (member ID, "
-                  "status…): ask the IdP to release them to this SP.",
-    "destination": "The Response was addressed to another URL: check public_url and the "
-                   "ACS URL registered at the IdP.",
-    "not_yet_valid": "The Assertion is not valid yet: the IdP's or the gateway's clock is off.",
-    "expired": "The Assertion had expired: the clocks are off, or the answer was held back.",
-    "issuer": "The Response came from an IdP other than the one asked.",
-    "audience": "The Assertion was meant for another SP: check the SP entity ID at the IdP.",
-    "subject_confirmation": "The Assertion's subject confirmation did not match this login.",
-    "too_large": "The answer was larger than the gateway accepts.",
-}
-
 
 def registrations_csv(registrations: list[Registration]) -> str:
     out = io.StringIO()
@@ -188,11 +163,14 @@ def routes(gw: Gateway) -> list[Route]:
         if refused is not None:
             return refused
         wanted = request.query_params.get("reference", "").strip().upper()[:32]
+        found: list[Failure] = list(gw.telemetry.failures)  # this process's latest
+        if wanted:  # any replica's, from the store (kept 30 days)
+            raw = await gw.store.get(failure_key(wanted))
+            found = [Failure.from_json(raw)] if raw is not None else []
         rows = [{"when": _when(f.time), "reference": f.reference, "kind": f.kind,
-                 "explanation": EXPLANATIONS.get(f.kind, "See the technical reason."),
-                 "reason": f.reason, "idp": f.idp or "not known yet",
-                 "request_id": f.request_id, "client_ip": f.client_ip}
-                for f in gw.telemetry.failures if not wanted or f.reference == wanted]
+                 "explanation": f"{f.summary} {f.advice}",
+                 "reason": f.reason, "idp": f.idp or "not known yet", "details": f.details,
+                 "request_id": f.request_id, "client_ip": f.client_ip} for f in found]
         return to_response(render("admin_failures.html", title="Login failures",
                                   section="failures", failures=rows, reference=wanted))
 

@@ -12,9 +12,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway.audit import audit
-from gateway.errors import LogoutFailed
+from gateway.errors import LogoutFailed, UnknownIdP
 from gateway.logs import session_hash
 from gateway.paths import safe_next
+from gateway.routes import sign_in
 from gateway.routes.common import (
     check_csrf,
     csrf_token,
@@ -54,15 +55,21 @@ def routes(gw: Gateway) -> list[Route]:
     async def login(request: Request) -> Response:
         next_url = safe_next(request.query_params.get("next"))
         chosen = request.query_params.get("idp")
-        idp = gw.login.choose_idp(chosen)
+        try:
+            idp = gw.login.choose_idp(chosen)
+        except UnknownIdP as exc:
+            return sign_in.unknown_idp(gw, request, chosen or "", exc, next_url)
         if idp is None or (not chosen and not gw.settings.idp.auto_redirect):
-            return to_response(render("sign_in.html", title="Sign in", next=next_url,
-                                      idps=gw.registry.all()))
+            if gw.settings.idp.discovery_url and "ds" not in request.query_params:
+                return sign_in.discovery(gw, next_url)
+            return sign_in.page(gw, request, next_url)
         await rate_limit(gw, request, "logins", gw.settings.limits.logins)
         started = await gw.login.start(idp, next_url)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", started.cookie.header().decode("latin-1"))
+        if chosen:
+            response.headers.append("set-cookie", sign_in.remember(gw, idp))
         return response
 
     async def acs(request: Request) -> Response:
@@ -75,7 +82,8 @@ def routes(gw: Gateway) -> list[Route]:
         response = RedirectResponse(done.next_url, status_code=302)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", gw.session_cookie_header(done.session_cookie_value))
-        response.headers.append("set-cookie", done.clear_cookie.header().decode("latin-1"))
+        if done.clear_cookie is not None:
+            response.headers.append("set-cookie", done.clear_cookie.header().decode("latin-1"))
         return response
 
     slo = SingleLogout(gw.sp, gw.registry, gw.clock)

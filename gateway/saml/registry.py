@@ -7,12 +7,19 @@ aggregate. Every problem in every file is collected and raised at once as a
 Metadata files are placed by an administrator, so they are trusted for their content;
 they are still parsed with the library's hardened parser (no DTD, no entities, no
 network) and a DOCTYPE is refused outright.
+
+Metadata fetched from URLs (``gateway.saml.metadata_source``) arrives as named
+*sources*: ``replace_source`` swaps one source's IdPs in a single assignment, so
+readers (the login flow, python3-saml threads) see either the old set or the new one.
+The IdPs from files come first; an entity ID a later source repeats is skipped.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,9 +34,11 @@ from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
 
 from gateway.errors import ConfigError, UnknownIdP
 
+log = logging.getLogger("gateway.metadata")
 _MD = f"{{{C.NS_MD}}}"
 _MDUI_NS = "urn:oasis:names:tc:SAML:metadata:ui"
-_NS = {"md": C.NS_MD, "ds": C.NS_DS, "mdui": _MDUI_NS}
+_MDRPI_NS = "urn:oasis:names:tc:SAML:metadata:rpi"
+_NS = {"md": C.NS_MD, "ds": C.NS_DS, "mdui": _MDUI_NS, "mdrpi": _MDRPI_NS}
 _DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
 # Signing keys: KeyDescriptors for signing, or with no ``use`` (meaning both uses).
 _SIGNING_CERTS = (
@@ -50,19 +59,53 @@ class IdP:
     sso_url: str  # HTTP-Redirect binding
     slo_url: str  # HTTP-Redirect binding, or "" when the IdP has none
     signing_certs: tuple[str, ...]  # PEM bodies (base64 DER, no armour)
-    source: Path
+    source: Path  # the metadata file (for a URL: its cached copy)
     settings: Mapping[str, Any] = field(compare=False, repr=False)
+    # The earliest validUntil of the EntityDescriptor and its aggregates (POSIX seconds).
+    valid_until: float | None = field(default=None, compare=False)
+    url: str = field(default="", compare=False)  # the metadata URL, "" for a file
+
+    @property
+    def origin(self) -> str:
+        """Where the metadata comes from, as an admin wrote it: the URL or the file."""
+        return self.url or str(self.source)
 
 
 class IdPRegistry:
     """An immutable set of IdPs keyed by entity ID."""
 
     def __init__(self, idps: Iterable[IdP] = ()) -> None:
-        self._idps: dict[str, IdP] = {}
+        base: dict[str, IdP] = {}
         for idp in idps:
-            if idp.entity_id in self._idps:
+            if idp.entity_id in base:
                 raise ValueError(f"IdP {idp.entity_id!r} given twice")
-            self._idps[idp.entity_id] = idp
+            base[idp.entity_id] = idp
+        self._sources: dict[str, tuple[IdP, ...]] = {"": tuple(base.values())}
+        self._idps: dict[str, IdP] = base
+        self.generation = 0  # bumped by every replace_source
+
+    def replace_source(self, name: str, idps: Iterable[IdP]) -> None:
+        """Set the IdPs of one named source (a metadata URL); an empty list removes it."""
+        sources = dict(self._sources)
+        sources[name] = tuple(idps)
+        if not sources[name]:
+            del sources[name]
+        merged: dict[str, IdP] = {}
+        for key, members in sources.items():
+            for idp in members:
+                other = merged.get(idp.entity_id)
+                if other is None:
+                    merged[idp.entity_id] = idp
+                elif key == name:
+                    log.warning("IdP %s from %s ignored: already defined by %s",
+                                idp.entity_id, idp.origin, other.origin)
+        self._sources = sources
+        self._idps = merged  # one assignment: readers see the old or the new set
+        self.generation += 1
+
+    def source(self, name: str) -> tuple[IdP, ...]:
+        """The IdPs a named source currently provides (shadowed ones included)."""
+        return self._sources.get(name, ())
 
     @classmethod
     def load_dir(cls, directory: Path) -> IdPRegistry:
@@ -114,46 +157,94 @@ def _load_file(path: Path, problems: list[str]) -> list[IdP]:
     except OSError as exc:
         problems.append(f"{path}: cannot read ({exc.strerror or exc})")
         return []
-    if _DOCTYPE.search(data):
-        problems.append(f"{path}: a DOCTYPE is not allowed in metadata")
-        return []
-    try:
-        root = OneLogin_Saml2_XML.to_etree(data)
-    except Exception as exc:  # lxml syntax errors and the parser's DTD/entity refusals
-        problems.append(f"{path}: not well-formed XML ({_short(exc)})")
-        return []
+    root = parse_xml(data, str(path), problems)
+    return [] if root is None else idps_from_tree(root, path, problems)
 
+
+def parse_xml(data: bytes, where: str, problems: list[str]) -> Any | None:
+    """The root element of metadata bytes (hardened parser; DOCTYPE refused), or None."""
+    if _DOCTYPE.search(data):
+        problems.append(f"{where}: a DOCTYPE is not allowed in metadata")
+        return None
+    try:
+        return OneLogin_Saml2_XML.to_etree(data)
+    except Exception as exc:  # lxml syntax errors and the parser's DTD/entity refusals
+        problems.append(f"{where}: not well-formed XML ({_short(exc)})")
+        return None
+
+
+def idps_from_tree(root: Any, path: Path, problems: list[str], *, url: str = "",
+                   entities: Iterable[str] = (), registration_authority: str = "") -> list[IdP]:
+    """The IdPs of a parsed metadata document, optionally only the listed ``entities``
+    and/or those registered by ``registration_authority`` (mdrpi:RegistrationInfo)."""
+    where = url or str(path)
     if root.tag == f"{_MD}EntityDescriptor":
-        entities = [root]
+        nodes = [root]
     elif root.tag == f"{_MD}EntitiesDescriptor":
-        entities = list(root.iter(f"{_MD}EntityDescriptor"))
+        nodes = list(root.iter(f"{_MD}EntityDescriptor"))
     else:
         problems.append(
-            f"{path}: root element is {etree.QName(root).localname!r}, "
+            f"{where}: root element is {etree.QName(root).localname!r}, "
             "expected md:EntityDescriptor or md:EntitiesDescriptor"
         )
         return []
+    wanted = set(entities)
+    if wanted or registration_authority:
+        nodes = [n for n in nodes if (not wanted or (n.get("entityID") or "").strip() in wanted)
+                 and (not registration_authority
+                      or _registration_authority(n) == registration_authority)]
+        missing = wanted - {(n.get("entityID") or "").strip() for n in nodes}
+        if missing:
+            log.warning("%s: entities not found (or filtered out): %s", where,
+                        ", ".join(sorted(missing)))
 
     idps: list[IdP] = []
     seen_idp_descriptor = False
-    for entity in entities:
+    for entity in nodes:
         if entity.find("md:IDPSSODescriptor", _NS) is None:
             continue  # aggregates also carry SPs; a lone SP is reported below
         seen_idp_descriptor = True
-        idp = _load_entity(path, entity, problems)
+        idp = _load_entity(path, entity, problems, url)
         if idp is not None:
             idps.append(idp)
     if not seen_idp_descriptor:
-        problems.append(f"{path}: no md:IDPSSODescriptor (this is not IdP metadata)")
+        hint = " or the filter keeps none" if wanted or registration_authority else ""
+        problems.append(f"{where}: no md:IDPSSODescriptor (this is not IdP metadata{hint})")
     return idps
 
 
-def _load_entity(path: Path, entity: Any, problems: list[str]) -> IdP | None:
+def _registration_authority(entity: Any) -> str:
+    """The entity's registrationAuthority, else the nearest aggregate's."""
+    for node in (entity, *entity.iterancestors()):
+        info = node.find("md:Extensions/mdrpi:RegistrationInfo", _NS)
+        if info is not None:
+            return str(info.get("registrationAuthority") or "").strip()
+    return ""
+
+
+def valid_until(entity: Any) -> float | None:
+    """The earliest validUntil of an EntityDescriptor and its enclosing aggregates."""
+    times = [parse_instant(node.get("validUntil")) for node in (entity, *entity.iterancestors())]
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
+
+
+def parse_instant(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _load_entity(path: Path, entity: Any, problems: list[str], url: str = "") -> IdP | None:
     entity_id = (entity.get("entityID") or "").strip()
     if not entity_id:
-        problems.append(f"{path}: an md:EntityDescriptor has no entityID")
+        problems.append(f"{url or path}: an md:EntityDescriptor has no entityID")
         return None
-    where = f"{path}: IdP {entity_id!r}"
+    where = f"{url or path}: IdP {entity_id!r}"
     if "'" in entity_id or any(ch.isspace() or ord(ch) < 0x20 for ch in entity_id):
         # The library's parser interpolates the entityID into an XPath in quotes.
         problems.append(f"{where}: entityID contains a quote, whitespace or control character")
@@ -200,6 +291,8 @@ def _load_entity(path: Path, entity: Any, problems: list[str]) -> IdP | None:
         signing_certs=tuple(certs),
         source=path,
         settings=settings,
+        valid_until=valid_until(entity),
+        url=url,
     )
 
 

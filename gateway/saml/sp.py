@@ -10,10 +10,8 @@ only the per-IdP ``OneLogin_Saml2_Settings`` (read-only once built) are shared.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
-import re
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from lxml import etree
 from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
-from onelogin.saml2.metadata import OneLogin_Saml2_Metadata
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from onelogin.saml2.utils import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
 
@@ -32,24 +28,20 @@ from gateway.config import Settings
 from gateway.errors import ConfigError, LoginFailed
 from gateway.principal import Principal
 from gateway.saml.attributes import map_principal
+from gateway.saml.clock import saml_time
+from gateway.saml.failure_details import add_details
 from gateway.saml.registry import IdP, IdPRegistry
-from gateway.saml.response import (
-    Auth,
-    check_response,
-    clean,
-    kind_for,
-    saml_time,
-)
-from gateway.saml.structure import check_structure
+from gateway.saml.response import Auth, check_response, clean, kind_for
+from gateway.saml.sp_keys import read_keypairs, sp_metadata
+from gateway.saml.structure import check_envelope, check_structure, parser
 
-MAX_RESPONSE_BASE64 = 256 * 1024
+log = logging.getLogger("gateway")
 ACS_PATH = "/saml/acs"
 SLS_PATH = "/saml/sls"
 METADATA_PATH = "/saml/metadata"
 # We identify members by an attribute, not by NameID, so we let the IdP pick the format:
 # asking for ``persistent`` makes IdPs that cannot issue one fail with InvalidNameIDPolicy.
 NAMEID_FORMAT = C.NAMEID_UNSPECIFIED
-_DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,13 @@ class LoginResult:
     assertion_id: str
     not_on_or_after: float  # after this the assertion is refused anyway: replay-cache expiry
     response_id: str
+    encrypted: bool = False  # the assertion arrived as an EncryptedAssertion
+
+
+@dataclass(frozen=True)
+class Peek:
+    issuer: str  # unvalidated: chooses the IdP whose certificates must verify the Response
+    in_response_to: str | None
 
 
 class ServiceProvider:
@@ -84,12 +83,16 @@ class ServiceProvider:
         self._https = "on" if parts.scheme == "https" else "off"
         # The port goes into http_host: python3-saml deprecates ``server_port``.
         self._host = parts.netloc.rpartition("@")[2]
-        self._key_pem, self._cert_pem = _read_keypair(settings)
+        self._skew = float(settings.idp.clock_skew)
+        self._keys = read_keypairs(settings)  # current first; the next one during a rollover
         self._lock = threading.Lock()
-        self._cache: dict[IdP, OneLogin_Saml2_Settings] = {}
+        self._cache: dict[tuple[IdP, int], OneLogin_Saml2_Settings] = {}
         self._sp_only = self._build(None)
         for idp in registry.all():  # a bad IdP block fails at startup, not at first login
             self.settings_for(idp)
+        for options in settings.idps:  # a typo would silently drop require_encryption & co
+            if options.entity_id not in registry:
+                log.warning("[[idps]] entity_id %r matches no loaded IdP", options.entity_id)
 
     # Public API ----------------------------------------------------------------------
 
@@ -103,12 +106,51 @@ class ServiceProvider:
         """Validate a POSTed ``SAMLResponse`` answering ``request_id``; raise ``LoginFailed``."""
         if not request_id:
             raise ValueError("request_id is required: without it the library skips InResponseTo")
-        encoded, xml = _check_envelope(saml_response)
+        return self._finish(saml_response, request_id, idp)
+
+    def finish_unsolicited(self, saml_response: str, *, idp: IdP) -> LoginResult:
+        """Validate an IdP-initiated ``SAMLResponse`` (no request of ours): only for an IdP
+        that opted in, and then InResponseTo must be absent everywhere."""
+        if not self.allows_unsolicited(idp):
+            raise LoginFailed(
+                "unsolicited", f"IdP {clean(idp.entity_id)} sent a Response without a login "
+                "request from us, and IdP-initiated sign-in is not enabled for it.",
+                {"idp": idp.entity_id, "allow_unsolicited": "false"})
+        return self._finish(saml_response, None, idp)
+
+    def allows_unsolicited(self, idp: IdP) -> bool:
+        return bool(self._config.idp_options(idp.entity_id).allow_unsolicited)
+
+    def peek(self, saml_response: str) -> Peek:
+        """The Response's Issuer and InResponseTo, read *before* validation: only to pick
+        the path (solicited or IdP-initiated) and the IdP whose certificates must then
+        verify it; every value is checked again on the validated document."""
+        _, xml = check_envelope(saml_response)
         check_structure(xml)
+        root = etree.fromstring(xml, parser())
+        issuer = root.find("saml:Issuer", C.NSMAP)
+        text = "".join(issuer.itertext()).strip() if issuer is not None else ""
+        return Peek(issuer=text, in_response_to=root.get("InResponseTo"))
+
+    def _finish(self, saml_response: str, request_id: str | None, idp: IdP) -> LoginResult:
+        encoded, xml = check_envelope(saml_response)
+        auth: Auth | None = None
+        try:
+            check_structure(xml)
+            auth = Auth(
+                self._request_data(ACS_PATH, {"SAMLResponse": encoded}), self.settings_for(idp)
+            )
+            auth.decryption_alternatives = [
+                self.settings_for(idp, index) for index in range(1, len(self._keys))]
+            return self._validate(auth, request_id, idp)
+        except LoginFailed as exc:
+            add_details(exc, xml=xml, response=auth.response if auth else None, idp=idp,
+                        sp_entity_id=self.entity_id, acs_url=self.acs_url,
+                        request_id=request_id, now=self._clock())
+            raise
+
+    def _validate(self, auth: Auth, request_id: str | None, idp: IdP) -> LoginResult:
         where = f"The SAML response from IdP {clean(idp.entity_id)}"
-        auth = Auth(
-            self._request_data(ACS_PATH, {"SAMLResponse": encoded}), self.settings_for(idp)
-        )
         attributes: dict[str, list[str]] = {}
         try:
             auth.process_response(request_id=request_id)
@@ -116,6 +158,8 @@ class ServiceProvider:
             if not failed:
                 # Reading the values can raise too (NameID, duplicate attribute names).
                 attributes = _string_values(auth.get_attributes())
+        except LoginFailed:
+            raise  # from the decryption step (shape of the decrypted assertion, no key)
         except OneLogin_Saml2_ValidationError as exc:
             raise LoginFailed(kind_for(exc.code), f"{where} was refused: {clean(exc)}") from exc
         except Exception as exc:  # unparseable XML, undecryptable assertion, …
@@ -135,6 +179,7 @@ class ServiceProvider:
             acs_url=self.acs_url,
             now=self._clock(),
             max_issue_age=self._max_issue_age,
+            skew=self._skew,
         )
         try:
             not_on_or_after = self._not_on_or_after(auth, assertion, where)
@@ -153,7 +198,7 @@ class ServiceProvider:
             name_id_format=auth.get_nameid_format() or "",
             session_index=auth.get_session_index() or "",
             idp=idp.entity_id,
-            mapping=self._config.attributes,
+            mapping=self._config.attribute_map(idp.entity_id),
             authn_instant=authn_instant if authn_instant is not None else self._clock(),
             session_not_on_or_after=float(session_end) if session_end else None,
         )
@@ -162,38 +207,34 @@ class ServiceProvider:
             assertion_id=auth.get_last_assertion_id(),
             not_on_or_after=not_on_or_after,
             response_id=auth.get_last_message_id() or "",
+            encrypted=bool(auth.response is not None and auth.response.encrypted),
         )
 
     def metadata(self) -> str:
-        """SP metadata XML, checked against the metadata schema before it is returned."""
-        settings = self._sp_only
-        security = settings.get_security_data()
-        xml = OneLogin_Saml2_Metadata.builder(
-            settings.get_sp_data(),
-            authnsign=security["authnRequestsSigned"],
-            wsign=security["wantAssertionsSigned"],
-        )
-        # Signing and encryption: an IdP that encrypts assertions can, and we can decrypt.
-        xml = OneLogin_Saml2_Metadata.add_x509_key_descriptors(
-            xml, settings.get_sp_cert(), add_encryption=True
-        )
-        text = xml.decode() if isinstance(xml, bytes) else str(xml)
-        errors = settings.validate_metadata(text)
-        if errors:
-            raise ConfigError([f"the generated SP metadata is invalid: {', '.join(errors)}"])
-        return text
+        """SP metadata XML (every SP certificate, for signing and encryption), checked
+        against the metadata schema before it is returned."""
+        return sp_metadata(self._sp_only, [pair.cert_pem for pair in self._keys])
 
-    def settings_for(self, idp: IdP) -> OneLogin_Saml2_Settings:
-        """The python3-saml settings for one IdP, built once and cached."""
+    def settings_for(self, idp: IdP, key: int = 0) -> OneLogin_Saml2_Settings:
+        """The python3-saml settings for one IdP, built once and cached. ``key`` picks the
+        SP key pair (0 = current, which signs; 1 = next, during a rollover)."""
         with self._lock:
-            cached = self._cache.get(idp)
+            cached = self._cache.get((idp, key))
             if cached is None:
-                cached = self._cache[idp] = self._build(idp)
+                cached = self._cache[(idp, key)] = self._build(idp, key)
             return cached
+
+    def forget(self, idp: IdP) -> None:
+        """Drop the cached settings of one IdP version (its metadata was replaced)."""
+        with self._lock:
+            for key in range(len(self._keys)):
+                self._cache.pop((idp, key), None)
 
     # Internals -----------------------------------------------------------------------
 
-    def _build(self, idp: IdP | None) -> OneLogin_Saml2_Settings:
+    def _build(self, idp: IdP | None, key: int = 0) -> OneLogin_Saml2_Settings:
+        pair = self._keys[key]
+        encrypted = idp is not None and self._config.idp_options(idp.entity_id).require_encryption
         data: dict[str, Any] = {
             "strict": True,
             "debug": False,
@@ -202,8 +243,8 @@ class ServiceProvider:
                 "assertionConsumerService": {"url": self.acs_url, "binding": C.BINDING_HTTP_POST},
                 "singleLogoutService": {"url": self.sls_url, "binding": C.BINDING_HTTP_REDIRECT},
                 "NameIDFormat": NAMEID_FORMAT,
-                "x509cert": self._cert_pem,
-                "privateKey": self._key_pem,
+                "x509cert": pair.cert_pem,
+                "privateKey": pair.key_pem,
             },
             "security": {
                 "authnRequestsSigned": self._config.sp.sign_authn_requests,
@@ -218,7 +259,7 @@ class ServiceProvider:
                 "requestedAuthnContext": False,
                 "logoutRequestSigned": True,
                 "logoutResponseSigned": True,
-                "wantAssertionsEncrypted": False,
+                "wantAssertionsEncrypted": encrypted,
                 "wantNameIdEncrypted": False,
             },
         }
@@ -261,26 +302,6 @@ class ServiceProvider:
         return limit
 
 
-def _check_envelope(saml_response: str) -> tuple[str, bytes]:
-    """Size, base64 and DOCTYPE checks before anything parses it: (base64, XML bytes)."""
-    if len(saml_response) > MAX_RESPONSE_BASE64:
-        raise LoginFailed(
-            "too_large",
-            f"The SAMLResponse is {len(saml_response)} characters, over the "
-            f"{MAX_RESPONSE_BASE64} limit.",
-        )
-    compact = "".join(saml_response.split())  # some IdPs wrap the base64 at 76 columns
-    try:
-        xml = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise LoginFailed("malformed", "The SAMLResponse is not valid base64.") from None
-    if not xml.strip():
-        raise LoginFailed("malformed", "The SAMLResponse is empty.")
-    if _DOCTYPE.search(xml):
-        raise LoginFailed("malformed", "The SAMLResponse contains a DOCTYPE; refused unparsed.")
-    return compact, xml
-
-
 def _check_trust(idp: IdP) -> None:
     """Signatures verify against the IdP's configured certificates and nothing else.
 
@@ -312,36 +333,3 @@ def _string_values(attributes: dict[str, list[Any]]) -> dict[str, list[str]]:
             texts.append(str(value))
         result[name] = texts
     return result
-
-
-def _read_keypair(settings: Settings) -> tuple[str, str]:
-    problems: list[str] = []
-    key_pem = cert_pem = ""
-    try:
-        key_pem = settings.sp.key_file.read_text()
-        cert_pem = settings.sp.cert_file.read_text()
-    except OSError as exc:
-        raise ConfigError(
-            [f"{exc.filename}: cannot read SP key or certificate ({exc.strerror})"]
-        ) from exc
-    try:
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
-    except (ValueError, TypeError):
-        problems.append(f"{settings.sp.key_file}: not an unencrypted PEM private key")
-        key = None
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
-    except ValueError:
-        problems.append(f"{settings.sp.cert_file}: not a PEM certificate")
-        cert = None
-    if key is not None and cert is not None:
-        der = serialization.PublicFormat.SubjectPublicKeyInfo
-        enc = serialization.Encoding.DER
-        if key.public_key().public_bytes(enc, der) != cert.public_key().public_bytes(enc, der):
-            problems.append(
-                f"{settings.sp.cert_file}: certificate does not match the key in "
-                f"{settings.sp.key_file}"
-            )
-    if problems:
-        raise ConfigError(problems)
-    return key_pem, cert_pem

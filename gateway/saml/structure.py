@@ -25,6 +25,9 @@ it. Identity comes from the library's getters on the document it validated.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections import Counter
 from typing import Any, Final
 
@@ -51,6 +54,8 @@ _SIGNED_INFO_CHILDREN: Final = {f"{{{DS}}}CanonicalizationMethod": (1, 1),
                                 f"{{{DS}}}Reference": (1, 1)}
 _REFERENCE_CHILDREN: Final = {f"{{{DS}}}Transforms": (0, 1), f"{{{DS}}}DigestMethod": (1, 1),
                               f"{{{DS}}}DigestValue": (1, 1)}
+MAX_RESPONSE_BASE64: Final = 256 * 1024
+_DOCTYPE: Final = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
 _RESPONSE: Final = f"{{{C.NS_SAMLP}}}Response"
 _ASSERTION: Final = f"{{{C.NS_SAML}}}Assertion"
 _ENCRYPTED_ASSERTION: Final = f"{{{C.NS_SAML}}}EncryptedAssertion"
@@ -59,6 +64,26 @@ _ENCRYPTED_ASSERTION: Final = f"{{{C.NS_SAML}}}EncryptedAssertion"
 def parser() -> etree.XMLParser:
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                            huge_tree=False, remove_comments=False, remove_pis=False)
+
+
+def check_envelope(saml_response: str) -> tuple[str, bytes]:
+    """Size, base64 and DOCTYPE checks before anything parses it: (base64, XML bytes)."""
+    if len(saml_response) > MAX_RESPONSE_BASE64:
+        raise LoginFailed(
+            "too_large",
+            f"The SAMLResponse is {len(saml_response)} characters, over the "
+            f"{MAX_RESPONSE_BASE64} limit.",
+        )
+    compact = "".join(saml_response.split())  # some IdPs wrap the base64 at 76 columns
+    try:
+        xml = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise LoginFailed("malformed", "The SAMLResponse is not valid base64.") from None
+    if not xml.strip():
+        raise LoginFailed("malformed", "The SAMLResponse is empty.")
+    if _DOCTYPE.search(xml):
+        raise LoginFailed("malformed", "The SAMLResponse contains a DOCTYPE; refused unparsed.")
+    return compact, xml
 
 
 def check_structure(xml: bytes) -> None:

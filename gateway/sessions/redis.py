@@ -260,6 +260,14 @@ class RedisStore:
         ends, _, value = str(raw).partition("\n")
         return value if float(ends) > self._clock() else None
 
+    async def get(self, key: str) -> str | None:
+        with self._errors("get"):
+            raw = await self.redis.get(f"{self._p}once:{key}")
+        if raw is None:
+            return None
+        ends, _, value = str(raw).partition("\n")
+        return value if float(ends) > self._clock() else None
+
     async def count(self, key: str, ttl: float) -> int:
         # A fixed window named by the gateway's clock, so the count follows that clock;
         # Redis's own expiry only clears the key away afterwards.

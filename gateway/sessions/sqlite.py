@@ -142,6 +142,11 @@ class SQLiteStore:
         ).fetchone()
         return str(row[0]) if row else None
 
+    async def get(self, key: str) -> str | None:
+        row = self._run("SELECT value FROM once WHERE key = ? AND expires > ?",
+                        (key, self._clock())).fetchone()
+        return str(row[0]) if row else None
+
     async def add_registration(self, registration: Registration) -> None:
         self._run("INSERT INTO registrations VALUES (?, ?, ?)",
                   (registration.email, registration.registered_at, registration.consent))

@@ -78,6 +78,10 @@ class Store(Protocol):
     async def take(self, key: str) -> str | None:
         """Atomically read and delete a live value: at most one caller ever gets it."""
 
+    async def get(self, key: str) -> str | None:
+        """Read a live value without consuming it (records kept for a while, such as
+        login failures for ``sso-gateway explain``)."""
+
     async def count(self, key: str, ttl: float) -> int:
         """Add one to a counter and return the new value; the counter lives ``ttl`` seconds
         from its first hit (rate limits use one counter per client and time window)."""

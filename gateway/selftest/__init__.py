@@ -1,0 +1,19 @@
+"""``sso-gateway selftest URL``: attack a live gateway the way an attacker would.
+
+An admin runs it against a running gateway. With a throwaway key made at run time it
+sends forged SAML responses to real pending logins (unsigned; self-signed with the
+certificate in KeyInfo; with ``--idp-key``/``--idp-cert`` also a positive control,
+signature wrapping, a replayed Assertion and a wrong Audience), spoofed identity
+headers, path-encoding bypasses and open-redirect attempts, and prints a table.
+
+Layout: ``forge``/``wrapping``/``attacks`` (the forging toolkit, shared with the attack
+suite in ``tests/``), ``client`` (raw-path HTTP with a cookie jar, on ``http.client``),
+``flow`` (the login steps), ``cases``/``probes`` (the checks), ``run`` (discovery, the
+run, the table). It is a client of the gateway and imports nothing of its server side.
+"""
+
+from __future__ import annotations
+
+from gateway.selftest.run import Options, Result, SelftestError, failed, render, run
+
+__all__ = ["Options", "Result", "SelftestError", "failed", "render", "run"]
