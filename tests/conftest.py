@@ -52,10 +52,15 @@ class ThreadServer:
 
     def __init__(self, app: Any, sock: socket.socket, **config: Any) -> None:
         self.sock = sock
-        self.config = uvicorn.Config(app, log_level="warning", lifespan="on", **config)
+        self.config = uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on",
+                                             **config})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{port_of(self.sock)}"
 
     def start(self) -> ThreadServer:
         self.thread.start()

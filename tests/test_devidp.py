@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import socket
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,7 +16,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 import xmlsec
 from lxml import etree
 from onelogin.saml2.auth import OneLogin_Saml2_Auth
@@ -28,7 +25,6 @@ from onelogin.saml2.response import OneLogin_Saml2_Response
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from onelogin.saml2.utils import OneLogin_Saml2_Utils
 from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
-from starlette.applications import Starlette
 
 from gateway.devidp import DEMO_USERS, DevIdPSettings, create_app, ensure_keys, run
 from gateway.devidp.app import is_loopback
@@ -40,6 +36,7 @@ from gateway.devidp.response import (
 )
 from gateway.devidp.users import NAMEID_PERSISTENT, authenticate, persistent_name_id
 from gateway.keys import generate_self_signed, pem_body
+from tests.conftest import serving
 
 SP_HOST = "gateway.example.test"
 SP_ENTITY_ID = f"https://{SP_HOST}/saml/metadata"
@@ -76,23 +73,6 @@ def keys() -> KeyPairs:
     return KeyPairs(idp_key, idp_cert, sp_key, sp_cert)
 
 
-@contextlib.contextmanager
-def serve_in_thread(app: Starlette, sock: socket.socket) -> Iterator[None]:
-    """Run ``app`` under uvicorn on an already bound socket until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def idp(keys: KeyPairs) -> Iterator[RunningIdP]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -105,7 +85,7 @@ def idp(keys: KeyPairs) -> Iterator[RunningIdP]:
             sp_acs_url=SP_ACS_URL,
             sp_cert_pem=keys.sp_cert,
         )
-        with serve_in_thread(create_app(settings), sock):
+        with serving(create_app(settings), sock, lifespan="off"):
             yield RunningIdP(settings, keys)
 
 
@@ -451,7 +431,7 @@ def test_stale_request_is_refused(idp: RunningIdP, client: httpx.Client) -> None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         # Same base URL as the running IdP, so the request's Destination still matches.
-        with serve_in_thread(create_app(later), sock):
+        with serving(create_app(later), sock, lifespan="off"):
             url, _ = login_url(idp)
             port = sock.getsockname()[1]
             page = client.get(url.replace(idp.base_url, f"http://127.0.0.1:{port}"))

@@ -11,19 +11,18 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config import Upstream
 from gateway.errors import BadRequest, GatewayError
 from gateway.proxy import CLIENT_CLOSED, BodyTooLarge, Proxy
+from tests.conftest import serving
 
 MAX_BODY = 6 * 1024 * 1024
 SESSION_COOKIE = "gw_session"
@@ -39,25 +38,6 @@ def _bound_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: Any, sock: socket.socket, **config: Any) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a bound socket; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None,
-                                           ws="none", **config))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @dataclass
@@ -237,11 +217,10 @@ def stack() -> Iterator[Stack]:
     seen = UpstreamLog()
     dead = _bound_socket()  # bound, never listening: connections are refused
     dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-    with serve_in_thread(upstream_app(seen), _bound_socket(), lifespan="off") as up_url:
-        proxy = make_proxy(up_url, dead_url)
-        with serve_in_thread(gateway_app(proxy), _bound_socket(), lifespan="on",
-                             proxy_headers=False) as gw_url:
-            yield Stack(up_url, gw_url, seen)
+    with serving(upstream_app(seen), _bound_socket(), lifespan="off") as upstream:
+        proxy = make_proxy(upstream.url, dead_url)
+        with serving(gateway_app(proxy), _bound_socket(), proxy_headers=False) as gateway:
+            yield Stack(upstream.url, gateway.url, seen)
     dead.close()
 
 

@@ -10,7 +10,6 @@ naming the user. Restarting the IdP invalidates both, which is fine for developm
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from gateway.config import is_loopback
 from gateway.devidp.authn_request import ALLOWED_SIG_ALGS
 from gateway.devidp.metadata import MEDIA_TYPE, idp_metadata
 from gateway.devidp.response import (
@@ -262,15 +262,6 @@ def create_app(settings: DevIdPSettings) -> Starlette:
             Route("/slo/initiate", idp.logouts.initiate, methods=["POST"]),
         ]
     )
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def run(settings: DevIdPSettings, host: str, port: int) -> None:
