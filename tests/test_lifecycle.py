@@ -191,3 +191,15 @@ def test_admin_revokes_a_member_while_the_gateway_serves(
 def _listing(config: str, capsys: pytest.CaptureFixture[str]) -> str:
     assert main(["sessions", "list", "--config", config]) == 0
     return capsys.readouterr().out
+
+
+def test_expired_session_sends_a_browser_to_sign_in_with_next_kept(stack: Stack) -> None:
+    with client(stack) as http:
+        login(http, stack, PAGE, "alice")
+        assert reads(http, stack)
+        expire_sessions(stack)
+        page = http.get(stack.url + PAGE)
+        api = http.get(stack.url + PAGE, headers={"accept": "application/json"})
+    assert page.status_code == 302
+    assert page.headers["location"] == "/saml/login?next=%2Fissues%2F2023-03%2Fpages%2F14"
+    assert api.status_code == 401 and api.json()["error"] == "Sign-in required"

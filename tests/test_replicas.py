@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -220,3 +221,33 @@ def test_check_reports_the_store_with_its_password_masked(
     config.write_text(config.read_text().replace(down, redis_server.url))
     assert main(["check", "--config", str(config)]) == 0
     assert f"store       {redis_server.url}" in capsys.readouterr().out
+
+
+def test_sign_out_at_b_ends_the_session_at_a(replicas: Replicas) -> None:
+    a, b = replicas.a.url, replicas.b_url
+    with client(replicas.a) as http:
+        login(http, replicas.a, PAGE, "alice")
+        confirm = http.get(b + "/saml/logout")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', confirm.text)
+        assert confirm.status_code == 200 and csrf is not None
+        # Behind a balancer the browser is on the public origin, whichever replica answers.
+        out = http.post(b + "/saml/logout", data={"csrf": csrf.group(1)}, headers={"origin": a})
+        assert out.status_code == 302  # on to the IdP's single logout
+        assert replicas.session_count() == 0
+        assert http.get(a + PAGE).status_code == 302
+
+
+def test_idp_logout_received_by_a_ends_the_session_used_at_b(replicas: Replicas) -> None:
+    stack, b = replicas.a, replicas.b_url
+    with client(stack) as at_b, client(stack) as idp_side:
+        login(at_b, stack, PAGE, "alice")
+        assert at_b.get(b + PAGE).status_code == 200
+        started = idp_side.post(stack.demo.idp.slo_url + "/initiate",
+                                data={"username": "alice", "binding": "redirect"})
+        assert started.status_code == 302
+        assert started.headers["location"].startswith(stack.url + "/saml/sls?")  # replica A
+        answered = idp_side.get(started.headers["location"])
+        assert answered.status_code == 302, answered.text
+        assert replicas.session_count() == 0
+        gone = at_b.get(b + PAGE)
+    assert gone.status_code == 302 and gone.headers["location"].startswith("/saml/login")
