@@ -233,3 +233,13 @@ def test_sign_in_attempts_are_rate_limited(tmp_path: Path, tls: TLSFiles) -> Non
     assert "Too many attempts" in answers[-1].text
     assert acs_answer.status_code == 429
     assert register.status_code == 303  # counted separately
+
+
+@pytest.mark.parametrize(("header", "gated"), [
+    ("accept: text/\xff\xfe", 302), ("cookie: gw=\xff", 302),
+    ("sec-fetch-mode: \xe9", 401),  # not a navigation: no login is started
+    ("origin: https://\xe9vil", 302)])
+def test_non_utf8_header_bytes_are_no_500(stack: Stack, header: str, gated: int) -> None:
+    """Header values are bytes (obs-text is legal on the wire): never a crash."""
+    assert raw_request(stack, f"GET {PAGE} HTTP/1.1", header) == gated
+    assert raw_request(stack, "GET /public/about HTTP/1.1", header) == 200
