@@ -179,7 +179,8 @@ class Gateway:
         if decision.kind in ("login", "register"):
             # Only a top-level navigation starts a login: an image, script or XHR that
             # followed a redirect would create a pending request and a cookie for nothing.
-            navigable = fetch_mode in (b"", b"navigate") and not wants_json(accept.decode("latin-1"))
+            navigable = (fetch_mode in (b"", b"navigate")
+                         and not wants_json(accept.decode("latin-1")))
             # A form posted by a browser whose session ended (it still sends the cookie) is
             # kept across the sign-in; a visitor who never signed in has typed nothing
             # into a member page, and keeping anonymous bodies would invite filling the store.
