@@ -28,7 +28,7 @@ from gateway.errors import AmbiguousPath, ConfigError, GatewayError, LoginFailed
 from gateway.identity import IdentityHeaderSet, TokenIssuer
 from gateway.keys import load_identity_keys
 from gateway.login import LoginFlow
-from gateway.paths import canonical_path
+from gateway.paths import canonical_path, check_query
 from gateway.policy import Decision, Policy
 from gateway.proxy import Proxy
 from gateway.routes import routes
@@ -140,6 +140,7 @@ class Gateway:
                 return
         try:
             path, encoded = canonical_path(raw_path.partition(b"?")[0])
+            check_query(scope.get("query_string", b""))
         except AmbiguousPath as exc:
             ref = new_reference()
             log.warning("refused path ref=%s reason=%s", ref, exc.reason)

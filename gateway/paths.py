@@ -84,3 +84,10 @@ def safe_next(value: str | None) -> str:
     if encoded.startswith("//"):
         return "/"
     return encoded + (sep + query.partition("#")[0] if query else "")
+
+
+def check_query(raw: bytes) -> None:
+    """A query string must be printable ASCII (RFC 3986: anything else is percent-encoded);
+    raw bytes would be read differently by different parsers, so they are refused."""
+    if raw and (min(raw) < 0x21 or max(raw) > 0x7E or b"#" in raw):
+        raise AmbiguousPath("query string contains bytes that must be percent-encoded")

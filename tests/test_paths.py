@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import AmbiguousPath
-from gateway.paths import canonical_path, safe_next
+from gateway.paths import canonical_path, check_query, safe_next
 
 
 @pytest.mark.parametrize(("raw", "decoded", "encoded"), [
@@ -48,3 +48,14 @@ def test_ambiguous_paths_are_refused(raw: bytes) -> None:
 ])
 def test_safe_next(value: str | None, expected: str) -> None:
     assert safe_next(value) == expected
+
+
+@pytest.mark.parametrize("raw", [b"", b"q=rivers&page=2", b"next=%2F%2Fevil", b"a=%C3%A9"])
+def test_query_strings_accepted(raw: bytes) -> None:
+    check_query(raw)
+
+
+@pytest.mark.parametrize("raw", [b"q=\x80", b"q=caf\xc3\xa9", b"a b", b"a\tb", b"a#b", b"\x7f"])
+def test_query_strings_with_raw_bytes_are_refused(raw: bytes) -> None:
+    with pytest.raises(AmbiguousPath):
+        check_query(raw)
