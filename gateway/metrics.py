@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.errors import StoreError
 from gateway.sessions import Store
 from gateway.status import Certificate
 
@@ -108,8 +109,7 @@ class Metrics:
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time. Store counts need ``count_sessions()`` and
-    ``count_once(prefix)`` on the store; a store without them leaves those gauges out."""
+    """Gauges read at scrape time (the store counts, metadata, certificates)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -119,10 +119,11 @@ class StateCollector(Collector):
         self._pending: int | None = None
 
     async def refresh(self, store: Store) -> None:
-        count_sessions = getattr(store, "count_sessions", None)
-        count_once = getattr(store, "count_once", None)
-        self._sessions = int(await count_sessions()) if count_sessions else None
-        self._pending = int(await count_once("authn:")) if count_once else None
+        try:
+            self._sessions = await store.count_sessions()
+            self._pending = await store.count_once("authn:")
+        except StoreError:  # a scrape during an outage still reports everything else
+            self._sessions = self._pending = None
 
     def collect(self) -> Iterable[Metric]:
         now = self._clock()

@@ -79,8 +79,8 @@ def test_counters_and_histogram_after_a_scripted_run(tmp_path: Path, tls: TLSFil
     roles = {dict(labels)["role"] for labels in certs}
     assert roles == {"sp", "idp"} and all(v > 300 for v in certs.values())
     assert value(after, "gateway_idp_metadata_loaded_timestamp_seconds", idp=idp) > 0
-    if ("gateway_sessions_active", frozenset()) in after:  # needs Store.count_sessions
-        assert after[("gateway_sessions_active", frozenset())] == 2
+    assert after[("gateway_sessions_active", frozenset())] == 2
+    assert ("gateway_login_requests_outstanding", frozenset()) in after
 
 
 def test_metrics_are_refused_outside_allow_from(tmp_path: Path, tls: TLSFiles) -> None:

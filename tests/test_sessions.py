@@ -157,6 +157,17 @@ class StoreContract:
         assert [r.email for r in await store.list_registrations()] == \
             ["a@example.org", "b@example.org", "c@example.org"]
 
+    async def test_counts_for_the_gauges(self, store: Store) -> None:
+        now = self.clock()
+        await store.put_session(SessionRecord("k1", alice(), now, now, now + 100))
+        await store.put_session(SessionRecord("k2", alice(), now, now, now + 5))
+        await store.add_once("authn:a", "1", 10)
+        await store.add_once("authn:b", "1", 60)
+        await store.add_once("assertion:x", "1", 60)
+        assert (await store.count_sessions(), await store.count_once("authn:")) == (2, 2)
+        self.clock.advance(20)
+        assert (await store.count_sessions(), await store.count_once("authn:")) == (1, 1)
+
     async def test_count_per_window(self, store: Store) -> None:
         assert [await store.count("client-a", 60) for _ in range(3)] == [1, 2, 3]
         assert await store.count("client-b", 60) == 1

@@ -260,6 +260,22 @@ class RedisStore:
         ends, _, value = str(raw).partition("\n")
         return value if float(ends) > self._clock() else None
 
+    async def count_sessions(self) -> int:
+        with self._errors("count_sessions"):
+            return int(await self.redis.zcount(f"{self._p}sessions", f"({self._clock()!r}",
+                                               "+inf"))
+
+    async def count_once(self, prefix: str) -> int:
+        # Scrape-time only: a SCAN over the matching single-use keys, which all expire.
+        now, live = self._clock(), 0
+        with self._errors("count_once"):
+            async for name in self.redis.scan_iter(match=f"{self._p}once:{prefix}*",
+                                                   count=1000):
+                raw = await self.redis.get(name)
+                if raw is not None and float(str(raw).partition("\n")[0]) > now:
+                    live += 1
+        return live
+
     async def get(self, key: str) -> str | None:
         with self._errors("get"):
             raw = await self.redis.get(f"{self._p}once:{key}")

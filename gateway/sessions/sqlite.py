@@ -142,6 +142,17 @@ class SQLiteStore:
         ).fetchone()
         return str(row[0]) if row else None
 
+    async def count_sessions(self) -> int:
+        row = self._run("SELECT count(*) FROM sessions WHERE expires > ?",
+                        (self._clock(),)).fetchone()
+        return int(row[0])
+
+    async def count_once(self, prefix: str) -> int:
+        # A key range rather than LIKE, so the primary key index answers it.
+        row = self._run("SELECT count(*) FROM once WHERE key >= ? AND key < ? AND expires > ?",
+                        (prefix, prefix + "\uffff", self._clock())).fetchone()
+        return int(row[0])
+
     async def get(self, key: str) -> str | None:
         row = self._run("SELECT value FROM once WHERE key = ? AND expires > ?",
                         (key, self._clock())).fetchone()

@@ -78,6 +78,12 @@ class Store(Protocol):
     async def take(self, key: str) -> str | None:
         """Atomically read and delete a live value: at most one caller ever gets it."""
 
+    async def count_sessions(self) -> int:
+        """Live sessions (for the metrics gauge; read at scrape time, not per request)."""
+
+    async def count_once(self, prefix: str) -> int:
+        """Live single-use keys whose name starts with ``prefix`` (e.g. pending logins)."""
+
     async def get(self, key: str) -> str | None:
         """Read a live value without consuming it (records kept for a while, such as
         login failures for ``sso-gateway explain``)."""
