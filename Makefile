@@ -33,7 +33,7 @@ $(AXE):
 	npm install --prefix .cache/npm --no-audit --no-fund --silent axe-core@4
 
 test: $(STAMP) system-packages $(AXE)
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check gateway tests bench
 	$(BIN)/python -m pytest -q
 
 # Benchmark against a direct upstream (nginx) and Apache's mod_proxy_http, on loopback;
@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy gateway
 
 clean:

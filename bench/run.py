@@ -23,7 +23,14 @@ import uvicorn
 
 from bench import login, memory
 from bench.load import Result, wrk
-from bench.servers import Proc, free_port, start_apache, start_gateway, start_upstream
+from bench.servers import (
+    BENCH_LIMITS,
+    Proc,
+    free_port,
+    start_apache,
+    start_gateway,
+    start_upstream,
+)
 from gateway.demo.stack import prepare
 from gateway.devidp import create_app as create_idp_app
 
@@ -101,7 +108,8 @@ def main() -> None:
         gw_port, idp_port = free_port(), free_port()
         stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
                         idp_url=f"http://127.0.0.1:{idp_port}",
-                        reader_url=f"http://127.0.0.1:{upstream.port}")
+                        reader_url=f"http://127.0.0.1:{upstream.port}",
+                        extra_config=BENCH_LIMITS)
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         apache = start_apache(workdir, upstream.port)
         procs.append(apache)
