@@ -254,7 +254,10 @@ class RedisStore:
 
     async def take(self, key: str) -> str | None:
         with self._errors("take"):
-            raw = await self.redis.getdel(f"{self._p}once:{key}")
+            return self._live(await self.redis.getdel(f"{self._p}once:{key}"))
+
+    def _live(self, raw: object) -> str | None:
+        """The value of a stored ``"<ends>\\n<value>"``, if its time (by our clock) is not up."""
         if raw is None:
             return None
         ends, _, value = str(raw).partition("\n")
@@ -267,22 +270,17 @@ class RedisStore:
 
     async def count_once(self, prefix: str) -> int:
         # Scrape-time only: a SCAN over the matching single-use keys, which all expire.
-        now, live = self._clock(), 0
+        live = 0
         with self._errors("count_once"):
             async for name in self.redis.scan_iter(match=f"{self._p}once:{prefix}*",
                                                    count=1000):
-                raw = await self.redis.get(name)
-                if raw is not None and float(str(raw).partition("\n")[0]) > now:
+                if self._live(await self.redis.get(name)) is not None:
                     live += 1
         return live
 
     async def get(self, key: str) -> str | None:
         with self._errors("get"):
-            raw = await self.redis.get(f"{self._p}once:{key}")
-        if raw is None:
-            return None
-        ends, _, value = str(raw).partition("\n")
-        return value if float(ends) > self._clock() else None
+            return self._live(await self.redis.get(f"{self._p}once:{key}"))
 
     async def count(self, key: str, ttl: float) -> int:
         # A fixed window named by the gateway's clock, so the count follows that clock;
