@@ -45,7 +45,8 @@ UNKNOWN_IDP = "unknown"
 
 class Metrics:
     def __init__(self, upstreams: Sequence[str], idps: Sequence[str],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 known_idp: Callable[[str], bool] | None = None) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # In multiprocess mode values live in files; a scrape builds its own registry.
         own = None if self.multiprocess else CollectorRegistry()
@@ -66,7 +67,9 @@ class Metrics:
         self.store_errors = Counter("gateway_store_errors",
                                     "Session store failures seen while serving requests",
                                     registry=own)
-        self._idps = frozenset(idps)
+        # Known IdPs by a membership test, so IdPs that arrive later from metadata URLs
+        # get their own label; entity IDs come from admin-controlled metadata only.
+        self._known_idp = known_idp or frozenset(idps).__contains__
         # Children per label set, made once: the hot path only looks them up.
         self._requests = {(u, c): self.requests.labels(u, f"{c}xx")
                           for u in upstreams for c in range(1, 6)}
@@ -88,7 +91,7 @@ class Metrics:
 
     def login(self, idp: str, kind: str | None) -> None:
         """A finished login: ``kind`` is ``None`` on success, else the failure kind."""
-        label = idp if idp in self._idps else UNKNOWN_IDP
+        label = idp if self._known_idp(idp) else UNKNOWN_IDP
         if kind is None:
             self.logins.labels(label, "success", "none").inc()
         else:

@@ -41,7 +41,7 @@ from gateway.logs import (
 from gateway.metrics import Metrics
 from gateway.saml import IdPRegistry
 from gateway.sessions import SessionRecord, Store
-from gateway.status import Readiness, certificates
+from gateway.status import Certificate, Readiness, certificates
 
 if TYPE_CHECKING:
     from gateway.policy import Decision
@@ -64,22 +64,41 @@ class Telemetry:
     def __init__(self, settings: Settings, registry: IdPRegistry, store: Store,
                  clock: Callable[[], float]) -> None:
         wall = clock
+        self._wall = wall
         self.settings = settings
         self.registry = registry
         self.metrics = Metrics([u.name for u in settings.upstreams],
-                               [i.entity_id for i in registry.all()], wall)
+                               [i.entity_id for i in registry.all()], wall,
+                               known_idp=registry.__contains__)
         self.readiness = Readiness(store, registry, settings.upstreams, wall)
-        self.certificates = certificates(settings, registry)
-        loaded = wall()
-        self.metrics.state.certificates = self.certificates
-        self.metrics.state.idps = [(e, loaded, until)
-                                   for e, until in self.readiness.valid_until.items()]
+        self._generation = -1  # of the registry the certificate list was built from
+        self._certificates: list[Certificate] = []
+        self._loaded: dict[str, float] = {}  # entity ID -> when this process first had it
+        self.refresh_state()
         self.failures: deque[LoginFailure] = deque(maxlen=RECENT_FAILURES)
-        self._wall = wall
         self._store = store
         self._trusted = address_matcher(settings.trusted_proxies)
         self._log_member = settings.logging.log_member_id
         configure_audit(settings.logging.audit, Path(settings.source).parent)
+
+    @property
+    def certificates(self) -> list[Certificate]:
+        """SP and IdP certificates, rebuilt whenever the registry changed (metadata URLs
+        add, refresh and drop IdPs while the gateway runs)."""
+        if self.registry.generation != self._generation:
+            self._certificates = certificates(self.settings, self.registry)
+            now = self._wall()
+            for idp in self.registry.all():
+                self._loaded.setdefault(idp.entity_id, now)
+            self._generation = self.registry.generation
+        return self._certificates
+
+    def refresh_state(self) -> None:
+        """Bring the scrape-time gauges up to date with the registry."""
+        state = self.metrics.state
+        state.certificates = self.certificates
+        state.idps = [(entity, self._loaded.get(entity, 0.0), until)
+                      for entity, until in self.readiness.valid_until.items()]
 
     def started(self) -> None:
         """Audit what this process serves with: its config and each IdP's metadata."""

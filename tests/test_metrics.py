@@ -3,11 +3,13 @@ requests, an upstream that is down — every counter and the histogram moved as 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.demo.stack import prepare
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
 from tests.conftest import Stack, TLSFiles, bound_socket, run_stack
 
@@ -19,8 +21,12 @@ def scrape(http: httpx.Client, stack: Stack) -> dict[tuple[str, frozenset[tuple[
     answer = http.get(stack.url + "/metrics")
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("text/plain")
+    return scrape_families(answer.text)
+
+
+def scrape_families(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(answer.text) for s in family.samples}
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
@@ -89,3 +95,47 @@ def test_metrics_are_refused_outside_allow_from(tmp_path: Path, tls: TLSFiles) -
         refused = http.get(stack.url + "/metrics")
         assert refused.status_code == 403
         assert "gateway_" not in refused.text
+
+
+def test_idps_added_while_running_get_gauges_and_labels(tmp_path: Path) -> None:
+    """A metadata URL can add an IdP after start-up: its certificate expiry and its
+    logins are reported under its own name, not lumped into "other"."""
+    from gateway.devidp import DevIdPSettings
+    from gateway.devidp.metadata import idp_metadata
+    from gateway.keys import generate_self_signed
+    from gateway.saml import IdPRegistry
+    from gateway.saml.registry import idps_from_tree, parse_xml
+    from gateway.sessions import open_store
+    from gateway.telemetry import Telemetry
+
+    demo = prepare(tmp_path, gateway_url="http://127.0.0.1:8000",
+                   idp_url="http://127.0.0.1:8001", reader_url="http://127.0.0.1:8002")
+    registry = IdPRegistry.load_dir(demo.settings.idp.metadata_dir)
+    store = open_store(f"sqlite:///{tmp_path}/m.db", lambda: 1.0)
+    telemetry = Telemetry(demo.settings, registry, store, lambda: 1_800_000_000.0)
+    key, cert = generate_self_signed("later IdP")
+    later = DevIdPSettings(base_url="https://later.example.org", key_pem=key, cert_pem=cert,
+                           sp_entity_id="sp", sp_acs_url="https://sp/acs",
+                           require_signed_requests=False)
+    problems: list[str] = []
+    root = parse_xml(idp_metadata(later).encode(), "url", problems)
+    registry.replace_source("https://federation.example.org/md.xml",
+                            idps_from_tree(root, tmp_path / "x.xml", problems, url="u"))
+    assert problems == []
+    assert later.entity_id in {c.entity_id for c in telemetry.certificates}
+    telemetry.metrics.login(later.entity_id, None)
+
+    async def scrape_text() -> str:
+        await store.open()
+        try:
+            telemetry.refresh_state()
+            return (await telemetry.metrics.exposition(store)).decode()
+        finally:
+            await store.close()
+
+    samples = scrape_families(asyncio.run(scrape_text()))
+    assert samples[("gateway_logins_total", frozenset({("idp", later.entity_id),
+                                                    ("result", "success"),
+                                                    ("kind", "none")}))] == 1
+    assert any(name == "gateway_certificate_expiry_days"
+               and ("entity_id", later.entity_id) in labels for name, labels in samples)

@@ -51,6 +51,7 @@ def routes(gw: Gateway) -> list[Route]:
                 return JSONResponse({"error": "Access denied",
                                      "message": "Metrics are not served to this address."},
                                     403, headers=NO_STORE)
+        gw.telemetry.refresh_state()
         body = await gw.telemetry.metrics.exposition(gw.store)
         return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE})
 
