@@ -34,7 +34,8 @@ from pydantic import (
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
-MIN_SECRET_LENGTH = 32
+# 32 random bytes as base64 (what `certs generate` writes is 48 bytes, 64 characters).
+MIN_SECRET_LENGTH = 43
 
 
 def _http_url(value: str) -> str:
@@ -492,8 +493,9 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
     for i, secret in enumerate(secrets):
         if len(secret) < MIN_SECRET_LENGTH:
             problems.append(
-                f"{source}: key session.secrets[{i}] ('**********'): must be at least "
-                f"{MIN_SECRET_LENGTH} characters of random data"
+                f"{source}: key session.secrets[{i}] ('**********'): must be at least 32 "
+                f"random bytes, i.e. {MIN_SECRET_LENGTH} characters of base64 (generate one "
+                f"with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
     if not any(settings.identity.keys_dir.glob("identity-*.pem")):
         problems.append(f"{source}: key identity.keys_dir: no identity-*.pem key in "

@@ -68,7 +68,7 @@ def test_check_refuses_short_secret_and_unknown_key(site: Path,
     config.write_text(config.read_text().replace('colour = "blue"', ""))
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "session.secrets[0] ('**********'): must be at least 32 characters" in err
+    assert "session.secrets[0] ('**********'): must be at least 32 random bytes" in err
     assert "tiny-secret-x" not in err
 
 

@@ -114,7 +114,7 @@ def settings(tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Settings:
     )
     (tmp_path / "gateway.toml").write_text(
         f'public_url = "{PUBLIC_URL}"\n'
-        '[session]\nsecrets = ["' + "s" * 40 + '"]\n'
+        '[session]\nsecrets = ["' + "s" * 64 + '"]\n'
         '[[upstreams]]\nname = "reader"\nurl = "http://127.0.0.1:9000"\n'
     )
     return load_settings(tmp_path / "gateway.toml", environ={})
