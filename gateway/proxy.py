@@ -35,6 +35,7 @@ from yarl import URL
 
 from gateway.config import Upstream
 from gateway.errors import BadRequest, ConfigError, UpstreamError, UpstreamTimeout
+from gateway.proxy_headers import HOP_BY_HOP, norm, response_headers, strip_cookies
 
 log = logging.getLogger("gateway.proxy")
 
@@ -42,27 +43,16 @@ log = logging.getLogger("gateway.proxy")
 #: (nginx's convention); nothing was sent.
 CLIENT_CLOSED = 499
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-})
 # Client headers never forwarded besides the hop-by-hop ones: the upstream gets its own
-# Host from the URL; forwarding chains are not trusted (no trusted proxies yet); Expect
+# Host from the URL; forwarding chains are rebuilt by the gateway (uvicorn applies trusted_proxies); Expect
 # was already answered by the ASGI server on the client's hop.
 _ALWAYS_DROP = HOP_BY_HOP | {b"host", b"forwarded", b"x-real-ip", b"expect"}
 _DROP_PREFIXES = (b"x-member-", b"x-gateway-", b"x-forwarded-")
-# Upstream response headers not relayed besides the hop-by-hop ones: the ASGI server
-# (uvicorn) writes its own Date and Server, and both are single-valued (nginx hides the
-# upstream's too).
-_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 # aiohttp would add these when absent; the upstream must see only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # A response with a known length up to this size is read to the end even if the client
 # leaves: cheaper than a disconnect watcher task, and the connection stays reusable.
 _WATCH_ABOVE = 64 * 1024
-
-_PRIVATE_NO_STORE = (b"cache-control", b"private, no-store")
-_VARY_COOKIE = (b"vary", b"Cookie")
 
 
 class BodyTooLarge(BadRequest):
@@ -121,7 +111,7 @@ class Proxy:
             raise ConfigError(problems)
         routes.sort(key=lambda r: len(r[0]), reverse=True)  # longest prefix first
         self._routes = tuple(routes)
-        self._drop = _ALWAYS_DROP | {_norm(n.encode("latin-1")) for n in strip_headers}
+        self._drop = _ALWAYS_DROP | {norm(n.encode("latin-1")) for n in strip_headers}
         self._cookies = tuple(n.encode("latin-1") for n in strip_cookies)
         self._forwarded = (("X-Forwarded-Proto", public_scheme),
                            ("X-Forwarded-Host", public_host))
@@ -234,7 +224,7 @@ class Proxy:
                     continue
                 length = value
             elif name == b"cookie" and cookies:
-                value = _strip_cookies(value, cookies)
+                value = strip_cookies(value, cookies)
                 if not value:
                     continue
             out.append((name.decode("latin-1"), _text(value)))
@@ -270,7 +260,7 @@ class Proxy:
 
     async def _relay(self, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
                      route: Route, gated: bool, watch: bool) -> None:
-        headers, length = _response_headers(resp.raw_headers, gated)
+        headers, length = response_headers(resp.raw_headers, gated)
         watcher = None
         if watch and (length is None or length > _WATCH_ABOVE):
             watcher = asyncio.create_task(_watch_disconnect(receive, resp))
@@ -308,87 +298,6 @@ class Proxy:
             if watcher is not None:
                 watcher.cancel()
         resp.release()
-
-
-def _response_headers(raw: Sequence[tuple[bytes, bytes]], gated: bool
-                      ) -> tuple[list[tuple[bytes, bytes]], int | None]:
-    """Upstream headers to relay (lower-cased for ASGI), and the body length if known."""
-    out: list[tuple[bytes, bytes]] = []
-    connection: list[bytes] = []
-    cache: list[bytes] = []
-    vary: list[bytes] = []
-    length: int | None = None
-    for raw_name, value in raw:
-        name = raw_name.lower()
-        if name in _RESPONSE_DROP:
-            if name == b"connection":
-                connection.append(value)
-            continue
-        if name == b"content-length":
-            length = int(value) if value.isdigit() else None
-        elif gated:
-            if name == b"cache-control":
-                cache.append(value)
-                continue
-            if name == b"vary":
-                vary.append(value)
-                continue
-        out.append((name, value))
-    if connection:
-        named = {t.strip().lower() for v in connection for t in v.split(b",")}
-        named -= HOP_BY_HOP | {b"close", b""}
-        if named:
-            out = [h for h in out if h[0] not in named]
-    if gated:
-        out.append((b"cache-control", _private_cache_control(cache))
-                   if cache else _PRIVATE_NO_STORE)
-        out.append((b"vary", _vary_with_cookie(vary)) if vary else _VARY_COOKIE)
-    return out, length
-
-
-def _private_cache_control(values: list[bytes]) -> bytes:
-    """``private, no-store`` unless the upstream already said ``no-store``.
-
-    Then the upstream's directives stay (its ``max-age=0``, ``must-revalidate``…), except
-    that ``public`` goes and a bare ``private`` is ensured.
-    """
-    directives = _split_directives(b", ".join(values))
-    names = [d.split(b"=", 1)[0].strip().lower() for d in directives]
-    if b"no-store" not in names:
-        return _PRIVATE_NO_STORE[1]
-    kept = [d for d, n in zip(directives, names, strict=True) if n not in (b"public", b"private")]
-    kept.append(b"private")
-    return b", ".join(kept)
-
-
-def _split_directives(value: bytes) -> list[bytes]:
-    """Split a Cache-Control value on commas that are not inside a quoted string."""
-    if b'"' not in value:
-        parts = value.split(b",")
-    else:
-        parts, start, quoted, i = [], 0, False, 0
-        while i < len(value):
-            c = value[i]
-            if c == 0x5C and quoted:  # backslash escape inside quotes
-                i += 1
-            elif c == 0x22:
-                quoted = not quoted
-            elif c == 0x2C and not quoted:
-                parts.append(value[start:i])
-                start = i + 1
-            i += 1
-        parts.append(value[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _vary_with_cookie(values: list[bytes]) -> bytes:
-    tokens = [t.strip() for v in values for t in v.split(b",") if t.strip()]
-    lowered = {t.lower() for t in tokens}
-    if b"*" in lowered:
-        return b"*"
-    if b"cookie" not in lowered:
-        tokens.append(b"Cookie")
-    return b", ".join(tokens)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -446,22 +355,6 @@ async def _watch_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -> N
     except Exception:  # the server failed to tell us; the relay goes on regardless
         return
     resp.close()
-
-
-def _strip_cookies(value: bytes, names: tuple[bytes, ...]) -> bytes:
-    """``value`` without the named cookies; the others kept byte for byte."""
-    for name in names:
-        if name in value:
-            break
-    else:
-        return value  # the common case: no gateway cookie in this header
-    kept = [part for part in value.split(b";")
-            if part.split(b"=", 1)[0].strip() not in names]
-    return b";".join(kept).strip()
-
-
-def _norm(name: bytes) -> bytes:
-    return name.lower().replace(b"_", b"-")
 
 
 def _text(value: bytes) -> str:

@@ -17,6 +17,7 @@ FORBIDDEN = {
     "sessions": {"app", "cli", "saml", "policy", "proxy", "identity", "login", "devidp", "demo"},
     "policy": {"app", "cli", "saml", "sessions", "proxy", "login", "devidp", "demo"},
     "identity": {"app", "cli", "saml", "sessions", "proxy", "login", "devidp", "demo"},
+    "proxy_headers": {"*"},
     "proxy": {"app", "cli", "saml", "sessions", "policy", "login", "devidp", "demo"},
     "paths": {"app", "cli", "saml", "sessions", "policy", "proxy", "login", "devidp", "demo"},
     "login": {"app", "cli", "devidp", "demo"},
