@@ -44,8 +44,8 @@ log = logging.getLogger("gateway.proxy")
 CLIENT_CLOSED = 499
 
 # Client headers never forwarded besides the hop-by-hop ones: the upstream gets its own
-# Host from the URL; forwarding chains are rebuilt by the gateway (uvicorn applies trusted_proxies); Expect
-# was already answered by the ASGI server on the client's hop.
+# Host from the URL; forwarding chains are rebuilt by the gateway (uvicorn applies
+# trusted_proxies to the client address); Expect was answered on the client's hop.
 _ALWAYS_DROP = HOP_BY_HOP | {b"host", b"forwarded", b"x-real-ip", b"expect"}
 _DROP_PREFIXES = (b"x-member-", b"x-gateway-", b"x-forwarded-")
 # aiohttp would add these when absent; the upstream must see only what the client sent.

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 FORBIDDEN = {
     "errors": {"*"},
     "principal": {"*"},
+    "config_schema": {"*"},
     "config": {"app", "cli", "saml", "sessions", "policy", "proxy", "identity", "login", "devidp",
                "demo", "web"},
     "saml": {"app", "cli", "sessions", "policy", "proxy", "identity", "login", "devidp", "demo"},
@@ -24,8 +25,8 @@ FORBIDDEN = {
     "app": {"cli", "cli_admin", "devidp", "demo"},
     "web": {"app", "cli", "devidp", "demo"},
     # the self-test is a client of the gateway: nothing of the server side
-    "selftest": {"app", "cli", "config", "saml", "sessions", "policy", "proxy", "identity",
-                 "login", "routes", "web", "demo"},
+    "selftest": {"app", "cli", "config", "config_schema", "saml", "sessions", "policy",
+                 "proxy", "identity", "login", "routes", "web", "demo"},
 }
 
 
