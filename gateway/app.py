@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 from urllib.parse import quote
 
 from starlette.applications import Starlette
@@ -130,35 +131,13 @@ class Gateway:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if self._hsts:
             send = _with_headers(send, self._hsts)
-        if raw_path not in ANY_HOST_PATHS:
-            host = _header(scope, b"host").lower().encode("latin-1")
-            if host not in self._hosts:
-                log.warning("refused Host %r", host)
-                await send_answer(send, error_answer(
-                    400, "Unknown site", "This gateway does not serve that host name.",
-                    accept=_header(scope, b"accept")))
-                return
-        try:
-            path, encoded = canonical_path(raw_path.partition(b"?")[0])
-            check_query(scope.get("query_string", b""))
-        except AmbiguousPath as exc:
-            ref = new_reference()
-            log.warning("refused path ref=%s reason=%s", ref, exc.reason)
-            await send_answer(send, error_answer(
-                400, "Address not accepted", exc.public_message,
-                accept=_header(scope, b"accept"), reference=ref))
-            return
-        if path in OWN_PATHS or path.startswith(OWN_PREFIXES):
-            await self.web(scope, receive, send)
-            return
-        await self._forward(scope, receive, send, path, encoded)
-
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str,
-                       encoded: str) -> None:
-        accept = cookie = fetch_mode = fetch_site = origin = content_type = b""
+        # One pass over the headers for everything the hot path looks at.
+        host = accept = cookie = fetch_mode = fetch_site = origin = content_type = b""
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value if not cookie else cookie + b"; " + value
+            elif name == b"host" and not host:  # the first one, if a client sends two
+                host = value
             elif name == b"accept":
                 accept = value
             elif name == b"sec-fetch-mode":
@@ -169,6 +148,31 @@ class Gateway:
                 origin = value
             elif name == b"content-type":
                 content_type = value
+        if raw_path not in ANY_HOST_PATHS and host.lower() not in self._hosts:
+            log.warning("refused Host %r", host)
+            await send_answer(send, error_answer(
+                400, "Unknown site", "This gateway does not serve that host name.",
+                accept=accept.decode("latin-1")))
+            return
+        try:
+            path, encoded = canonical_path(raw_path.partition(b"?")[0])
+            check_query(scope.get("query_string", b""))
+        except AmbiguousPath as exc:
+            ref = new_reference()
+            log.warning("refused path ref=%s reason=%s", ref, exc.reason)
+            await send_answer(send, error_answer(
+                400, "Address not accepted", exc.public_message,
+                accept=accept.decode("latin-1"), reference=ref))
+            return
+        if path in OWN_PATHS or path.startswith(OWN_PREFIXES):
+            await self.web(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, path, encoded, _Headers(
+            accept, cookie, fetch_mode, fetch_site, origin, content_type))
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str,
+                       encoded: str, headers: _Headers) -> None:
+        accept, cookie, fetch_mode, fetch_site, origin, content_type = headers
         try:
             session_cookie = self._session_cookie(cookie)
             record, decision = await self.authorize(path, session_cookie)
@@ -383,8 +387,12 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     return sender
 
 
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return ""
+class _Headers(NamedTuple):
+    """The request headers the hot path decides on, read in one pass."""
+
+    accept: bytes
+    cookie: bytes
+    fetch_mode: bytes
+    fetch_site: bytes
+    origin: bytes
+    content_type: bytes

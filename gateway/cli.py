@@ -86,14 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _load(config: str | None) -> Settings:
-    return load_settings(config)
-
-
 def _check(config: str | None) -> int:
     from gateway.app import create_app
 
-    settings = _load(config)
+    settings = load_settings(config)
     gateway = create_app(settings)  # loads keys and IdP metadata: every ConfigError surfaces
     gateway.sp.metadata()
     idps = ", ".join(idp.entity_id for idp in gateway.registry.all())
@@ -134,7 +130,7 @@ def _store_problem(store: Store, settings: Settings) -> str | None:
 def _serve(config: str | None, workers: int) -> int:
     import uvicorn
 
-    settings = _load(config)
+    settings = load_settings(config)
     from gateway.app import create_app
 
     gateway = create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers

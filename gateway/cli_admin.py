@@ -16,6 +16,7 @@ from gateway.config import load_settings
 from gateway.errors import StoreError
 from gateway.routes.admin import registrations_csv
 from gateway.sessions import SessionRecord, Store, open_store
+from gateway.sessions.manager import HANDLE_LENGTH
 
 
 def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # type: ignore[type-arg]
@@ -97,7 +98,7 @@ async def _revoke(store: Store, key: str | None, member: str | None, everyone: b
         chosen = records
     else:
         assert key is not None
-        chosen = [r for r in records if len(key) >= 16 and r.key.startswith(key)]
+        chosen = [r for r in records if len(key) >= HANDLE_LENGTH and r.key.startswith(key)]
         if not chosen:
             print(f"error: no active session {key!r}", file=sys.stderr)
             return 1

@@ -3,7 +3,10 @@
     GatewayError                 base; carries a public ``status`` and a private ``reason``
     ├── ConfigError              bad gateway.toml / environment; lists every problem at once
     ├── BadRequest               400: malformed input (path, form, parameters)
-    │   └── AmbiguousPath        a path the gateway will not interpret (``%2f``, ``..``, ``;``)
+    │   ├── AmbiguousPath        a path the gateway will not interpret (``%2f``, ``..``, ``;``)
+    │   ├── BodyTooLarge         413: a request body over the configured limit
+    │   ├── CrossSite            403: a state-changing request sent from another site
+    │   └── TooManyRequests      429: a client over its rate limit
     ├── LoginFailed              400: a SAML login was refused (the user sees only a reference)
     ├── LogoutFailed             400: a SAML logout message was refused (likewise)
     ├── UnknownIdP               400: an IdP entity ID that is not configured
@@ -43,6 +46,21 @@ class BadRequest(GatewayError):
 
 class AmbiguousPath(BadRequest):
     public_message = "This address contains characters or segments the gateway does not accept."
+
+
+class BodyTooLarge(BadRequest):
+    status = 413
+    public_message = "The request body is larger than this site accepts."
+
+
+class CrossSite(BadRequest):
+    status = 403
+    public_message = "This form must be sent from this site's own pages."
+
+
+class TooManyRequests(BadRequest):
+    status = 429
+    public_message = "Too many attempts from your network. Please wait a minute and try again."
 
 
 class LoginFailed(GatewayError):

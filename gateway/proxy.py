@@ -34,7 +34,13 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from gateway.config import Upstream
-from gateway.errors import BadRequest, ConfigError, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ConfigError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.proxy_headers import HOP_BY_HOP, norm, response_headers, strip_cookies
 
 log = logging.getLogger("gateway.proxy")
@@ -53,11 +59,6 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # A response with a known length up to this size is read to the end even if the client
 # leaves: cheaper than a disconnect watcher task, and the connection stays reusable.
 _WATCH_ABOVE = 64 * 1024
-
-
-class BodyTooLarge(BadRequest):
-    status = 413
-    public_message = "The request body is larger than this site accepts."
 
 
 class _ClientGone(Exception):

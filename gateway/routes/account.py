@@ -18,12 +18,12 @@ from gateway.routes.common import (
     require_same_origin,
 )
 from gateway.sessions import SessionRecord
+from gateway.sessions.manager import HANDLE_LENGTH
 from gateway.web import render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-HANDLE_LENGTH = 16  # of the session's store key (a hash): enough to pick one, not a cookie
 
 
 def describe(record: SessionRecord, current: SessionRecord) -> dict[str, str | bool]:
@@ -57,18 +57,9 @@ def routes(gw: Gateway) -> list[Route]:
             require_same_origin(gw, request)
             form = await read_form(request)
             check_csrf(gw, record, field(form, "csrf"))
-            mine = await gw.store.list_sessions(record.principal.member_id)
             handle = field(form, "end")
-            if handle == "all":
-                for other in mine:
-                    await gw.sessions.revoke(other.key)
-                response = RedirectResponse("/saml/logout", 303)
-                response.headers.append("set-cookie", gw.clear_session_cookie_header())
-                return response
-            for other in mine:
-                if len(handle) == HANDLE_LENGTH and other.key.startswith(handle):
-                    await gw.sessions.revoke(other.key)
-            if handle == record.key[:HANDLE_LENGTH]:
+            await gw.sessions.end_member_sessions(record.principal.member_id, handle)
+            if handle in ("all", record.key[:HANDLE_LENGTH]):
                 response = RedirectResponse("/saml/logout", 303)
                 response.headers.append("set-cookie", gw.clear_session_cookie_header())
                 return response

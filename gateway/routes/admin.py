@@ -22,7 +22,7 @@ from gateway.audit import audit
 from gateway.config import mask_url
 from gateway.explain import Failure, failure_key
 from gateway.logs import session_hash
-from gateway.routes.account import HANDLE_LENGTH, describe
+from gateway.routes.account import describe
 from gateway.routes.common import check_csrf, csrf_token, field, read_form, require_same_origin
 from gateway.sessions import SessionRecord
 from gateway.sessions.store import Registration
@@ -132,7 +132,7 @@ def routes(gw: Gateway) -> list[Route]:
             form = await read_form(request)
             check_csrf(gw, record, field(form, "csrf"))
             member, handle = field(form, "member"), field(form, "end")
-            ended = await _revoke(member, handle)
+            ended = await gw.sessions.end_member_sessions(member, handle) if member else 0
             audit("session_revoked", by=record.principal.member_id, member_id=member,
                   sessions_ended=ended, scope="all" if handle == "all" else "one")
             return RedirectResponse(
@@ -146,17 +146,6 @@ def routes(gw: Gateway) -> list[Route]:
             "admin_sessions.html", title="Sessions", section="sessions", member=member,
             sessions=rows, csrf=csrf_token(gw, record),
             ended=request.query_params.get("ended")))
-
-    async def _revoke(member: str, handle: str) -> int:
-        if not member:
-            return 0
-        if handle == "all":
-            return await gw.store.delete_member_sessions(member)
-        ended = 0
-        for other in await gw.store.list_sessions(member):
-            if len(handle) == HANDLE_LENGTH and other.key.startswith(handle):
-                ended += await gw.sessions.revoke(other.key)
-        return ended
 
     async def failures(request: Request) -> Response:
         refused = await guard(request)

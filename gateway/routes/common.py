@@ -7,28 +7,13 @@ from urllib.parse import parse_qs
 
 from starlette.requests import Request
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, BodyTooLarge, CrossSite, TooManyRequests
 from gateway.sessions import SessionRecord
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 MAX_FORM_BYTES = 64 * 1024
-
-
-class TooLarge(BadRequest):
-    status = 413
-    public_message = "The request body is too large."
-
-
-class CrossSite(BadRequest):
-    status = 403
-    public_message = "This form must be sent from this site's own pages."
-
-
-class TooManyRequests(BadRequest):
-    status = 429
-    public_message = "Too many attempts from your network. Please wait a minute and try again."
 
 
 async def rate_limit(gateway: Gateway, request: Request, what: str, per_minute: int) -> None:
@@ -42,12 +27,12 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes before reading past it."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise TooLarge(f"body of {length} bytes exceeds {limit}")
+        raise BodyTooLarge(f"body of {length} bytes exceeds {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"body exceeds {limit} bytes")
+            raise BodyTooLarge(f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -35,48 +35,27 @@ def map_principal(
     authn_instant: float,
     session_not_on_or_after: float | None,
 ) -> Principal:
-    """Build the ``Principal``; raises ``LoginFailed('attributes', …)`` on unusable values."""
+    """Build the ``Principal``; raises ``LoginFailed('attributes', …)`` on unusable values,
+    the reason naming the IdP."""
     try:
-        return _map(
-            attributes,
-            name_id=name_id,
-            name_id_format=name_id_format,
-            session_index=session_index,
-            idp=idp,
-            mapping=mapping,
-            authn_instant=authn_instant,
-            session_not_on_or_after=session_not_on_or_after,
-        )
+        return _principal(attributes, name_id=name_id, name_id_format=name_id_format,
+                          session_index=session_index, idp=idp, mapping=mapping,
+                          authn_instant=authn_instant,
+                          session_not_on_or_after=session_not_on_or_after)
     except LoginFailed as exc:
-        if exc.reason.startswith("The assertion from IdP"):
-            raise
         raise LoginFailed(exc.kind, f"The assertion from IdP {idp!r}: {exc.reason}") from None
 
 
-def _map(
-    attributes: Mapping[str, Sequence[str]],
-    *,
-    name_id: str,
-    name_id_format: str,
-    session_index: str,
-    idp: str,
-    mapping: AttributeMap,
-    authn_instant: float,
-    session_not_on_or_after: float | None,
-) -> Principal:
+def _principal(attributes: Mapping[str, Sequence[str]], *, name_id: str, name_id_format: str,
+               session_index: str, idp: str, mapping: AttributeMap, authn_instant: float,
+               session_not_on_or_after: float | None) -> Principal:
     member_ids = _first_present(attributes, mapping.member_id)
     if not member_ids:
-        raise LoginFailed(
-            "attributes",
-            f"The assertion from IdP {idp!r} carries no member ID "
-            f"(none of the attributes {mapping.member_id} has a value).",
-        )
+        raise LoginFailed("attributes", f"no member ID (none of the attributes "
+                                        f"{mapping.member_id} has a value).")
     if len(set(member_ids)) > 1:
-        raise LoginFailed(
-            "attributes",
-            f"The assertion from IdP {idp!r} carries {len(set(member_ids))} different "
-            "member IDs; refusing to pick one.",
-        )
+        raise LoginFailed("attributes", f"{len(set(member_ids))} different member IDs; "
+                                        "refusing to pick one.")
     emails = _first_present(attributes, mapping.email)
     names = _first_present(attributes, mapping.display_name)
     statuses = _first_present(attributes, mapping.status)

@@ -15,6 +15,9 @@ from gateway.sessions.cookies import CookieSigner
 from gateway.sessions.store import Clock, SessionRecord, Store, session_key
 
 TOUCH_INTERVAL = 60.0
+# Sessions are picked by the first characters of their store key (a hash): enough to tell
+# a member's sessions apart, and nothing that works as a cookie.
+HANDLE_LENGTH = 16
 
 
 class SessionManager:
@@ -64,3 +67,16 @@ class SessionManager:
 
     async def revoke(self, key: str) -> bool:
         return await self.store.delete_session(key)
+
+    async def end_member_sessions(self, member_id: str, handle: str = "all") -> int:
+        """End a member's sessions: all of them, or the one whose key starts with
+        ``handle`` (``HANDLE_LENGTH`` characters). Returns how many ended."""
+        if handle == "all":
+            return await self.store.delete_member_sessions(member_id)
+        if len(handle) != HANDLE_LENGTH:
+            return 0
+        ended = 0
+        for record in await self.store.list_sessions(member_id):
+            if record.key.startswith(handle):
+                ended += await self.store.delete_session(record.key)
+        return ended
