@@ -1,7 +1,19 @@
-"""Sessions: signed cookies, the ``Store`` protocol and its backends, and the session manager."""
+"""Sessions: signed cookies, the store seams and their backends, and the session manager."""
 
 from gateway.sessions.cookies import CookieSigner
-from gateway.sessions.manager import SessionManager
-from gateway.sessions.store import SessionRecord, Store, open_store
+from gateway.sessions.manager import SessionManager, SessionRecord
+from gateway.sessions.store import (
+    Backend,
+    KeyStore,
+    Namespace,
+    RecordStore,
+    Registration,
+    SessionStore,
+    StoredSession,
+    Stores,
+    open_store,
+)
 
-__all__ = ["CookieSigner", "SessionManager", "SessionRecord", "Store", "open_store"]
+__all__ = ["Backend", "CookieSigner", "KeyStore", "Namespace", "RecordStore", "Registration",
+           "SessionManager", "SessionRecord", "SessionStore", "StoredSession", "Stores",
+           "open_store"]

@@ -1,33 +1,62 @@
-"""Session lifecycle: create at login, resolve a cookie to a live session, revoke.
+"""Session lifecycle: the only code that creates, resolves and ends sessions.
 
 The cookie carries only a signed, random session ID. Absolute lifetime (capped
 by the IdP's ``SessionNotOnOrAfter``) and idle timeout are checked on every
 resolve; the idle clock is written at most once per ``TOUCH_INTERVAL`` so a
-busy reader does not turn every page view into a store write.
+busy reader does not turn every page view into a store write. Principals are
+parsed from the store's JSON once and cached, for every backend.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.principal import Principal
 from gateway.sessions.cookies import CookieSigner
-from gateway.sessions.store import Clock, SessionRecord, Store, session_key
+from gateway.sessions.store import Clock, SessionStore, StoredSession, session_key
 
 TOUCH_INTERVAL = 60.0
 # Sessions are picked by the first characters of their store key (a hash): enough to tell
 # a member's sessions apart, and nothing that works as a cookie.
 HANDLE_LENGTH = 16
+_PRINCIPALS_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A live session with its principal."""
+
+    key: str  # session_key(session ID)
+    principal: Principal
+    created: float
+    last_seen: float
+    expires: float
+    user_agent: str = ""
+    client_ip: str = ""
+
+    @property
+    def handle(self) -> str:
+        """The short reference that picks this session in pages, logs and the CLI."""
+        return self.key[:HANDLE_LENGTH]
 
 
 class SessionManager:
-    def __init__(self, store: Store, signer: CookieSigner, *, lifetime: float,
+    """Creates sessions at sign-in, resolves cookies, and ends sessions (the only code
+    that does)."""
+
+    def __init__(self, store: SessionStore, signer: CookieSigner, *, lifetime: float,
                  idle_timeout: float, clock: Clock) -> None:
         self.store = store
         self._signer = signer
         self._lifetime = lifetime
         self._idle = idle_timeout
         self._clock = clock
+        # Parsed principals by their stored text: a Principal is immutable, and parsing the
+        # same JSON on every request was a measurable share of the hot path (bench/).
+        self._principals: dict[str, Principal] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -40,10 +69,12 @@ class SessionManager:
         expires = now + self._lifetime
         if principal.session_not_on_or_after is not None:
             expires = min(expires, principal.session_not_on_or_after)
-        record = SessionRecord(session_key(session_id), principal, now, now, expires,
+        text = json.dumps(principal.to_dict(), sort_keys=True)
+        stored = StoredSession(session_key(session_id), principal.subject,
+                               principal.logout_handle, text, now, now, expires,
                                user_agent[:200], client_ip)
-        await self.store.put_session(record)
-        return record, self._signer.sign(session_id)
+        await self.store.put_session(stored)
+        return self._record(stored), self._signer.sign(session_id)
 
     async def resolve(self, cookie: str | None) -> SessionRecord | None:
         """The live session for a cookie value, or ``None`` (bad signature, unknown, expired)."""
@@ -51,32 +82,62 @@ class SessionManager:
         if session_id is None:
             return None
         key = session_key(session_id)
-        record = await self.store.get_session(key)
-        if record is None:
+        stored = await self.store.get_session(key)
+        if stored is None:
             return None
         now = self._clock()
-        if now >= record.expires:
+        if now >= stored.expires:
             return None
-        if now - record.last_seen >= self._idle:
+        if now - stored.last_seen >= self._idle:
             await self.store.delete_session(key)
             return None
-        if now - record.last_seen >= TOUCH_INTERVAL:
+        if now - stored.last_seen >= TOUCH_INTERVAL:
             await self.store.touch_session(key, now)
-            record = record.touched(now)
-        return record
+            stored = stored.touched(now)
+        return self._record(stored)
 
-    async def revoke(self, key: str) -> bool:
+    async def sessions(self, subject: str | None = None) -> list[SessionRecord]:
+        """Live sessions, oldest first: all, or one subject's."""
+        return [self._record(s) for s in await self.store.list_sessions(subject)]
+
+    async def end(self, key: str) -> bool:
+        """End one session (sign-out); ``True`` if it was live."""
         return await self.store.delete_session(key)
 
-    async def end_member_sessions(self, member_id: str, handle: str = "all") -> int:
-        """End a member's sessions: all of them, or the one whose key starts with
-        ``handle`` (``HANDLE_LENGTH`` characters). Returns how many ended."""
+    async def end_subject_sessions(self, subject: str, handle: str = "all") -> int:
+        """End a subject's sessions: all of them, or the one whose ``handle`` is given.
+        Returns how many ended."""
         if handle == "all":
-            return await self.store.delete_member_sessions(member_id)
+            return await self.store.delete_subject_sessions(subject)
         if len(handle) != HANDLE_LENGTH:
             return 0
         ended = 0
-        for record in await self.store.list_sessions(member_id):
-            if record.key.startswith(handle):
-                ended += await self.store.delete_session(record.key)
+        for stored in await self.store.list_sessions(subject):
+            if stored.key.startswith(handle):
+                ended += await self.store.delete_session(stored.key)
         return ended
+
+    async def end_for_logout(self, logout_handle: str,
+                             ends: Callable[[Principal], bool]) -> int:
+        """End the sessions a login protocol's logout names: those with ``logout_handle``
+        whose principal ``ends`` accepts. Returns how many ended."""
+        if not logout_handle:
+            return 0
+        ended = 0
+        for stored in await self.store.sessions_for_logout(logout_handle):
+            if ends(self._principal(stored.principal_json)):
+                ended += await self.store.delete_session(stored.key)
+        return ended
+
+    def _record(self, stored: StoredSession) -> SessionRecord:
+        return SessionRecord(stored.key, self._principal(stored.principal_json),
+                             stored.created, stored.last_seen, stored.expires,
+                             stored.user_agent, stored.client_ip)
+
+    def _principal(self, text: str) -> Principal:
+        principal = self._principals.get(text)
+        if principal is None:
+            if len(self._principals) >= _PRINCIPALS_LIMIT:
+                self._principals.clear()  # bounded: at worst each session parses once more
+            principal = self._principals[text] = Principal.from_dict(json.loads(text))
+        return principal

@@ -1,10 +1,20 @@
-"""The ``Store`` protocol: sessions and single-use keys, and the factory that picks a backend.
+"""The store seams: sessions, single-use keys and counters, durable records; and the factory.
 
-Every operation is one atomic step in the backend (one SQL statement or
-transaction; one Redis command or Lua script), so several processes or
-replicas sharing a store never let the same single-use key through twice.
-Sessions are stored under a hash of their ID: the store never holds a value
-that works as a cookie.
+Three small interfaces instead of one large one, each with its own conformance suite
+(``tests/test_store_conformance.py``) that every backend passes:
+
+* ``SessionStore``: sessions, under a hash of their ID (the store never holds a value
+  that works as a cookie), indexed by subject and by the login protocol's opaque
+  logout handle;
+* ``KeyStore``: values with an expiry that are added once, taken once, or counted
+  (pending sign-ins, the replay cache, rate limits, kept forms);
+* ``RecordStore``: durable records an admin reads later (registrations, login failures).
+
+A backend class implements all three over one connection; ``open_store`` returns them
+as a ``Stores`` bundle. Every operation is one atomic step in the backend (one SQL
+statement or transaction; one Redis command or Lua script), so processes or replicas
+sharing a store never let the same single-use key through twice. Every key prefix a
+caller uses is in ``Namespace``: one place to see what the store holds.
 """
 
 from __future__ import annotations
@@ -12,12 +22,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Protocol
 
 from gateway.errors import ConfigError
-from gateway.principal import Principal
 
 Clock = Callable[[], float]
+
+#: Store URL schemes, in one place (config validation and ``open_store`` both use it).
+SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel")
+
+
+class Namespace(StrEnum):
+    """Prefixes of ``KeyStore`` keys and ``RecordStore`` kinds, by what they hold."""
+
+    LOGIN_STATE = "authn:"  # a pending sign-in of one browser (protocol state, next URL)
+    ASSERTION = "assertion:"  # an accepted one-time login message ID (replay cache)
+    LOGOUT = "slo:"  # a logout we started and wait to be confirmed
+    LOGOUT_SEEN = "slo-in:"  # a logout message already received (replay cache)
+    RATE = "rate:"  # a rate-limit counter per client and action
+    STASH = "stash:"  # a form kept across a sign-in
+    FAILURE = "failure:"  # a refused sign-in, for `sso-gateway explain` (a record)
 
 
 def session_key(session_id: str) -> str:
@@ -26,16 +51,21 @@ def session_key(session_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionRecord:
+class StoredSession:
+    """A session as the store keeps it: the principal as its JSON text (the session
+    manager parses it, with a cache, so every backend shares one parsing path)."""
+
     key: str  # session_key(session ID)
-    principal: Principal
+    subject: str
+    logout_handle: str
+    principal_json: str
     created: float
     last_seen: float
     expires: float  # absolute end of the session
     user_agent: str = ""
     client_ip: str = ""
 
-    def touched(self, now: float) -> SessionRecord:
+    def touched(self, now: float) -> StoredSession:
         return replace(self, last_seen=now)
 
 
@@ -48,29 +78,36 @@ class Registration:
     consent: str
 
 
-class Store(Protocol):
-    async def open(self) -> None: ...
+class SessionStore(Protocol):
+    """Sessions by key, with indexes by subject and by logout handle."""
 
-    async def close(self) -> None: ...
+    async def put_session(self, session: StoredSession) -> None:
+        """Store (or replace) a session; it disappears by itself at ``expires``."""
 
-    async def ping(self) -> None:
-        """Raise ``StoreError`` if the store cannot serve requests."""
-
-    async def put_session(self, record: SessionRecord) -> None: ...
-
-    async def get_session(self, key: str) -> SessionRecord | None:
+    async def get_session(self, key: str) -> StoredSession | None:
         """The session, or ``None`` if absent or past its absolute expiry."""
 
-    async def touch_session(self, key: str, last_seen: float) -> None: ...
+    async def touch_session(self, key: str, last_seen: float) -> None:
+        """Record activity; never recreates a session that is gone."""
 
-    async def delete_session(self, key: str) -> bool: ...
+    async def delete_session(self, key: str) -> bool:
+        """Delete one session; ``True`` if it existed."""
 
-    async def list_sessions(self, member_id: str | None = None) -> list[SessionRecord]: ...
+    async def list_sessions(self, subject: str | None = None) -> list[StoredSession]:
+        """Live sessions, oldest first: all, or one subject's (by index, not scan)."""
 
-    async def delete_member_sessions(self, member_id: str) -> int: ...
+    async def delete_subject_sessions(self, subject: str) -> int:
+        """Delete every session of one subject; returns how many."""
 
-    async def sessions_for_name_id(self, idp: str, name_id: str) -> list[SessionRecord]:
-        """Live sessions of one SAML subject (for Single Logout), found by index, not scan."""
+    async def sessions_for_logout(self, logout_handle: str) -> list[StoredSession]:
+        """Live sessions with this logout handle (by index, not scan)."""
+
+    async def count_sessions(self) -> int:
+        """Live sessions (the metrics gauge; read at scrape time, not per request)."""
+
+
+class KeyStore(Protocol):
+    """Values with an expiry: added once, read, taken once, or counted."""
 
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
         """Store ``value`` under ``key`` unless a live value is there; ``True`` if stored."""
@@ -78,40 +115,78 @@ class Store(Protocol):
     async def take(self, key: str) -> str | None:
         """Atomically read and delete a live value: at most one caller ever gets it."""
 
-    async def count_sessions(self) -> int:
-        """Live sessions (for the metrics gauge; read at scrape time, not per request)."""
-
-    async def count_once(self, prefix: str) -> int:
-        """Live single-use keys whose name starts with ``prefix`` (e.g. pending logins)."""
-
     async def get(self, key: str) -> str | None:
-        """Read a live value without consuming it (records kept for a while, such as
-        login failures for ``sso-gateway explain``)."""
+        """Read a live value without consuming it."""
 
     async def count(self, key: str, ttl: float) -> int:
         """Add one to a counter and return the new value; the counter lives ``ttl`` seconds
         from its first hit (rate limits use one counter per client and time window)."""
 
-    async def purge_expired(self) -> int: ...
+    async def count_keys(self, prefix: str) -> int:
+        """Live keys whose name starts with ``prefix`` (e.g. pending sign-ins)."""
+
+
+class RecordStore(Protocol):
+    """Durable records: kept until they expire (failures) or an admin removes them."""
 
     async def add_registration(self, registration: Registration) -> None: ...
 
     async def list_registrations(self) -> list[Registration]:
-        """Every registration, oldest first (kept until an admin removes them)."""
+        """Every registration, oldest first."""
+
+    async def put_record(self, key: str, value: str, ttl: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds (replacing an older one)."""
+
+    async def get_record(self, key: str) -> str | None:
+        """A live record, or ``None``."""
+
+
+class Backend(SessionStore, KeyStore, RecordStore, Protocol):
+    """One connection to one store, serving all three interfaces."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` if the store cannot serve requests."""
+
+    async def purge_expired(self) -> int:
+        """Delete what has expired; returns how many entries went."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """The three interfaces of one backend, and the backend for its lifecycle."""
+
+    backend: Backend
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self.backend
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.backend
+
+    @property
+    def records(self) -> RecordStore:
+        return self.backend
 
 
 def open_store(url: str, clock: Clock, *, key_prefix: str = "gw:", pool_size: int = 32,
-               connect_timeout: float = 2.0, socket_timeout: float = 2.0) -> Store:
+               connect_timeout: float = 2.0, socket_timeout: float = 2.0) -> Stores:
     """The backend for a store URL: ``sqlite:///path``, ``redis://``, ``rediss://`` or
     ``redis+sentinel://`` (see ``gateway.sessions.redis``). The other options are Redis's."""
     scheme = url.split("://", 1)[0]
     if scheme == "sqlite":
         from gateway.sessions.sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite://"), clock)
-    if scheme in {"redis", "rediss", "redis+sentinel"}:
+        return Stores(SQLiteStore(url.removeprefix("sqlite://"), clock))
+    if scheme in SCHEMES:
         from gateway.sessions.redis import RedisStore
 
-        return RedisStore(url, clock, key_prefix=key_prefix, pool_size=pool_size,
-                          connect_timeout=connect_timeout, socket_timeout=socket_timeout)
+        return Stores(RedisStore(url, clock, key_prefix=key_prefix, pool_size=pool_size,
+                                 connect_timeout=connect_timeout,
+                                 socket_timeout=socket_timeout))
     raise ConfigError([f"store.url: unknown session store type {scheme!r}"])

@@ -1,0 +1,109 @@
+"""The login-protocol seam: how a sign-in protocol (SAML today) plugs into the gateway.
+
+A protocol owns its URLs, messages and state; the gateway owns identities, sessions,
+policy and the proxy. They meet in three small pieces:
+
+* ``SignedIn``: what a protocol established about a user (the IdP, the attributes as
+  released, how and when the user authenticated, and an opaque logout handle plus
+  whatever the protocol must remember for its own logout). The gateway turns it into a
+  ``Principal`` under its identity rules and starts the session;
+* ``SignInServices``: what the gateway offers a protocol's routes (finish a sign-in,
+  read the current session, end the sessions a logout names, single-use keys, rate
+  limits, cookies);
+* ``LoginProtocol``: what a protocol offers the gateway (its routes, where to send a
+  visitor who must sign in, the IdP leg of a sign-out, start and stop).
+
+Nothing outside the protocol's package knows its message names or URLs; a second
+protocol is one more ``LoginProtocol`` passed to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from starlette.requests import Request
+from starlette.routing import BaseRoute
+
+from gateway.config import Settings
+from gateway.cookies import Cookies
+from gateway.principal import Principal
+
+if TYPE_CHECKING:
+    from gateway.sessions import KeyStore, SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    """A verified statement by an IdP about a user, before the gateway's identity rules.
+
+    ``released`` holds the attributes under the names the IdP released them with; the
+    configured attribute map turns them into the principal's attributes.
+    ``logout_handle`` must be the same for every sign-in that one logout message of the
+    protocol could name (SAML: a hash of the IdP and the NameID).
+    """
+
+    idp: str
+    protocol: str
+    released: Mapping[str, Sequence[str]]
+    authn_context: str = ""
+    authn_instant: float = 0.0
+    session_not_on_or_after: float | None = None
+    logout_handle: str = ""
+    protocol_data: Mapping[str, str] = field(default_factory=dict)
+
+
+class SignInServices(Protocol):
+    """What the gateway offers a login protocol's routes."""
+
+    settings: Settings
+    cookies: Cookies
+    keys: KeyStore
+
+    async def finish_sign_in(self, signed_in: SignedIn, request: Request,
+                             ) -> tuple[SessionRecord, str]:
+        """Apply the identity rules, start a session; returns it and the signed cookie
+        value. Raises ``LoginFailed`` when the identity is not acceptable."""
+
+    async def current_session(self, request: Request) -> SessionRecord | None:
+        """The request's live session, if any."""
+
+    async def end_for_logout(self, logout_handle: str, ends: Callable[[Principal], bool],
+                             *, idp: str) -> int:
+        """End the sessions an IdP's logout names; returns how many ended."""
+
+    async def rate_limit(self, request: Request, what: str, per_minute: int) -> None:
+        """Raise ``TooManyRequests`` for a client over ``per_minute`` ``what`` a minute."""
+
+    def sign_in_url(self, next_url: str) -> str:
+        """Where to send a visitor who must sign in to reach ``next_url``."""
+
+
+class LoginProtocol(Protocol):
+    """A sign-in protocol the gateway can use."""
+
+    #: A short name: labels principals (``Principal.protocol``), logs and metrics.
+    name: str
+    #: Where a visitor who must sign in is sent; the gateway adds ``?next=<target>``.
+    sign_in_path: str
+
+    def routes(self, services: SignInServices) -> Sequence[BaseRoute]:
+        """The protocol's own endpoints (sign-in, callbacks, logout, metadata)."""
+
+    async def start(self) -> None:
+        """Begin background work (e.g. metadata refresh); called at startup."""
+
+    async def stop(self) -> None:
+        """End background work; called at shutdown."""
+
+    def owns(self, principal: Principal) -> bool:
+        """Whether ``principal`` signed in through this protocol."""
+
+    def logout_origin(self, principal: Principal) -> str | None:
+        """The origin a sign-out of ``principal`` redirects to (for the sign-out page's
+        ``form-action``), or ``None`` when the IdP has no logout of its own."""
+
+    async def start_logout(self, principal: Principal) -> str | None:
+        """After the gateway ended the session: the URL that ends the IdP session too, or
+        ``None`` (no IdP logout, or it could not be built; never raises)."""
