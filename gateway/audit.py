@@ -3,7 +3,7 @@
 Any module records an event with ``audit(event, **fields)``::
 
     from gateway.audit import audit
-    audit("slo_in", idp=idp.entity_id, member_id=..., sessions_ended=2)
+    audit("slo_in", idp=entity_id, sessions_ended=2, result="logout_request")
 
 The line gets ``schema``, ``event``, ``time`` (UTC, ISO 8601) and, while a request is
 being served, its ``request_id`` and ``client_ip``. ``EVENTS`` below is the schema (also
@@ -13,7 +13,9 @@ The stream is separate from the ordinary logs (logger ``gateway.audit``, not pro
 and goes to stdout or an append-only file (``[logging] audit``). Values that work as
 credentials never go in: no cookies, SAML messages, tokens or session keys — sessions
 appear as ``session`` = ``logs.session_hash(key)``. Field names that suggest a secret
-are dropped on the way in, so a careless caller cannot leak one.
+are dropped on the way in, so a careless caller cannot leak one. Whoever an event is
+about is named by ``subject`` (unique across IdPs), with the ``member_id`` the IdP
+asserted when there is one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from gateway.logs import StdStream, current, utc_now
 
-SCHEMA_ID = "sso-gateway.audit/1"
+SCHEMA_ID = "sso-gateway.audit/2"  # /2: people are named by ``subject``
 log = logging.getLogger("gateway.audit")
 log.propagate = False
 log.setLevel(logging.INFO)
@@ -36,16 +38,18 @@ Fields = dict[str, type | tuple[type, ...]]
 COMMON: Fields = {"schema": str, "event": str, "time": str}
 COMMON_OPTIONAL: Fields = {"request_id": str, "client_ip": str}
 EVENTS: dict[str, tuple[Fields, Fields]] = {
-    "login_success": ({"idp": str, "member_id": str, "session": str}, {}),
+    "login_success": ({"idp": str, "subject": str, "session": str},
+                      {"member_id": str, "protocol": str}),
     "login_failure": ({"reference": str, "kind": str, "reason": str, "idp": str}, {}),
-    "logout": ({"member_id": str, "session": str}, {"idp": str}),
-    "slo_in": ({"idp": str}, {"member_id": str, "sessions_ended": int, "result": str}),
-    "slo_out": ({"idp": str, "member_id": str}, {"session": str, "result": str}),
-    "session_revoked": ({"by": str, "member_id": str, "sessions_ended": int, "scope": str},
+    "logout": ({"subject": str, "session": str}, {"member_id": str, "idp": str}),
+    "slo_in": ({"idp": str}, {"sessions_ended": int, "result": str}),
+    "slo_out": ({"idp": str, "subject": str}, {"member_id": str, "session": str,
+                                                "result": str}),
+    "session_revoked": ({"by": str, "subject": str, "sessions_ended": int, "scope": str},
                         {}),
-    "access_denied": ({"member_id": str, "session": str, "path": str, "rule": str,
-                       "reason": str}, {"failed": str}),
-    "registration": ({"reader_id": str}, {}),
+    "access_denied": ({"subject": str, "session": str, "path": str, "rule": str,
+                       "reason": str}, {"member_id": str, "failed": str}),
+    "registration": ({"subject": str}, {}),
     "config_reload": ({"trigger": str, "config": str, "config_sha256": str}, {}),
     "metadata_change": ({"change": str, "entity_id": str, "source": str}, {"sha256": str}),
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 from gateway import cli_admin, cli_explain, cli_idp, cli_selftest
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, StoreError
-from gateway.sessions import Store
+from gateway.sessions import Backend
 
 CONFIG_HELP = "gateway.toml to use (default: $GATEWAY_CONFIG or ./gateway.toml)"
 
@@ -88,12 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(config: str | None) -> int:
     from gateway.app import create_app
+    from gateway.identities import IdentityRules
+    from gateway.saml import SamlProtocol
 
     settings = load_settings(config)
     gateway = create_app(settings)  # loads keys and IdP metadata: every ConfigError surfaces
-    gateway.sp.metadata()
-    idps = ", ".join(idp.entity_id for idp in gateway.registry.all())
-    unreachable = _store_problem(gateway.store, settings)
+    for protocol in gateway.protocols:
+        if isinstance(protocol, SamlProtocol):
+            protocol.sp.metadata()  # checked against the metadata schema
+    entity_ids = [idp.entity_id for idp in gateway.registry.all()]
+    idps = ", ".join(entity_ids)
+    unreachable = _store_problem(gateway.stores.backend, settings)
     if unreachable:
         print(f"error: {unreachable}", file=sys.stderr)
         return 1
@@ -104,10 +109,12 @@ def _check(config: str | None) -> int:
     print(f"  upstreams   {', '.join(f'{u.prefix} -> {u.url}' for u in settings.upstreams)}")
     print(f"  rules       {len(settings.rules)} (+ default: member)")
     print(f"  store       {settings.store.display_url}")
+    for warning in IdentityRules(settings).warnings(entity_ids):
+        print(f"warning: {warning}")
     return 0
 
 
-def _store_problem(store: Store, settings: Settings) -> str | None:
+def _store_problem(store: Backend, settings: Settings) -> str | None:
     """Why a network store cannot be reached now, or ``None``. SQLite is not opened here:
     ``check`` must not create the database file."""
     if settings.store.url.startswith("sqlite:"):
@@ -134,7 +141,7 @@ def _serve(config: str | None, workers: int) -> int:
     from gateway.app import create_app
 
     gateway = create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers
-    unreachable = _store_problem(gateway.store, settings)
+    unreachable = _store_problem(gateway.stores.backend, settings)
     if unreachable:
         # Serve anyway: replicas often start before Redis, and the gateway reconnects on its
         # own. Until then /readyz answers 503 (so a balancer sends no traffic) and every

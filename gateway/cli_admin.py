@@ -2,6 +2,8 @@
 
 Part of the CLI (it prints); they work while the gateway runs, because the gateway
 reads the store on every request: a revoked session's next request is anonymous.
+Sessions are picked by subject (``--member`` is kept as another name for ``--subject``)
+or by the handle ``sessions list`` shows, and ended through the ``SessionManager``.
 """
 
 from __future__ import annotations
@@ -12,24 +14,35 @@ import datetime as dt
 import sys
 from collections.abc import Awaitable, Callable
 
-from gateway.config import load_settings
+from gateway.config import Settings, load_settings
 from gateway.errors import StoreError
-from gateway.routes.admin import registrations_csv
-from gateway.sessions import SessionRecord, Store, open_store
+from gateway.sessions import (
+    Backend,
+    CookieSigner,
+    RecordStore,
+    SessionManager,
+    SessionRecord,
+    Stores,
+    open_store,
+)
+from gateway.sessions.export import registrations_csv
 from gateway.sessions.manager import HANDLE_LENGTH
 
 
 def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # type: ignore[type-arg]
+    """The ``sessions`` and ``registrations`` commands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help=config_help)
     sessions = sub.add_parser("sessions", help="list, revoke and purge sessions")
     verbs = sessions.add_subparsers(dest="sessions_command", required=True)
     listing = verbs.add_parser("list", parents=[common], help="active sessions (oldest first)")
-    listing.add_argument("--member", help="only this member's sessions")
+    listing.add_argument("--subject", "--member", dest="subject", metavar="SUBJECT",
+                         help="only this subject's sessions (as `sessions list` shows it)")
     revoke = verbs.add_parser("revoke", parents=[common], help="end sessions now")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("session", nargs="?", help="a session key as `sessions list` shows it")
-    which.add_argument("--member", help="every session of this member")
+    which.add_argument("session", nargs="?", help="a session handle as `sessions list` shows it")
+    which.add_argument("--subject", "--member", dest="subject", metavar="SUBJECT",
+                       help="every session of this subject")
     which.add_argument("--all", action="store_true", help="every session")
     verbs.add_parser("purge-expired", parents=[common],
                      help="delete expired sessions and single-use keys")
@@ -40,29 +53,40 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one ``sessions`` or ``registrations`` command; the exit status."""
     settings = load_settings(args.config)
-    store = open_store(settings.store.url, _now, **settings.store.options())
+    stores = open_store(settings.store.url, _now, **settings.store.options())
     if args.command == "registrations":
-        return _with_store(store, lambda: _export(store))
+        return _with_store(stores.backend, lambda: _export(stores.records))
     verb = args.sessions_command
-    if verb == "list":
-        return _with_store(store, lambda: _list(store, args.member))
     if verb == "purge-expired":
-        return _with_store(store, lambda: _purge(store))
-    return _with_store(store, lambda: _revoke(store, args.session, args.member, args.all))
+        return _with_store(stores.backend, lambda: _purge(stores.backend))
+    sessions = _manager(settings, stores)
+    if verb == "list":
+        return _with_store(stores.backend, lambda: _list(sessions, args.subject))
+    return _with_store(stores.backend,
+                       lambda: _revoke(sessions, args.session, args.subject, args.all))
 
 
 def _now() -> float:
     return dt.datetime.now(dt.UTC).timestamp()
 
 
-def _with_store(store: Store, action: Callable[[], Awaitable[int]]) -> int:
+def _manager(settings: Settings, stores: Stores) -> SessionManager:
+    """The gateway's session manager over the configured store: the CLI ends sessions
+    the way the gateway does."""
+    return SessionManager(stores.sessions, CookieSigner(settings.session_secrets(), "session"),
+                          lifetime=settings.session.lifetime,
+                          idle_timeout=settings.session.idle_timeout, clock=_now)
+
+
+def _with_store(backend: Backend, action: Callable[[], Awaitable[int]]) -> int:
     async def go() -> int:
-        await store.open()
+        await backend.open()
         try:
             return await action()
         finally:
-            await store.close()
+            await backend.close()
 
     try:
         return asyncio.run(go())
@@ -77,42 +101,42 @@ def _when(ts: float) -> str:
 
 def _row(record: SessionRecord) -> str:
     p = record.principal
-    return (f"{record.key[:16]}  {p.member_id:<12} {p.kind:<10} started {_when(record.created)}"
-            f"  last seen {_when(record.last_seen)}  {record.client_ip or '-'}")
+    return (f"{record.handle}  {p.subject:<12}  {p.idp or '-'}  {p.display_name or '-'}"
+            f"  started {_when(record.created)}  last seen {_when(record.last_seen)}")
 
 
-async def _list(store: Store, member: str | None) -> int:
-    records = await store.list_sessions(member)
+async def _list(sessions: SessionManager, subject: str | None) -> int:
+    records = await sessions.sessions(subject)
     for record in records:
         print(_row(record))
     print(f"{len(records)} session(s)")
     return 0
 
 
-async def _revoke(store: Store, key: str | None, member: str | None, everyone: bool) -> int:
-    if member is not None:
-        print(f"revoked {await store.delete_member_sessions(member)} session(s) of {member}")
+async def _revoke(sessions: SessionManager, handle: str | None, subject: str | None,
+                  everyone: bool) -> int:
+    if subject is not None:
+        ended = await sessions.end_subject_sessions(subject)
+        print(f"revoked {ended} session(s) of {subject}")
         return 0
-    records = await store.list_sessions()
-    if everyone:
-        chosen = records
-    else:
-        assert key is not None
-        chosen = [r for r in records if len(key) >= HANDLE_LENGTH and r.key.startswith(key)]
-        if not chosen:
-            print(f"error: no active session {key!r}", file=sys.stderr)
+    records = await sessions.sessions()
+    if not everyone:
+        assert handle is not None
+        records = [r for r in records
+                   if len(handle) >= HANDLE_LENGTH and r.key.startswith(handle)]
+        if not records:
+            print(f"error: no active session {handle!r}", file=sys.stderr)
             return 1
-    for record in chosen:
-        await store.delete_session(record.key)
-    print(f"revoked {len(chosen)} session(s)")
+    ended = sum([await sessions.end(record.key) for record in records])
+    print(f"revoked {ended} session(s)")
     return 0
 
 
-async def _purge(store: Store) -> int:
-    print(f"purged {await store.purge_expired()} expired entries")
+async def _purge(backend: Backend) -> int:
+    print(f"purged {await backend.purge_expired()} expired entries")
     return 0
 
 
-async def _export(store: Store) -> int:
-    sys.stdout.write(registrations_csv(await store.list_registrations()))
+async def _export(records: RecordStore) -> int:
+    sys.stdout.write(registrations_csv(await records.list_registrations()))
     return 0

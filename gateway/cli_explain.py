@@ -14,7 +14,7 @@ import time
 
 from gateway.config import load_settings
 from gateway.errors import StoreError
-from gateway.explain import Failure, explain, failure_key
+from gateway.explain import Failure, explain, find_failure
 from gateway.sessions import open_store
 
 
@@ -26,24 +26,24 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    store = open_store(settings.store.url, time.time, **settings.store.options())
+    stores = open_store(settings.store.url, time.time, **settings.store.options())
 
-    async def read() -> str | None:
-        await store.open()
+    async def read() -> Failure | None:
+        await stores.backend.open()
         try:
-            return await store.get(failure_key(args.code))
+            return await find_failure(stores.records, args.code)
         finally:
-            await store.close()
+            await stores.backend.close()
 
     try:
-        raw = asyncio.run(read())
+        failure = asyncio.run(read())
     except StoreError as exc:
         print(f"error: {exc.reason}", file=sys.stderr)
         return 1
-    if raw is None:
+    if failure is None:
         print(f"error: no login failure with reference {args.code.strip().upper()!r} "
               "(unknown, mistyped, or older than 30 days)", file=sys.stderr)
         return 1
-    for line in explain(Failure.from_json(raw)):
+    for line in explain(failure):
         print(line)
     return 0

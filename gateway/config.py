@@ -23,15 +23,16 @@ from cryptography import x509
 from pydantic import ValidationError
 
 from gateway.config_schema import (
-    ALL_CLAIMS,
-    AttributeMap,
-    Claim,
-    IdentityHeaders,
+    BUILT_IN,
+    DEFAULT_ATTRIBUTES,
+    DEFAULT_CLAIMS,
+    DEFAULT_IDENTITY_HEADERS,
     IdentitySettings,
     IdPOptions,
     IdPSettings,
     LimitSettings,
     LoggingSettings,
+    MemberIds,
     MetadataSource,
     MetricsSettings,
     Requirement,
@@ -47,15 +48,16 @@ from gateway.config_schema import (
 from gateway.errors import ConfigError
 
 __all__ = [
-    "ALL_CLAIMS",
-    "AttributeMap",
-    "Claim",
+    "BUILT_IN",
+    "DEFAULT_ATTRIBUTES",
+    "DEFAULT_CLAIMS",
+    "DEFAULT_IDENTITY_HEADERS",
     "IdPOptions",
     "IdPSettings",
-    "IdentityHeaders",
     "IdentitySettings",
     "LimitSettings",
     "LoggingSettings",
+    "MemberIds",
     "MetadataSource",
     "MetricsSettings",
     "Requirement",
@@ -99,6 +101,8 @@ def load_settings(
     except ValidationError as exc:
         problems += [_describe(err, path) for err in exc.errors()]
     problems += _check_files(raw, path)
+    if settings is not None:
+        problems += _check_names(settings, path)
     if settings is not None and not problems:
         problems += _check_semantics(settings, path)
     if problems or settings is None:
@@ -215,6 +219,49 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
     if settings.session.idle_timeout > settings.session.lifetime:
         problems.append(f"{source}: key session.idle_timeout: must not exceed session.lifetime")
     return problems
+
+
+def _check_names(settings: Settings, source: Path) -> list[str]:
+    """Every attribute a header, claim, rule or IdP entry names must be configured."""
+    known = settings.attribute_names
+    listed = ", ".join(sorted(known))
+    problems = []
+
+    def unknown(key: str, name: str, extra: frozenset[str] = frozenset()) -> None:
+        if name not in known | extra:
+            also = "".join(f", {n}" for n in sorted(extra))
+            problems.append(f"{source}: key {key} ({name!r}): unknown attribute (configured in "
+                            f"[attributes]: {listed}{also})")
+
+    for name in settings.identity_headers:
+        unknown(f"identity_headers.{name}", name, BUILT_IN)
+    for i, upstream in enumerate(settings.upstreams):
+        for j, name in enumerate(upstream.claims):
+            unknown(f"upstreams[{i}].claims[{j}]", name, frozenset({"idp"}))
+    for i, rule in enumerate(settings.rules):
+        for name in rule.require.attributes:
+            unknown(f"rules[{i}].require.attributes.{name}", name, BUILT_IN)
+    for i, idp in enumerate(settings.idps):
+        for name in idp.attributes or {}:
+            unknown(f"idps[{i}].attributes.{name}", name)
+    owners: dict[str, str] = {}
+    token_header = _header_key(settings.identity.token_header)
+    for name, header in settings.identity_headers.items():
+        if not header:
+            continue
+        key = f"{source}: key identity_headers.{name} ({header!r})"
+        if _header_key(header) == token_header:
+            problems.append(f"{key}: is also identity.token_header")
+        elif _header_key(header) in owners:
+            problems.append(f"{key}: is also the header of {owners[_header_key(header)]} (give "
+                            "one of them another name, or \"\" for no header)")
+        owners.setdefault(_header_key(header), name)
+    return problems
+
+
+def _header_key(name: str) -> str:
+    """Header names as the proxy compares them (``_`` read as ``-``)."""
+    return name.strip().lower().replace("_", "-")
 
 
 def _describe(err: Any, source: Path) -> str:

@@ -7,11 +7,14 @@ loads a file into these models and adds the checks that need the whole configura
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.principal import DISPLAY_NAME, EMAIL, ENTITLEMENTS, MEMBER_ID, STATUS
 
 
 def _http_url(value: str) -> str:
@@ -23,6 +26,11 @@ def _http_url(value: str) -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Whose member numbers an IdP asserts: "organisation" (the organisation's own: the member
+# is the number) or "scoped" (the member is "<entity ID>!<number>").
+MemberIds = Literal["organisation", "scoped"]
 
 
 class SPSettings(_Model):
@@ -60,6 +68,9 @@ class IdPSettings(_Model):
     clock_skew: int = Field(120, ge=0, le=300)
     # An external discovery service (SAML IdP Discovery protocol); "" = our own list.
     discovery_url: str = ""
+    # Defaults for every IdP without its own [[idps]] value (see IdPOptions).
+    member_ids: MemberIds = "scoped"
+    allowed_entitlements: list[str] | None = None  # None = keep every asserted entitlement
 
     @field_validator("discovery_url")
     @classmethod
@@ -73,23 +84,62 @@ class IdPSettings(_Model):
         return value
 
 
-class AttributeMap(_Model):
-    """For each identity field, the SAML attribute names that may carry it (first present wins)."""
+#: A gateway attribute name: what rules, identity headers and token claims call it.
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: Names every principal answers without being configured (``Principal.values``).
+BUILT_IN = frozenset({"subject", "idp"})
+#: For the attributes the gateway itself reads (``principal.ROLES``): the released
+#: attribute names that may carry each (the first one present wins).
+DEFAULT_ATTRIBUTES: dict[str, list[str]] = {
+    MEMBER_ID: ["memberId", "urn:oid:1.3.6.1.4.1.5923.1.1.1.6"],
+    EMAIL: ["mail", "email", "urn:oid:0.9.2342.19200300.100.1.3"],
+    DISPLAY_NAME: ["displayName", "urn:oid:2.16.840.1.113730.3.1.241"],
+    ENTITLEMENTS: ["eduPersonEntitlement", "urn:oid:1.3.6.1.4.1.5923.1.1.1.7"],
+    STATUS: ["memberStatus"],
+}
+#: The identity headers upstreams get by default (attribute name → header name).
+DEFAULT_IDENTITY_HEADERS: dict[str, str] = {
+    "subject": "X-Member-Id",
+    EMAIL: "X-Member-Email",
+    DISPLAY_NAME: "X-Member-Name",
+    ENTITLEMENTS: "X-Member-Entitlements",
+    STATUS: "X-Member-Status",
+    "idp": "X-Member-Idp",
+}
+#: What an upstream learns besides the subject, unless its ``claims`` say otherwise.
+DEFAULT_CLAIMS = [EMAIL, DISPLAY_NAME, ENTITLEMENTS, STATUS, "idp"]
+# An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
-    member_id: list[str] = ["memberId", "urn:oid:1.3.6.1.4.1.5923.1.1.1.6"]
-    email: list[str] = ["mail", "email", "urn:oid:0.9.2342.19200300.100.1.3"]
-    display_name: list[str] = ["displayName", "urn:oid:2.16.840.1.113730.3.1.241"]
-    entitlements: list[str] = ["eduPersonEntitlement", "urn:oid:1.3.6.1.4.1.5923.1.1.1.7"]
-    status: list[str] = ["memberStatus"]
+
+def _attribute_names(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    for name in value:
+        if name in BUILT_IN:
+            raise ValueError(f"{name!r} is built in and cannot be mapped from attributes")
+        if not ATTRIBUTE_NAME.fullmatch(name):
+            raise ValueError(f"attribute name {name!r} must be lower-case letters, digits and "
+                             "'_', starting with a letter (at most 64 characters)")
+    return value
 
 
 class IdPOptions(_Model):
     """``[[idps]]``: settings for one IdP, by entity ID."""
 
     entity_id: str = Field(min_length=1)
-    attributes: AttributeMap | None = None  # the fields given replace [attributes]'s
+    # Attribute name → released names; the names given replace [attributes]'s for this IdP.
+    attributes: dict[str, list[str]] | None = None
     allow_unsolicited: bool | None = None  # IdP-initiated SSO; None: [idp] allow_unsolicited
     require_encryption: bool = False  # refuse assertions that are not encrypted
+    # "organisation": its member numbers are the organisation's own (subject = the number);
+    # "scoped": namespaced by this IdP (subject = "<entity ID>!<number>"). None: [idp]'s.
+    member_ids: MemberIds | None = None
+    # Keep only these asserted entitlements (e.g. none of the admin ones). None: [idp]'s.
+    allowed_entitlements: list[str] | None = None
+
+    @field_validator("attributes")
+    @classmethod
+    def _names(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else _attribute_names(value)
 
 
 class SessionSettings(_Model):
@@ -143,15 +193,12 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:*****@{tail}"
 
 
-Claim = Literal["email", "display_name", "entitlements", "status", "idp"]
-ALL_CLAIMS: list[Claim] = ["email", "display_name", "entitlements", "status", "idp"]
-
-
 class Upstream(_Model):
     name: str  # also the audience of the identity tokens this upstream receives
     prefix: str = "/"
     url: str
-    claims: list[Claim] = ALL_CLAIMS  # what it learns besides member_id (headers and token)
+    # Attribute names (and "idp") it learns besides the subject, as headers and token claims.
+    claims: list[str] = DEFAULT_CLAIMS
     connect_timeout: float = Field(5.0, gt=0)
     timeout: float = Field(30.0, gt=0)  # whole response head; bodies stream after it
     health_url: str = ""  # checked by /readyz (any 2xx/3xx is healthy); "" = not checked
@@ -176,11 +223,28 @@ class Requirement(_Model):
     entitlement: list[str] = []  # every one listed is required
     status: list[str] = []  # any one listed is enough
     idp: list[str] = []  # any one listed is enough
+    # Attribute name → values: each named attribute must have one of its listed values.
+    attributes: dict[str, list[str]] = {}
 
     @field_validator("entitlement", "status", "idp", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _listify_values(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("attributes")
+    @classmethod
+    def _some_value(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, accepted in value.items():
+            if not accepted:
+                raise ValueError(f"{name} must list at least one accepted value")
+        return value
 
 
 class Rule(_Model):
@@ -203,19 +267,17 @@ class Rule(_Model):
         return self
 
 
-class IdentityHeaders(_Model):
-    member_id: str = "X-Member-Id"
-    email: str = "X-Member-Email"
-    display_name: str = "X-Member-Name"
-    entitlements: str = "X-Member-Entitlements"
-    status: str = "X-Member-Status"
-    idp: str = "X-Member-Idp"
-
-
 class IdentitySettings(_Model):
     keys_dir: Path = Path("certs/identity")  # written by `sso-gateway certs generate`
     token_header: str = "X-Gateway-Identity"
     token_lifetime: int = Field(60, ge=10, le=3600)
+
+    @field_validator("token_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME.fullmatch(value):
+            raise ValueError("must be a header name (letters, digits, '-')")
+        return value
 
 
 class LoggingSettings(_Model):
@@ -259,14 +321,16 @@ class Settings(_Model):
     trusted_proxies: list[str] = []
     sp: SPSettings = SPSettings()
     idp: IdPSettings = IdPSettings()
-    attributes: AttributeMap = AttributeMap()
+    # Attribute name → released attribute names (first present wins), over DEFAULT_ATTRIBUTES.
+    attributes: dict[str, list[str]] = DEFAULT_ATTRIBUTES
     idps: list[IdPOptions] = []
     session: SessionSettings = SessionSettings()
     store: StoreSettings = StoreSettings()
     upstreams: list[Upstream] = []
     metadata: list[MetadataSource] = []
     rules: list[Rule] = []
-    identity_headers: IdentityHeaders = IdentityHeaders()
+    # Attribute name (or "subject", "idp") → header name ("" = none), over the defaults.
+    identity_headers: dict[str, str] = DEFAULT_IDENTITY_HEADERS
     identity: IdentitySettings = IdentitySettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -284,6 +348,22 @@ class Settings(_Model):
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError("must be https:// (plain http is allowed only on loopback)")
         return value.rstrip("/")
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        merged = {**DEFAULT_ATTRIBUTES, **_attribute_names(value)}
+        if not merged[MEMBER_ID]:
+            raise ValueError("member_id must name at least one released attribute")
+        return merged
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _identity_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, header in value.items():
+            if header and not _HEADER_NAME.fullmatch(header):
+                raise ValueError(f"{header!r} (for {name}) is not a valid header name")
+        return {**DEFAULT_IDENTITY_HEADERS, **value}
 
     @field_validator("listen")
     @classmethod
@@ -323,20 +403,30 @@ class Settings(_Model):
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
+    @property
+    def attribute_names(self) -> frozenset[str]:
+        """Every configured attribute name (the roles' and the admin's own)."""
+        return frozenset(self.attributes)
+
     def idp_options(self, entity_id: str) -> IdPOptions:
-        """The ``[[idps]]`` entry of one IdP (defaults when it has none)."""
+        """The ``[[idps]]`` entry of one IdP (defaults when it has none), with the values it
+        leaves unset taken from ``[idp]``: ``allow_unsolicited`` and ``member_ids`` are
+        never None; ``allowed_entitlements`` is None when every entitlement is kept."""
         found = next((o for o in self.idps if o.entity_id == entity_id), None)
         options = found or IdPOptions(entity_id=entity_id)
-        if options.allow_unsolicited is None:
-            options = options.model_copy(update={"allow_unsolicited": self.idp.allow_unsolicited})
-        return options
+        defaults = {"allow_unsolicited": self.idp.allow_unsolicited,
+                    "member_ids": self.idp.member_ids,
+                    "allowed_entitlements": self.idp.allowed_entitlements}
+        unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
+        return options.model_copy(update=unset) if unset else options
 
-    def attribute_map(self, entity_id: str) -> AttributeMap:
-        """``[attributes]`` with the fields one IdP's ``[[idps]]`` entry overrides."""
-        own = self.idp_options(entity_id).attributes
-        if own is None:
-            return self.attributes
-        return self.attributes.model_copy(update=own.model_dump(include=own.model_fields_set))
+    def attribute_map(self, entity_id: str) -> dict[str, tuple[str, ...]]:
+        """For one IdP: every configured attribute name → the released attribute names that
+        may carry it, in order (``[attributes]`` with the names its ``[[idps]]`` entry
+        overrides)."""
+        own = self.idp_options(entity_id).attributes or {}
+        return {name: tuple(own.get(name, released))
+                for name, released in self.attributes.items()}
 
     def session_secrets(self) -> list[str]:
         """All cookie secrets, newest first (from ``secrets`` then ``secrets_file``)."""

@@ -1,9 +1,10 @@
 """A refused login, as kept in the store for 30 days, and what to tell the admin about it.
 
-``Telemetry.login_failed`` stores every ``LoginFailed`` as a ``Failure`` under
-``failure:<reference>`` (the code the member saw); ``sso-gateway explain CODE`` and
-the admin console's failure view read it back and turn it into advice: which check
-failed, the values it compared (``details``) and what to do about it.
+``Telemetry.login_failed`` keeps every ``LoginFailed`` as a ``Failure`` record
+(``keep_failure``) under ``failure:<reference>`` (the code the member saw);
+``sso-gateway explain CODE`` and the admin console's failure view read it back
+(``find_failure``) and turn it into advice: which check failed, the values it compared
+(``details``) and what to do about it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
 
+from gateway.sessions.store import Namespace, RecordStore
+
 FAILURE_TTL = 30 * 86400  # seconds a failure stays explainable
-KEY_PREFIX = "failure:"
 
 #: For each ``LoginFailed.kind``: what failed, and what to do.
 ADVICE: dict[str, tuple[str, str]] = {
@@ -105,7 +107,25 @@ class Failure:
 
 
 def failure_key(reference: str) -> str:
-    return KEY_PREFIX + reference.strip().upper()[:32]
+    """The record key of a failure, from its reference as the member or admin typed it."""
+    return Namespace.FAILURE + reference.strip().upper()[:32]
+
+
+async def keep_failure(records: RecordStore, failure: Failure) -> None:
+    """Keep ``failure`` for ``FAILURE_TTL`` seconds, for every replica and the CLI."""
+    await records.put_record(failure_key(failure.reference), failure.to_json(), FAILURE_TTL)
+
+
+async def find_failure(records: RecordStore, reference: str) -> Failure | None:
+    """The kept failure with this reference, or ``None`` (unknown, mistyped, too old, or
+    a record that cannot be read)."""
+    raw = await records.get_record(failure_key(reference))
+    if raw is None:
+        return None
+    try:
+        return Failure.from_json(raw)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def explain(failure: Failure) -> list[str]:

@@ -1,16 +1,21 @@
 """What upstreams receive about the user: identity headers and a signed identity token.
 
-**Headers.** Names come from config and are compiled once. Values are UTF-8,
-percent-encoded outside printable ASCII, so a value can never carry CR/LF or raw
-non-latin-1 bytes; ``%`` and ``,`` are encoded too, so a list (entitlements,
-comma-separated) splits unambiguously and one ``unquote`` decodes any value.
+``UpstreamIdentity`` is compiled once from the config: per upstream, which identity
+headers and which token claims it gets (the subject always, plus the attributes its
+``claims`` name).
+
+**Headers.** Names come from ``[identity_headers]`` (attribute → header). Values are
+UTF-8, percent-encoded outside printable ASCII, so a value can never carry CR/LF or raw
+non-latin-1 bytes; ``%`` and ``,`` are encoded too, so a list (entitlements or any
+multi-valued attribute, comma-separated) splits unambiguously and one ``unquote``
+decodes any value.
 
 **Token.** A short-lived JWT, ES256: P-256 signatures are small and fast (~40 µs
 here) and every JOSE library in every language verifies them, where EdDSA support
 is still patchy and RS256 signing costs ~1 ms. Issuer = ``public_url``, audience =
-the upstream's name, subject = member_id, plus the claims that upstream is
-configured to receive. A token is minted once per session and upstream and reused
-until shortly before it expires, so signing stays off the per-request cost.
+the upstream's name, subject = the principal's ``subject``, plus the claims that
+upstream is configured to receive. A token is minted once per session and upstream and
+reused until shortly before it expires, so signing stays off the per-request cost.
 
 Services verify tokens with ``verify_token`` against the gateway's JWKS.
 """
@@ -26,27 +31,25 @@ from urllib.parse import quote
 
 import jwt
 
-from gateway.config import IdentityHeaders
+from gateway.config import Settings
+from gateway.errors import ConfigError, InvalidToken
 from gateway.keys import IdentityKey
-from gateway.principal import Principal
+from gateway.principal import DISPLAY_NAME, EMAIL, MEMBER_ID, STATUS, Principal
+
+__all__ = ["ALGORITHM", "InvalidToken", "UpstreamIdentity", "claim_name", "encode_value",
+           "normalise_name", "verify_token"]
 
 ALGORITHM = "ES256"
-# Client headers in these families are always dropped, whatever the config names.
-RESERVED_PREFIXES = ("x-member-", "x-gateway-")
 # Printable ASCII minus '%' and ',' stays as it is.
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
-# Claim name in the token for each optional identity field.
-CLAIMS = {"email": "email", "display_name": "name", "entitlements": "entitlements",
-          "status": "member_status", "idp": "idp"}
+# Token claim names that differ from the attribute's name.
+_CLAIM_NAMES = {DISPLAY_NAME: "name", STATUS: "member_status"}
+# Attributes sent as one value (the first), in a header and in the token; any other
+# attribute is a list.
+_SINGLE = frozenset({"subject", "idp", MEMBER_ID, EMAIL, DISPLAY_NAME, STATUS})
+# Claims the gateway sets itself: no attribute may take their place.
+_REGISTERED = frozenset({"iss", "aud", "sub", "iat", "nbf", "exp", "jti", "sid"})
 _CACHE_LIMIT = 50_000
-
-
-class InvalidToken(Exception):
-    """The identity token failed verification; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def encode_value(value: str) -> bytes:
@@ -58,30 +61,79 @@ def normalise_name(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-class IdentityHeaderSet:
-    """Builds the identity headers for a principal, limited to the fields an upstream gets."""
+def claim_name(attribute: str) -> str:
+    """The token claim that carries an attribute (``display_name`` → ``name``,
+    ``status`` → ``member_status``, any other → its own name)."""
+    return _CLAIM_NAMES.get(attribute, attribute)
 
-    def __init__(self, names: IdentityHeaders) -> None:
-        self._names = {field: header.lower().encode("ascii")
-                       for field, header in names.model_dump().items()}
-        self.names = frozenset(normalise_name(h) for h in names.model_dump().values())
 
-    def fields(self, claims: Iterable[str]) -> tuple[tuple[str, bytes], ...]:
-        """The (field, header) pairs for an upstream receiving ``claims``; member_id always."""
-        wanted = {"member_id", *claims}
-        return tuple((f, h) for f, h in self._names.items() if f in wanted)
+class UpstreamIdentity:
+    """The identity headers and token each upstream receives, compiled at startup.
 
-    @staticmethod
-    def headers(principal: Principal,
-                fields: Sequence[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
-        out = []
-        for field, header in fields:
-            if field == "entitlements":
-                value = b",".join(encode_value(e) for e in principal.entitlements)
-            else:
-                value = encode_value(str(getattr(principal, field)))
-            out.append((header, value))
+    Raises ``ConfigError`` when an upstream's ``claims`` would overwrite a claim the
+    gateway sets (``sub``, ``exp``, …) or put two attributes under one claim name.
+    """
+
+    def __init__(self, settings: Settings, keys: Sequence[IdentityKey],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._tokens = TokenIssuer(keys, issuer=settings.public_url,
+                                   lifetime=settings.identity.token_lifetime, clock=clock)
+        #: The JWKS (every identity key, newest first) served at /.well-known/jwks.json.
+        self.jwks = self._tokens.jwks
+        self._token_header = settings.identity.token_header.lower().encode("ascii")
+        headers = {name: header.lower().encode("ascii")
+                   for name, header in settings.identity_headers.items() if header}
+        self._for: dict[str, tuple[tuple[tuple[str, bytes], ...], tuple[str, ...]]] = {}
+        for i, upstream in enumerate(settings.upstreams):
+            claims = tuple(dict.fromkeys(upstream.claims))
+            _check_claims(claims, f"{settings.source}: key upstreams[{i}].claims")
+            wanted = {"subject", *claims}
+            fields = tuple((name, h) for name, h in headers.items() if name in wanted)
+            self._for[upstream.name] = (fields, claims)
+        #: Every identity header name and the token header (normalised): the proxy drops
+        #: client-sent copies of them.
+        self.strip_names = frozenset(
+            normalise_name(h) for h in (*settings.identity_headers.values(),
+                                        settings.identity.token_header) if h)
+
+    def knows(self, upstream: str) -> bool:
+        """Whether ``upstream`` is a configured upstream's name."""
+        return upstream in self._for
+
+    def headers(self, session_key: str, principal: Principal,
+                upstream: str) -> list[tuple[bytes, bytes]]:
+        """The identity headers and the token header for one request to ``upstream``
+        (which must be known)."""
+        fields, claims = self._for[upstream]
+        out = [(header, _header_value(principal, name)) for name, header in fields]
+        out.append((self._token_header,
+                    self._tokens.token(principal, session_key, upstream, claims)))
         return out
+
+
+def _check_claims(claims: Sequence[str], key: str) -> None:
+    seen: dict[str, str] = {}
+    for j, name in enumerate(claims):
+        claim = claim_name(name)
+        if claim in _REGISTERED:
+            raise ConfigError([f"{key}[{j}] ({name!r}): would replace the token's own "
+                               f"claim {claim!r}; name the attribute differently"])
+        if claim in seen:
+            raise ConfigError([f"{key}[{j}] ({name!r}): its token claim {claim!r} is "
+                               f"also {seen[claim]!r}'s; name the attribute differently"])
+        seen[claim] = name
+
+
+def _header_value(principal: Principal, name: str) -> bytes:
+    if name in _SINGLE:
+        return encode_value(principal.first(name))
+    return b",".join(encode_value(v) for v in principal.values(name))
+
+
+def _claim_value(principal: Principal, name: str) -> str | list[str]:
+    if name in _SINGLE:
+        return principal.first(name)
+    return list(principal.values(name))
 
 
 class TokenIssuer:
@@ -101,21 +153,21 @@ class TokenIssuer:
 
     def token(self, principal: Principal, session_key: str, audience: str,
               claims: Iterable[str]) -> bytes:
-        """The current token for this session and upstream, minting a new one when due."""
+        """The current token for this session and upstream, minting a new one when due;
+        ``claims`` names the attributes it carries besides the subject."""
         now = self._clock()
         cached = self._cache.get((session_key, audience))
         if cached is not None and now < cached[1]:
             return cached[0]
         expires = int(now) + self._lifetime
         payload: dict[str, Any] = {
-            "iss": self._issuer, "aud": audience, "sub": principal.member_id,
+            claim_name(name): _claim_value(principal, name) for name in claims}
+        payload.update({
+            "iss": self._issuer, "aud": audience, "sub": principal.subject,
             "iat": int(now), "nbf": int(now) - 5, "exp": expires,
             "jti": secrets.token_urlsafe(12),
             "sid": hashlib.sha256(f"{session_key}|{audience}".encode()).hexdigest()[:32],
-        }
-        for field in claims:
-            value = getattr(principal, field)
-            payload[CLAIMS[field]] = list(value) if isinstance(value, tuple) else value
+        })
         token = jwt.encode(payload, self._signing.private_key, algorithm=ALGORITHM,
                            headers={"kid": self._signing.kid}).encode("ascii")
         if len(self._cache) >= _CACHE_LIMIT:

@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.errors import StoreError
-from gateway.sessions import Store
+from gateway.sessions import Namespace, Stores
 from gateway.status import Certificate
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -38,7 +38,7 @@ LOGIN_FAILURE_KINDS = frozenset({
     "malformed", "signature", "unsolicited", "login_state", "in_response_to", "replay",
     "attributes", "destination", "not_yet_valid", "expired", "issuer", "audience",
     "subject_confirmation", "too_large", "unknown_idp", "store", "other"})
-DENIAL_REASONS = frozenset({"owner", "entitlement", "status", "idp", "other"})
+DENIAL_REASONS = frozenset({"owner", "entitlement", "status", "idp", "attributes", "other"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNKNOWN_IDP = "unknown"
 
@@ -101,8 +101,9 @@ class Metrics:
     def denied(self, failed: str) -> None:
         self.denials.labels(failed if failed in DENIAL_REASONS else "other").inc()
 
-    async def exposition(self, store: Store) -> bytes:
-        await self.state.refresh(store)
+    async def exposition(self, stores: Stores) -> bytes:
+        """The text exposition, with the store gauges read now."""
+        await self.state.refresh(stores)
         if self._registry is not None:
             return generate_latest(self._registry)
         registry = CollectorRegistry()
@@ -121,10 +122,11 @@ class StateCollector(Collector):
         self._sessions: int | None = None
         self._pending: int | None = None
 
-    async def refresh(self, store: Store) -> None:
+    async def refresh(self, stores: Stores) -> None:
+        """Read the store gauges (live sessions, pending sign-ins)."""
         try:
-            self._sessions = await store.count_sessions()
-            self._pending = await store.count_once("authn:")
+            self._sessions = await stores.sessions.count_sessions()
+            self._pending = await stores.keys.count_keys(Namespace.LOGIN_STATE)
         except StoreError:  # a scrape during an outage still reports everything else
             self._sessions = self._pending = None
 

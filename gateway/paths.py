@@ -1,4 +1,4 @@
-"""One path, one meaning: canonicalise a request path once, or refuse it.
+"""One path, one meaning: canonicalise a request path once, or refuse it; safe ``next`` URLs.
 
 Policy decides on the decoded path; the upstream receives the encoded form of
 exactly that path. Anything that two parsers could read two ways is refused
@@ -84,6 +84,13 @@ def safe_next(value: str | None) -> str:
     if encoded.startswith("//"):
         return "/"
     return encoded + (sep + query.partition("#")[0] if query else "")
+
+
+def with_next(page: str, target: str) -> str:
+    """``page`` with ``?next=`` the URL-quoted ``target``: every sign-in and registration
+    URL the gateway builds (the target's ``/``, ``?`` and ``&`` are quoted too, so the
+    whole target survives as one parameter)."""
+    return f"{page}?next={quote(target, safe='')}"
 
 
 def check_query(raw: bytes) -> None:

@@ -3,8 +3,8 @@
 Rules are compiled once into matchers; the first rule whose pattern matches
 decides, and a path no rule matches needs a member session. Patterns are
 segment-wise: ``*`` is one segment, ``**`` any number (including none) and
-``{name}`` one segment captured for ``owner`` rules. Matching sees only the
-path, never the query.
+``{name}`` one segment captured for ``owner`` rules: the (first) parameter must
+equal the principal's ``subject``. Matching sees only the path, never the query.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Decision:
     registration or a member sign-in is needed) or ``deny``.
 
     ``failed`` names the failed condition on deny (``owner``, ``entitlement``,
-    ``status``, ``idp``) so the app can pick the right page; ``reason`` is for
+    ``status``, ``idp``, ``attributes``) so the app can pick the right page; ``reason`` is for
     the log and the 403 body, and ``message`` is the rule's text for members.
     """
 
@@ -122,7 +122,7 @@ class Policy:
             return Decision("login", rule.access, name, reason="a member sign-in is needed")
         if rule.access == "owner":
             owner = next(iter(params.values()))
-            if owner != principal.member_id:
+            if owner != principal.subject:
                 return Decision("deny", "owner", name, failed="owner", message=rule.message,
                                 reason="path belongs to another member")
         failed = _unmet(rule.require, principal)
@@ -142,4 +142,7 @@ def _unmet(require: Requirement, principal: Principal) -> tuple[str, str] | None
         return "status", f"membership status is {shown}, needs {' or '.join(require.status)}"
     if require.idp and principal.idp not in require.idp:
         return "idp", f"signed in at {principal.idp}, which this page does not accept"
+    for name, accepted in require.attributes.items():
+        if not set(principal.values(name)) & set(accepted):
+            return "attributes", f"attribute {name} is not {' or '.join(accepted)}"
     return None

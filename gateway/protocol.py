@@ -8,10 +8,11 @@ policy and the proxy. They meet in three small pieces:
   whatever the protocol must remember for its own logout). The gateway turns it into a
   ``Principal`` under its identity rules and starts the session;
 * ``SignInServices``: what the gateway offers a protocol's routes (finish a sign-in,
-  read the current session, end the sessions a logout names, single-use keys, rate
-  limits, cookies);
+  read the current session, end the sessions a logout names, record a refused sign-in,
+  single-use keys, rate limits, cookies);
 * ``LoginProtocol``: what a protocol offers the gateway (its routes, where to send a
-  visitor who must sign in, the IdP leg of a sign-out, start and stop).
+  visitor who must sign in, where the gateway's sign-out page lives, the IdP leg of a
+  sign-out, start and stop).
 
 Nothing outside the protocol's package knows its message names or URLs; a second
 protocol is one more ``LoginProtocol`` passed to ``create_app``.
@@ -28,6 +29,7 @@ from starlette.routing import BaseRoute
 
 from gateway.config import Settings
 from gateway.cookies import Cookies
+from gateway.errors import LoginFailed
 from gateway.principal import Principal
 
 if TYPE_CHECKING:
@@ -76,6 +78,11 @@ class SignInServices(Protocol):
     async def rate_limit(self, request: Request, what: str, per_minute: int) -> None:
         """Raise ``TooManyRequests`` for a client over ``per_minute`` ``what`` a minute."""
 
+    def login_failed(self, exc: LoginFailed) -> str:
+        """Record a sign-in the protocol refused and answers itself (log line, metrics,
+        the failure for ``sso-gateway explain``); returns the reference to show. A
+        ``LoginFailed`` a route raises is recorded and answered by the gateway."""
+
     def sign_in_url(self, next_url: str) -> str:
         """Where to send a visitor who must sign in to reach ``next_url``."""
 
@@ -86,7 +93,11 @@ class LoginProtocol(Protocol):
     #: A short name: labels principals (``Principal.protocol``), logs and metrics.
     name: str
     #: Where a visitor who must sign in is sent; the gateway adds ``?next=<target>``.
+    #: The protocol's routes live under this path's first segment (``/saml/…``).
     sign_in_path: str
+    #: Where the gateway serves its sign-out page (GET asks, POST signs out) for this
+    #: protocol's members, or "" for none; it must not be one of the protocol's routes.
+    sign_out_path: str
 
     def routes(self, services: SignInServices) -> Sequence[BaseRoute]:
         """The protocol's own endpoints (sign-in, callbacks, logout, metadata)."""

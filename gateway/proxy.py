@@ -4,13 +4,11 @@ Raw ASGI in, one pooled aiohttp ``ClientSession`` out; no framework objects per 
 Everything that depends on configuration (routes, header sets, timeouts) is compiled in
 ``Proxy.__init__``; per-request code only compares bytes.
 
-Request side: hop-by-hop headers (and those named in the client's ``Connection``) are
-dropped, and so is every header that could carry a spoofed identity or forwarding chain
-(names compared after lower-casing and ``_`` → ``-``, because many upstream frameworks
-treat ``X_Member_Id`` like ``X-Member-Id``). The gateway then appends its own
-``X-Forwarded-*`` and identity headers, after the ``Connection`` filter ran, so no
-client can remove them. The target is sent verbatim: the path policy decided on is the
-path the upstream sees.
+Request side: the hot path reads the request's headers once (``HeadReader.read``, in
+``gateway.proxy_headers``); ``forward`` sends the headers that pass the drop rules and
+appends the gateway's own ``X-Forwarded-*`` and identity headers, after the
+``Connection`` filter ran, so no client can remove them. The target is sent verbatim:
+the path policy decided on is the path the upstream sees.
 
 Response side: status, headers and body bytes are relayed as they come
 (``auto_decompress=False``: compressed bodies stay compressed, Content-Length stays
@@ -26,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -34,26 +32,11 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from gateway.config import Upstream
-from gateway.errors import (
-    BadRequest,
-    BodyTooLarge,
-    ConfigError,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from gateway.proxy_headers import HOP_BY_HOP, norm, response_headers, strip_cookies
+from gateway.errors import BadRequest, BodyTooLarge, ConfigError, UpstreamError, UpstreamTimeout
+from gateway.proxy_headers import HeadReader, RequestHead, header_text, response_headers
 
 log = logging.getLogger("gateway.proxy")
 
-#: Returned by ``Proxy.forward`` when the client left before a response could start
-#: (nginx's convention); nothing was sent.
-CLIENT_CLOSED = 499
-
-# Client headers never forwarded besides the hop-by-hop ones: the upstream gets its own
-# Host from the URL; forwarding chains are rebuilt by the gateway (uvicorn applies
-# trusted_proxies to the client address); Expect was answered on the client's hop.
-_ALWAYS_DROP = HOP_BY_HOP | {b"host", b"forwarded", b"x-real-ip", b"expect"}
-_DROP_PREFIXES = (b"x-member-", b"x-gateway-", b"x-forwarded-")
 # aiohttp would add these when absent; the upstream must see only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # A response with a known length up to this size is read to the end even if the client
@@ -70,7 +53,6 @@ class Route:
     """One upstream, ready to use: ``base_url`` has no trailing slash."""
 
     name: str
-    prefix: str
     base_url: str
     timeout: aiohttp.ClientTimeout
 
@@ -80,7 +62,8 @@ class Proxy:
 
     ``strip_headers`` must name every header the caller may pass in ``add_headers``
     (besides the ``x-member-*`` / ``x-gateway-*`` families, which are always stripped);
-    ``strip_cookies`` names the gateway's own cookies, which upstreams never see.
+    ``strip_cookies`` (and ``strip_cookie_prefixes``) name the gateway's own cookies,
+    which upstreams never see. ``head_reader`` compiles these rules for the hot path.
     """
 
     def __init__(
@@ -89,6 +72,7 @@ class Proxy:
         *,
         strip_headers: Iterable[str],
         strip_cookies: Iterable[str],
+        strip_cookie_prefixes: Iterable[str] = (),
         public_host: str,
         public_scheme: str,
         max_body_bytes: int,
@@ -106,14 +90,15 @@ class Proxy:
             seen[prefix] = up.name
             timeout = aiohttp.ClientTimeout(total=None, connect=up.connect_timeout,
                                             sock_read=up.timeout)
-            route = Route(up.name, prefix, up.url.rstrip("/"), timeout)
+            route = Route(up.name, up.url.rstrip("/"), timeout)
             routes.append((prefix, "/" if prefix == "/" else prefix + "/", route))
         if problems:
             raise ConfigError(problems)
         routes.sort(key=lambda r: len(r[0]), reverse=True)  # longest prefix first
         self._routes = tuple(routes)
-        self._drop = _ALWAYS_DROP | {norm(n.encode("latin-1")) for n in strip_headers}
-        self._cookies = tuple(n.encode("latin-1") for n in strip_cookies)
+        self._strip_headers = tuple(strip_headers)
+        self._strip_cookies = tuple(strip_cookies)
+        self._strip_cookie_prefixes = tuple(strip_cookie_prefixes)
         self._forwarded = (("X-Forwarded-Proto", public_scheme),
                            ("X-Forwarded-Host", public_host))
         self._max_body = max_body_bytes
@@ -121,9 +106,14 @@ class Proxy:
         self._keepalive_timeout = keepalive_timeout
         self._session: aiohttp.ClientSession | None = None
 
-    @property
-    def routes(self) -> tuple[Route, ...]:
-        return tuple(r[2] for r in self._routes)
+    def head_reader(self, session_value: Callable[[bytes], str | None] | None = None,
+                    ) -> HeadReader:
+        """This proxy's request-header rules, for the hot path's one pass over the headers;
+        ``session_value`` reads the session cookie in the same pass."""
+        return HeadReader(strip_headers=self._strip_headers, max_body_bytes=self._max_body,
+                          strip_cookies=self._strip_cookies,
+                          strip_cookie_prefixes=self._strip_cookie_prefixes,
+                          session_value=session_value)
 
     async def start(self) -> None:
         """Create the pooled client; must run inside the serving event loop."""
@@ -161,20 +151,29 @@ class Proxy:
                 return route
         return None
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, *, route: Route,
-                      target: str, add_headers: Sequence[tuple[bytes, bytes]],
-                      gated: bool) -> int:
-        """Send the request to ``route`` and relay the answer; returns the upstream status.
+    async def forward(self, scope: Scope, head: RequestHead, receive: Receive, send: Send,
+                      *, route: Route, target: str, add_headers: Sequence[tuple[bytes, bytes]],
+                      gated: bool) -> None:
+        """Send the request to ``route`` and relay the answer.
 
-        ``target`` is the canonical, already percent-encoded path plus ``?query``; it is
-        sent byte for byte. ``add_headers`` are the gateway's identity headers.
-        Returns ``CLIENT_CLOSED`` if the client left before the response started.
+        ``head`` is the request's headers as ``head_reader`` read them; ``target`` is the
+        canonical, already percent-encoded path plus ``?query``, sent byte for byte;
+        ``add_headers`` are the gateway's identity headers. If the client leaves before
+        the response starts, nothing is sent.
         """
         session = self._session
         if session is None:
             raise RuntimeError("Proxy.start() was not awaited")
-        headers, has_body = self._request_headers(scope, add_headers)
-        body = _Body(receive, self._max_body) if has_body else None
+        if head.refused is not None:
+            raise head.refused
+        headers = head.upstream.copy()
+        client = scope.get("client")
+        if client:
+            headers.append(("X-Forwarded-For", client[0]))
+        headers.extend(self._forwarded)
+        for name, value in add_headers:
+            headers.append((name.decode("latin-1"), header_text(value)))
+        body = _Body(receive, self._max_body) if head.has_body else None
         try:
             resp = await session.request(
                 scope["method"], URL(route.base_url + target, encoded=True),
@@ -186,76 +185,18 @@ class Proxy:
                         f"request body over {self._max_body} bytes (streamed)") from None
                 if body.gone:
                     log.debug("client left during upload to %s", route.name)
-                    return CLIENT_CLOSED
+                    return
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout(f"{route.name}: {_describe(exc)}") from None
             raise UpstreamError(f"{route.name}: {_describe(exc)}") from None
+        except ValueError as exc:  # a header value aiohttp will not write (control character)
+            raise BadRequest(f"header refused by the upstream client: {exc}") from None
         try:
             await self._relay(resp, receive, send, route, gated,
                               watch=body is None or body.done)
         except BaseException:
             resp.close()
             raise
-        return resp.status
-
-    # -- request ----------------------------------------------------------------------------
-
-    def _request_headers(self, scope: Scope, add_headers: Sequence[tuple[bytes, bytes]]
-                         ) -> tuple[list[tuple[str, str]], bool]:
-        """The headers to send upstream, and whether the request has a body."""
-        drop, cookies = self._drop, self._cookies
-        out: list[tuple[str, str]] = []
-        connection: list[bytes] = []
-        length: bytes | None = None
-        chunked: bytes | None = None
-        for name, value in scope["headers"]:
-            key = name.replace(b"_", b"-")
-            if key in drop or key.startswith(_DROP_PREFIXES):
-                if name == b"connection":
-                    connection.append(value)
-                elif name == b"transfer-encoding":
-                    if chunked is not None:
-                        raise BadRequest("more than one Transfer-Encoding header")
-                    chunked = value
-                continue
-            if name == b"content-length":
-                if length is not None:
-                    if value != length:
-                        raise BadRequest("conflicting Content-Length headers")
-                    continue
-                length = value
-            elif name == b"cookie" and cookies:
-                value = strip_cookies(value, cookies)
-                if not value:
-                    continue
-            out.append((name.decode("latin-1"), _text(value)))
-        if connection:
-            named = {t.strip().lower() for v in connection for t in v.split(b",")}
-            # Content-Length frames the body we stream; it is ours to keep or drop.
-            named -= drop | {b"close", b"content-length", b""}
-            if named:
-                names = {n.decode("latin-1") for n in named}
-                out = [h for h in out if h[0] not in names]
-        client = scope.get("client")
-        if client:
-            out.append(("X-Forwarded-For", client[0]))
-        out.extend(self._forwarded)
-        for name, value in add_headers:
-            out.append((name.decode("latin-1"), _text(value)))
-        if chunked is not None:
-            if length is not None:
-                raise BadRequest("both Content-Length and Transfer-Encoding")
-            if chunked.strip().lower() != b"chunked":
-                raise BadRequest(f"unsupported Transfer-Encoding {chunked!r}")
-            return out, True
-        if length is None:
-            return out, False
-        if not length.isdigit():
-            raise BadRequest(f"invalid Content-Length {length!r}")
-        size = int(length)
-        if size > self._max_body:
-            raise BodyTooLarge(f"Content-Length {size} over {self._max_body} bytes")
-        return out, size > 0
 
     # -- response ---------------------------------------------------------------------------
 
@@ -357,16 +298,6 @@ async def _watch_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -> N
         return
     resp.close()
 
-
-def _text(value: bytes) -> str:
-    """A header value as aiohttp wants it (it encodes str values as UTF-8 on the wire).
-
-    UTF-8 round-trips byte for byte; anything else (rare obs-text) falls back to Latin-1.
-    """
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,7 +5,8 @@ encrypted (AES-GCM, key derived from the newest session secret) and kept in the
 store for a few minutes under a random ID — in the store, so any replica can replay
 it. After the login, the gateway sends the browser an auto-submitting form with the
 original fields, method and target. The stash is taken once (single use) and only by
-the browser that holds the matching signed cookie.
+the browser that holds the matching signed cookie (the ID signed by the gateway's
+``csrf`` signer: the hot path sets it, ``routes/replay`` checks it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.sessions import Store
+from gateway.sessions import KeyStore, Namespace
 
 MAX_STASH_BYTES = 64 * 1024
 STASH_TTL = 600  # seconds: long enough to sign in, short enough to forget
@@ -33,8 +34,10 @@ class StashedPost:
 
 
 class PostStash:
-    def __init__(self, store: Store, secret: str, *, ttl: int = STASH_TTL) -> None:
-        self._store = store
+    """Forms kept across a sign-in, in the ``KeyStore`` (``Namespace.STASH``)."""
+
+    def __init__(self, keys: KeyStore, secret: str, *, ttl: int = STASH_TTL) -> None:
+        self._keys = keys
         self._ttl = ttl
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                    info=b"sso-gateway post stash").derive(secret.encode())
@@ -46,12 +49,12 @@ class PostStash:
         plain = json.dumps({"target": target, "body": body.decode("latin-1")}).encode()
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, stash_id.encode())
-        await self._store.add_once(f"stash:{stash_id}", sealed.hex(), self._ttl)
+        await self._keys.add_once(Namespace.STASH + stash_id, sealed.hex(), self._ttl)
         return stash_id
 
     async def take(self, stash_id: str) -> StashedPost | None:
         """The stashed POST, once; ``None`` if unknown, used, expired or undecryptable."""
-        raw = await self._store.take(f"stash:{stash_id}")
+        raw = await self._keys.take(Namespace.STASH + stash_id)
         if raw is None:
             return None
         try:

@@ -13,17 +13,48 @@ import base64
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from cryptography import x509
 
 from gateway.config import Settings, Upstream
 from gateway.errors import StoreError
-from gateway.saml import IdP, IdPRegistry
-from gateway.sessions import Store
+from gateway.sessions import Backend
 
 HEALTH_CACHE_SECONDS = 5.0
 HEALTH_TIMEOUT = 2.0
+
+
+class IdPInfo(Protocol):
+    """What status needs to know of one IdP (``saml.IdP`` has it)."""
+
+    @property
+    def entity_id(self) -> str: ...
+
+    @property
+    def signing_certs(self) -> tuple[str, ...]: ...  # base64 DER bodies
+
+    @property
+    def valid_until(self) -> float | None: ...  # metadata validUntil, POSIX seconds
+
+    @property
+    def source(self) -> Path: ...  # the metadata file (or cached copy)
+
+
+class IdPDirectory(Protocol):
+    """The IdPs a login protocol currently trusts (``saml.IdPRegistry`` is one);
+    ``generation`` changes whenever the set does."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def all(self) -> Sequence[IdPInfo]: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, entity_id: object) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +68,7 @@ class Certificate:
         return (self.not_after - now) / 86400
 
 
-def certificates(settings: Settings, registry: IdPRegistry) -> list[Certificate]:
+def certificates(settings: Settings, registry: IdPDirectory) -> list[Certificate]:
     """The SP certificate and every IdP signing certificate, with their expiry."""
     found = []
     try:
@@ -57,7 +88,7 @@ def _certificate(role: str, entity_id: str, cert: x509.Certificate) -> Certifica
                        cert.not_valid_after_utc.timestamp())
 
 
-def metadata_valid_until(idp: IdP) -> float | None:
+def metadata_valid_until(idp: IdPInfo) -> float | None:
     """The earliest ``validUntil`` over the IdP's EntityDescriptor and its enclosing
     aggregates (from the registry), or ``None`` when none is set."""
     return idp.valid_until
@@ -66,7 +97,7 @@ def metadata_valid_until(idp: IdP) -> float | None:
 class Readiness:
     """The checks behind ``/readyz``: ``failures()`` names each failed one and why."""
 
-    def __init__(self, store: Store, registry: IdPRegistry, upstreams: Sequence[Upstream],
+    def __init__(self, store: Backend, registry: IdPDirectory, upstreams: Sequence[Upstream],
                  clock: Callable[[], float]) -> None:
         self._store = store
         self._registry = registry

@@ -1,14 +1,17 @@
 """Telemetry of one gateway: request IDs, the request log line, metrics and audit events.
 
 ``Gateway`` holds one ``Telemetry`` and tells it what happens (few calls, each one line
-in ``app.py``): ``begin`` at the start of every HTTP request wraps ``send`` so the answer
-carries ``X-Request-Id`` and, when its last byte is sent, one ``gateway.access`` log line
-is written and the request counted; ``proxying``, ``denied``, ``failed`` and
-``login_failed`` fill in what the line and the metrics need. Per request that is one
-monotonic clock read at each end, a few counter increments and one log call.
+on the hot path and in the routes): ``begin`` at the start of every HTTP request wraps
+``send`` so the answer carries ``X-Request-Id`` and, when its last byte is sent, one
+``gateway.access`` log line is written and the request counted; ``proxying``,
+``denied``, ``failed`` and ``login_failed`` fill in what the line and the metrics need.
+Per request that is one monotonic clock read at each end, a few counter increments and
+one log call.
 
-``login.py`` reports a finished login with ``login_succeeded``; the request's context
-finds the right ``Telemetry``, so the login flow needs no reference to it.
+The sign-in flow reports a finished sign-in with ``login_succeeded`` (and the IdP it
+answers with ``note_idp``); the request's context finds the right ``Telemetry``, so the
+flow needs no reference to it. Who someone is in audit lines is their ``subject`` (with
+the ``member_id`` they were asserted, when there is one).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from starlette.types import Message, Scope, Send
 from gateway.audit import audit, configure_audit
 from gateway.config import Settings
 from gateway.errors import LoginFailed, StoreError, UpstreamError, UpstreamTimeout
-from gateway.explain import FAILURE_TTL, Failure, failure_key
+from gateway.explain import Failure, keep_failure
 from gateway.logs import (
     CURRENT,
     RequestContext,
@@ -39,9 +42,9 @@ from gateway.logs import (
     session_hash,
 )
 from gateway.metrics import Metrics
-from gateway.saml import IdPRegistry
-from gateway.sessions import SessionRecord, Store
-from gateway.status import Certificate, Readiness, certificates
+from gateway.principal import Principal
+from gateway.sessions import SessionRecord, Stores
+from gateway.status import Certificate, IdPDirectory, Readiness, certificates
 
 if TYPE_CHECKING:
     from gateway.policy import Decision
@@ -61,7 +64,11 @@ _PENDING: ContextVar[list[asyncio.Task[None]] | None] = ContextVar("failures", d
 
 
 class Telemetry:
-    def __init__(self, settings: Settings, registry: IdPRegistry, store: Store,
+    """Request IDs, access-log lines, metrics, audit events and kept login failures of
+    one gateway; ``registry`` is the login protocol's IdPs (metrics labels, readiness,
+    certificates)."""
+
+    def __init__(self, settings: Settings, registry: IdPDirectory, stores: Stores,
                  clock: Callable[[], float]) -> None:
         wall = clock
         self._wall = wall
@@ -70,13 +77,13 @@ class Telemetry:
         self.metrics = Metrics([u.name for u in settings.upstreams],
                                [i.entity_id for i in registry.all()], wall,
                                known_idp=registry.__contains__)
-        self.readiness = Readiness(store, registry, settings.upstreams, wall)
+        self.readiness = Readiness(stores.backend, registry, settings.upstreams, wall)
         self._generation = -1  # of the registry the certificate list was built from
         self._certificates: list[Certificate] = []
         self._loaded: dict[str, float] = {}  # entity ID -> when this process first had it
         self.refresh_state()
         self.failures: deque[LoginFailure] = deque(maxlen=RECENT_FAILURES)
-        self._store = store
+        self._stores = stores
         self._trusted = address_matcher(settings.trusted_proxies)
         self._log_member = settings.logging.log_member_id
         configure_audit(settings.logging.audit, Path(settings.source).parent)
@@ -156,14 +163,16 @@ class Telemetry:
         return (b"x-request-id", ctx.request_id.encode("ascii"))
 
     def denied(self, record: SessionRecord, decision: Decision, path: str) -> None:
+        """The rules refused ``record``'s principal ``path`` (a 403 follows)."""
         session = session_hash(record.key)
+        principal = record.principal
         ctx = CURRENT.get()
         if ctx is not None:
-            ctx.path, ctx.session, ctx.member_id = path, session, record.principal.member_id
+            ctx.path, ctx.session, ctx.member_id = path, session, principal.member_id
         self.metrics.denied(decision.failed)
-        audit("access_denied", member_id=record.principal.member_id, session=session,
-              path=path, rule=decision.rule, reason=decision.reason,
-              failed=decision.failed or None)
+        audit("access_denied", subject=principal.subject,
+              member_id=principal.member_id or None, session=session, path=path,
+              rule=decision.rule, reason=decision.reason, failed=decision.failed or None)
 
     def failed(self, exc: Exception) -> None:
         """A store or upstream failure is about to be answered with an error page."""
@@ -176,12 +185,14 @@ class Telemetry:
             self.metrics.upstream_errors.labels(ctx.upstream, kind).inc()
 
     def login_failed(self, reference: str, exc: LoginFailed) -> None:
+        """A sign-in was refused with ``reference``: metrics, audit, and the failure kept
+        for the admin console and ``sso-gateway explain``."""
         ctx = current()
-        idp = ctx.idp if ctx is not None else ""
+        idp = (ctx.idp if ctx is not None else "") or exc.details.get("idp", "")
         self.metrics.login(idp, exc.kind)
-        failure = Failure(self._wall(), reference, exc.kind, exc.reason,
-                          idp or exc.details.get("idp", ""), ctx.request_id if ctx else "",
-                          ctx.client if ctx else "", dict(exc.details))
+        failure = Failure(self._wall(), reference, exc.kind, exc.reason, idp,
+                          ctx.request_id if ctx else "", ctx.client if ctx else "",
+                          dict(exc.details))
         self.failures.appendleft(failure)
         audit("login_failure", reference=reference, kind=exc.kind, reason=exc.reason, idp=idp)
         task = asyncio.get_running_loop().create_task(self._keep(failure))
@@ -191,8 +202,7 @@ class Telemetry:
 
     async def _keep(self, failure: Failure) -> None:
         try:
-            await self._store.add_once(failure_key(failure.reference), failure.to_json(),
-                                       FAILURE_TTL)
+            await keep_failure(self._stores.records, failure)
         except Exception:  # the member's error page must not fail with it
             log.exception("could not store login failure ref=%s", failure.reference)
 
@@ -214,20 +224,23 @@ class Telemetry:
 
 
 def note_idp(entity_id: str) -> None:
-    """The login being finished answers this IdP (labels its outcome)."""
+    """The sign-in being finished answers this IdP (labels its outcome)."""
     ctx = CURRENT.get()
     if ctx is not None:
         ctx.idp = entity_id
 
 
-def login_succeeded(idp: str, member_id: str, session_key: str) -> None:
+def login_succeeded(principal: Principal, session_key: str) -> None:
+    """A sign-in started the session ``session_key``: audit, metrics, the access log."""
     ctx = CURRENT.get()
     session = session_hash(session_key)
     if ctx is not None:
-        ctx.idp, ctx.session, ctx.member_id = idp, session, member_id
+        ctx.idp, ctx.session, ctx.member_id = principal.idp, session, principal.member_id
         if isinstance(ctx.owner, Telemetry):
-            ctx.owner.metrics.login(idp, None)
-    audit("login_success", idp=idp, member_id=member_id, session=session)
+            ctx.owner.metrics.login(principal.idp, None)
+    audit("login_success", idp=principal.idp, subject=principal.subject,
+          member_id=principal.member_id or None, protocol=principal.protocol or None,
+          session=session)
 
 
 def address_matcher(entries: list[str]) -> Callable[[str], bool] | None:

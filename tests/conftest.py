@@ -16,8 +16,8 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.app import create_app
-from gateway.config import load_settings
+from gateway.config import Settings, load_settings
 from gateway.demo.reader import create_reader
 from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
+from gateway.protocol import LoginProtocol
+from tests.forge import Forge, forge_for_demo
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -61,6 +63,11 @@ class ThreadServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{port_of(self.sock)}"
+
+    @property
+    def app(self) -> Any:
+        """The application this server runs."""
+        return self.config.app
 
     def start(self) -> ThreadServer:
         self.thread.start()
@@ -97,6 +104,21 @@ class TLSFiles:
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cert))
+
+
+@contextmanager
+def serve_gateway(settings: Settings, sock: socket.socket, *,
+                  clock: Callable[[], float] | None = None, tls: TLSFiles | None = None,
+                  protocols: Sequence[LoginProtocol] | None = None,
+                  **config: Any) -> Iterator[ThreadServer]:
+    """The gateway for ``settings`` on ``sock`` (over https with ``tls``), started as the
+    ``serve`` command starts it: the one place tests build and start a gateway. The
+    server's ``app`` is the ``Gateway``; ``config`` goes to uvicorn."""
+    app = create_app(settings, clock=clock or time.time, protocols=protocols)
+    if tls is not None:
+        config = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert), **config}
+    with serving(app, sock, **config) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +180,7 @@ class Stack:
     demo: DemoStack
     upstream: EchoUpstream
     tls: TLSFiles
+    direct_url: str = ""  # where the gateway itself listens (``url`` unless a proxy fronts it)
 
     @property
     def url(self) -> str:
@@ -175,14 +198,18 @@ class Stack:
 @contextmanager
 def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
               extra_config: str = "", gateway_tls: bool = True, reader: bool = False,
-              setup: Callable[[DemoStack], None] | None = None) -> Iterator[Stack]:
+              setup: Callable[[DemoStack], None] | None = None,
+              public_url: str | None = None) -> Iterator[Stack]:
     """The demo stack with an echo upstream (or, with ``reader``, the sample reader as in
-    ``make demo``); ``setup`` may add files before the gateway loads."""
+    ``make demo``); ``setup`` may add files before the gateway loads. ``public_url`` is
+    the gateway's public address when a proxy in front of it owns that address (the
+    stack's ``direct_url`` is then the gateway's own)."""
     gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
     scheme = "https" if gateway_tls else "http"
+    direct_url = f"{scheme}://127.0.0.1:{port_of(gw_sock)}"
     if "[limits]" not in extra_config:  # tests sign in far more often than people do
         extra_config += "\n[limits]\nlogins = 100000\nregistrations = 100000\n"
-    demo = prepare(workdir, gateway_url=f"{scheme}://127.0.0.1:{port_of(gw_sock)}",
+    demo = prepare(workdir, gateway_url=public_url or direct_url,
                    idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}",
                    extra_config=extra_config)
@@ -193,17 +220,56 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
     upstream_app = upstream.app() if not reader else create_reader(
         gateway_url=demo.gateway_url, data_dir=workdir / "reader",
         jwks_verify=tls.client_context() if gateway_tls else True)
-    ssl_args = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert)} if gateway_tls else {}
     with (serving(upstream_app, up_sock),
           serving(create_idp_app(demo.idp), idp_sock),
-          serving(create_app(demo.settings), gw_sock, **ssl_args)):
-        yield Stack(demo, upstream, tls)
+          serve_gateway(demo.settings, gw_sock, tls=tls if gateway_tls else None)):
+        yield Stack(demo, upstream, tls, direct_url)
+
+
+@dataclass
+class SharedStacks:
+    """The stacks one test module shares, stopped when the module is done."""
+
+    exits: ExitStack
+    stacks: dict[tuple[tuple[str, str], ...], Stack] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def _shared_stacks() -> Iterator[SharedStacks]:
+    with ExitStack() as exits:
+        yield SharedStacks(exits)
 
 
 @pytest.fixture
-def stack(tmp_path: Path, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path, tls) as running:
-        yield running
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          tls: TLSFiles, _shared_stacks: SharedStacks) -> Iterator[Stack]:
+    """The demo stack (gateway over https, dev IdP, echo upstream or the reader).
+
+    Options come from the ``stack`` marker (on the test or the module's ``pytestmark``),
+    with ``run_stack``'s keywords; ``shared=True`` gives every test of the module that
+    asks for the same options one stack, for tests that need no fresh store.
+    """
+    marker = request.node.get_closest_marker("stack")
+    options = dict(marker.kwargs) if marker else {}
+    shared = options.pop("shared", False)
+    name = request.module.__name__ if shared else request.node.name
+    label = "stack-" + "".join(c for c in name if c.isalnum())[:40]
+    if not shared:
+        with run_stack(tmp_path_factory.mktemp(label), tls, **options) as running:
+            yield running
+        return
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    shared_stacks = _shared_stacks.stacks
+    if key not in shared_stacks:
+        running = run_stack(tmp_path_factory.mktemp(label), tls, **options)
+        shared_stacks[key] = _shared_stacks.exits.enter_context(running)
+    yield shared_stacks[key]
+
+
+@pytest.fixture
+def forge(stack: Stack) -> Forge:
+    """A forging toolkit that signs as the stack's dev IdP and addresses its gateway."""
+    return forge_for_demo(stack.demo)
 
 
 # -- Redis ------------------------------------------------------------------------------

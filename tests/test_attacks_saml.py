@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +48,14 @@ EXTRA_CONFIG = ""
 _REFERENCE = re.compile(r"reference <strong><code>([0-9A-Z]+)</code>")
 
 
-@pytest.fixture(scope="module")
-def attack_stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path_factory.mktemp("attacks"), tls, extra_config=EXTRA_CONFIG) as stack:
-        yield stack
+pytestmark = pytest.mark.stack(shared=True, extra_config=EXTRA_CONFIG)
 
 
-@pytest.fixture(scope="module")
-def forge(attack_stack: Stack) -> Forge:
-    return forge_for_demo(attack_stack.demo)
-
-
-@pytest.fixture(scope="module")
-def sp_and_idp(attack_stack: Stack) -> tuple[ServiceProvider, IdP]:
-    settings = attack_stack.demo.settings
+@pytest.fixture
+def sp_and_idp(stack: Stack) -> tuple[ServiceProvider, IdP]:
+    settings = stack.demo.settings
     registry = IdPRegistry.load_dir(settings.idp.metadata_dir)
-    return ServiceProvider(settings, registry), registry.get(attack_stack.demo.idp.entity_id)
+    return ServiceProvider(settings, registry), registry.get(stack.demo.idp.entity_id)
 
 
 def login_page_refusal(answer: httpx.Response) -> str:
@@ -86,19 +77,18 @@ def genuine_login(stack: Stack, forge: Forge, assertion_id: str) -> httpx.Respon
                    pending.relay_state)
 
 
-def test_control_the_unmodified_forgery_logs_in(attack_stack: Stack, forge: Forge) -> None:
-    before = attack_stack.session_count()
+def test_control_the_unmodified_forgery_logs_in(stack: Stack, forge: Forge) -> None:
+    before = stack.session_count()
     assertion_id = now_id()
-    answer = genuine_login(attack_stack, forge, assertion_id)
+    answer = genuine_login(stack, forge, assertion_id)
     assert answer.status_code == 302, answer.text
-    assert attack_stack.session_count() == before + 1
-    assert assertion_id in consumed_assertion_ids(attack_stack.db)
+    assert stack.session_count() == before + 1
+    assert assertion_id in consumed_assertion_ids(stack.db)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_attack_is_refused_at_the_acs(attack_stack: Stack, forge: Forge, name: str,
+def test_attack_is_refused_at_the_acs(stack: Stack, forge: Forge, name: str,
                                       caplog: pytest.LogCaptureFixture) -> None:
-    stack = attack_stack
     sessions = stack.session_count()
     assertion_id = now_id()
     with caplog.at_level(logging.WARNING, logger="gateway"), client(stack) as http:
@@ -117,15 +107,15 @@ def test_attack_is_refused_at_the_acs(attack_stack: Stack, forge: Forge, name: s
     assert stack.session_count() == sessions + 1
 
 
-def test_every_refusal_is_the_same_page(attack_stack: Stack, forge: Forge) -> None:
+def test_every_refusal_is_the_same_page(stack: Stack, forge: Forge) -> None:
     """Nothing in the page tells one failure from another (only the codes differ: the
     reference, and any per-request ID)."""
     pages = set()
     for name in ("XSW3", "expired", "attacker-key-with-cert-in-KeyInfo", "XXE"):
-        with client(attack_stack) as http:
-            pending = begin(http, attack_stack.url, forge.idp_entity_id)
+        with client(stack) as http:
+            pending = begin(http, stack.url, forge.idp_entity_id)
             forged = forge_attack(forge, name, pending.request_id, now_id())
-            answer = acs(http, attack_stack.url, encode(forged), pending.relay_state)
+            answer = acs(http, stack.url, encode(forged), pending.relay_state)
         login_page_refusal(answer)
         pages.add(re.sub(r"<code>[^<]*</code>", "<code></code>", answer.text))
     assert len(pages) == 1
@@ -185,27 +175,26 @@ def test_a_comment_never_changes_the_identity_the_library_reads(
     assert name_id == "alice-persistent-id"
 
 
-def test_20_megabyte_body_is_refused(attack_stack: Stack, forge: Forge) -> None:
-    sessions = attack_stack.session_count()
-    with client(attack_stack) as http:
-        pending = begin(http, attack_stack.url, forge.idp_entity_id)
+def test_20_megabyte_body_is_refused(stack: Stack, forge: Forge) -> None:
+    sessions = stack.session_count()
+    with client(stack) as http:
+        pending = begin(http, stack.url, forge.idp_entity_id)
         body = (b"RelayState=" + pending.relay_state.encode() + b"&SAMLResponse="
                 + b"A" * (20 * 1024 * 1024))
-        answer = http.post(attack_stack.url + "/saml/acs", content=body,
+        answer = http.post(stack.url + "/saml/acs", content=body,
                            headers={"content-type": "application/x-www-form-urlencoded"})
     assert answer.status_code == 413
-    assert attack_stack.session_count() == sessions
-    assert attack_stack.upstream.requests == []
+    assert stack.session_count() == sessions
+    assert stack.upstream.requests == []
 
 
-def test_replayed_assertion_in_a_new_response_is_refused(attack_stack: Stack,
-                                                         forge: Forge) -> None:
+def test_replayed_assertion_in_a_new_response_is_refused(stack: Stack, forge: Forge) -> None:
     assertion_id = now_id()
-    assert genuine_login(attack_stack, forge, assertion_id).status_code == 302
-    sessions = attack_stack.session_count()
-    login_page_refusal(genuine_login(attack_stack, forge, assertion_id))
-    assert attack_stack.session_count() == sessions
-    assert attack_stack.upstream.requests == []
+    assert genuine_login(stack, forge, assertion_id).status_code == 302
+    sessions = stack.session_count()
+    login_page_refusal(genuine_login(stack, forge, assertion_id))
+    assert stack.session_count() == sessions
+    assert stack.upstream.requests == []
 
 
 def test_replay_is_refused_after_a_gateway_restart(tmp_path: Path, tls: TLSFiles) -> None:

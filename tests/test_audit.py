@@ -83,10 +83,10 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
             assert refused.status_code == 400
         with client(stack) as carol:  # the admin revokes alice's sessions
             login(carol, stack, PAGE, "carol")
-            page = carol.get(stack.url + "/_gateway/admin/sessions", params={"member": "M1001"})
+            page = carol.get(stack.url + "/_gateway/admin/sessions", params={"subject": "M1001"})
             assert page.status_code == 200 and "M1001" in page.text
             done = carol.post(stack.url + "/_gateway/admin/sessions", data={
-                "csrf": csrf_of(page), "member": "M1001", "end": "all"},
+                "csrf": csrf_of(page), "subject": "M1001", "end": "all"},
                 headers={"origin": stack.url})
             assert done.status_code == 303
             bye = carol.get(stack.url + "/saml/logout")
@@ -111,7 +111,7 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
     assert by_event["login_failure"]["kind"] == "malformed"
     assert by_event["login_failure"]["reference"] in refused.text
     assert by_event["session_revoked"] == {**by_event["session_revoked"], "by": "M1003",
-                                           "member_id": "M1001", "scope": "all"}
+                                           "subject": "M1001", "scope": "all"}
     assert by_event["access_denied"]["rule"]
 
     secrets = [s for s in secrets if len(s) >= 16]
@@ -128,10 +128,10 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
 
 def test_schema_is_closed_and_versioned() -> None:
     schema = json_schema()
-    assert schema["$id"] == "sso-gateway.audit/1"
+    assert schema["$id"] == "sso-gateway.audit/2"
     assert len(schema["oneOf"]) == len(EVENTS)
-    good = {"schema": "sso-gateway.audit/1", "event": "session_revoked",
-            "time": "2024-05-01T12:00:00.000Z", "by": "M1003", "member_id": "M1001",
+    good = {"schema": "sso-gateway.audit/2", "event": "session_revoked",
+            "time": "2024-05-01T12:00:00.000Z", "by": "M1003", "subject": "M1001",
             "sessions_ended": 2, "scope": "all"}
     assert validate(good) == []
     assert validate({**good, "cookie": "x"}) == ["session_revoked: unexpected field 'cookie'"]

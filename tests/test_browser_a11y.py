@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests.conftest import Stack, TLSFiles, run_stack
+from tests.conftest import Stack
 from tests.playwright_support import (
     PageProblems,
     assert_accessible,
@@ -26,17 +26,11 @@ from tests.playwright_support import (
     tab_to,
 )
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.stack(shared=True, reader=True)]
 
 PAGE = "/issues/2023-03/pages/14"
 FREE = "/issues/free-2024/pages/1"
 NOTES = "/members/M1001/notes"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path_factory.mktemp("a11y"), tls, reader=True) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +55,26 @@ def visitor(browser: Browser, stack: Stack) -> Iterator[Page]:
 
 
 @pytest.fixture(scope="module")
-def alice(browser: Browser, stack: Stack) -> Iterator[Page]:
-    """One tab for the module, signed in as alice (an active member) with the keyboard."""
-    context, problems = audited_context(browser, stack)
-    page = context.new_page()
-    keyboard_sign_in(page, stack, PAGE, "alice")
-    yield page
-    context.close()
-    assert not problems.take(), "\n".join(problems.seen)
+def alice_tabs() -> Iterator[dict[str, tuple[Page, PageProblems]]]:
+    """The module's signed-in tabs by stack URL, closed (and checked) when it is done."""
+    tabs: dict[str, tuple[Page, PageProblems]] = {}
+    yield tabs
+    for page, problems in tabs.values():
+        page.context.close()
+        assert not problems.take(), "\n".join(problems.seen)
+
+
+@pytest.fixture
+def alice(browser: Browser, stack: Stack,
+          alice_tabs: dict[str, tuple[Page, PageProblems]]) -> Page:
+    """One tab for the module, signed in as alice (an active member) with the keyboard
+    by the first test that asks for it."""
+    if stack.url not in alice_tabs:
+        context, problems = audited_context(browser, stack)
+        page = context.new_page()
+        keyboard_sign_in(page, stack, PAGE, "alice")
+        alice_tabs[stack.url] = (page, problems)
+    return alice_tabs[stack.url][0]
 
 
 def keyboard_sign_in(page: Page, stack: Stack, path: str, username: str) -> None:

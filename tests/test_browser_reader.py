@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests.conftest import Stack, TLSFiles, run_stack
+from tests.conftest import Stack
 from tests.playwright_support import (
     SCREENSHOTS,
     PageProblems,
@@ -27,19 +27,13 @@ from tests.playwright_support import (
     sign_in,
 )
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.stack(shared=True, reader=True)]
 
 PAGE = "/issues/2023-03/pages/14"  # member-only
 FREE = "/issues/free-2024/pages/1"  # behind the registration gate
 MEMBER_WORD = "spokeshave"  # only in the member-only issue 2023-09 (gateway/demo/content.py)
 NONSENSE = "qwxzvpt"
 NOTES = "/members/M1001/notes"  # alice's
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path_factory.mktemp("reader"), tls, reader=True) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

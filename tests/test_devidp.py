@@ -487,6 +487,7 @@ def test_sign_in_posts_a_response_that_python3_saml_accepts(
             "urn:mace:example.org:entitlement:admin",
         ],
         "memberStatus": ["active"],
+        "eduPersonAffiliation": ["staff"],
     }
     assert response.get_session_index()
     assert response.get_session_not_on_or_after() is not None

@@ -10,20 +10,20 @@ The decrypted assertion goes through every check a plain one does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
 from gateway.config import IdPOptions, Settings
+from gateway.demo.stack import DemoStack
 from gateway.devidp.response import encrypt_assertion
 from gateway.errors import LoginFailed
 from gateway.keys import generate_self_signed, pem_body, write_keypair
 from gateway.saml import IdPRegistry, ServiceProvider
 from tests.browser import client
-from tests.conftest import Stack, TLSFiles, run_stack
-from tests.forge import PAGE, Forge, acs, assertion_of, begin, encode, forge_for_demo
+from tests.conftest import Stack
+from tests.forge import PAGE, Forge, acs, assertion_of, begin, encode
 
 MD = "urn:oasis:names:tc:SAML:2.0:metadata"
 DS = "http://www.w3.org/2000/09/xmldsig#"
@@ -34,19 +34,15 @@ next_cert_file = "certs/sp-next.crt"
 """
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("rollover")
-    (workdir / "certs").mkdir()
-    write_keypair(workdir / "certs" / "sp-next.key", workdir / "certs" / "sp-next.crt",
-                  "sso-gateway next SP")
-    with run_stack(workdir, tls, extra_config=ROLLOVER) as running:
-        yield running
+def start_rollover(demo: DemoStack) -> None:
+    """The next SP key pair, and the config naming it."""
+    certs = demo.workdir / "certs"
+    write_keypair(certs / "sp-next.key", certs / "sp-next.crt", "sso-gateway next SP")
+    with (demo.workdir / "gateway.toml").open("a") as config:
+        config.write(ROLLOVER)
 
 
-@pytest.fixture(scope="module")
-def forge(stack: Stack) -> Forge:
-    return forge_for_demo(stack.demo)
+pytestmark = pytest.mark.stack(shared=True, setup=start_rollover)
 
 
 def certs(stack: Stack) -> tuple[str, str]:
@@ -109,7 +105,7 @@ def test_after_completing_the_rollover_only_the_new_key_is_listed(
     idp = sp._registry.get(forge.idp_entity_id)
     result = sp.finish_login(encode(forge.xml("_r1", encrypt_to=new)), request_id="_r1",
                              idp=idp)
-    assert result.encrypted and result.principal.member_id == "M1001"
+    assert result.encrypted and result.signed_in.released["memberId"] == ["M1001"]
     with pytest.raises(LoginFailed) as refused:
         sp.finish_login(encode(forge.xml("_r2", encrypt_to=old)), request_id="_r2", idp=idp)
     assert refused.value.kind == "decryption"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,21 +19,13 @@ from gateway.cli import main
 from gateway.keys import generate_self_signed
 from gateway.saml.sp_keys import fingerprint
 from tests.browser import client
-from tests.conftest import Stack, TLSFiles, run_stack
-from tests.forge import Forge, acs, begin, encode, forge_for_demo
+from tests.conftest import Stack
+from tests.forge import Forge, acs, begin, encode
 
 _REFERENCE = re.compile(r"reference <strong><code>([0-9A-Z]+)</code>")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path_factory.mktemp("explain"), tls) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def forge(stack: Stack) -> Forge:
-    return forge_for_demo(stack.demo)
+pytestmark = pytest.mark.stack(shared=True)
 
 
 def reference(answer: httpx.Response) -> str:

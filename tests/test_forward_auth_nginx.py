@@ -3,7 +3,8 @@
 nginx is the public face here (``public_url`` is nginx's address): it routes
 ``/saml/`` to the gateway, asks ``/auth/check`` before every other request, copies
 the identity headers and token from the answer to the upstream, and turns a 401
-into a redirect to the login URL the gateway names.
+into a redirect to the login URL the gateway names. The ``/auth/check`` answers on
+their own run against the shared demo stack.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.demo.stack import prepare
-from gateway.devidp import create_app as create_idp_app
 from gateway.identity import verify_token
 from tests.browser import client, login
-from tests.conftest import EchoUpstream, Stack, TLSFiles, bound_socket, port_of, serving
+from tests.conftest import Stack, TLSFiles, bound_socket, port_of, run_stack
+
+pytestmark = pytest.mark.stack(shared=True)
 
 NGINX = "/usr/sbin/nginx"
 PAGE = "/issues/2023-03/pages/14"
@@ -70,26 +70,18 @@ http {{
 """
 
 
-@dataclass
-class NginxStack(Stack):
-    gateway_direct: str = ""  # the gateway's own address, behind nginx
-
-
 @pytest.fixture
-def nginx_stack(tmp_path: Path, tls: TLSFiles) -> Iterator[NginxStack]:
+def nginx_stack(tmp_path: Path, tls: TLSFiles) -> Iterator[Stack]:
+    """The demo stack behind nginx: ``url`` is nginx's, ``direct_url`` the gateway's own."""
     assert shutil.which(NGINX) or Path(NGINX).exists(), "Debian's nginx is required"
-    gw_sock, idp_sock, up_sock = bound_socket(), bound_socket(), bound_socket()
     probe = bound_socket()
     nginx_port = port_of(probe)  # free now; released for nginx to bind
     probe.close()
-    demo = prepare(tmp_path, gateway_url=f"http://127.0.0.1:{nginx_port}",
-                   idp_url=f"http://127.0.0.1:{port_of(idp_sock)}",
-                   reader_url=f"http://127.0.0.1:{port_of(up_sock)}")
-    upstream = EchoUpstream()
-    (tmp_path / "nginx.conf").write_text(
-        nginx_config(tmp_path, nginx_port, port_of(gw_sock), port_of(up_sock)))
-    with (serving(upstream.app(), up_sock), serving(create_idp_app(demo.idp), idp_sock),
-          serving(create_app(demo.settings), gw_sock)):
+    with run_stack(tmp_path / "stack", tls, gateway_tls=False,
+                   public_url=f"http://127.0.0.1:{nginx_port}") as stack:
+        gateway, upstream = urlsplit(stack.direct_url).port, urlsplit(stack.demo.reader_url).port
+        assert gateway and upstream
+        (tmp_path / "nginx.conf").write_text(nginx_config(tmp_path, nginx_port, gateway, upstream))
         proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)])
         try:
             deadline = time.monotonic() + 10
@@ -101,14 +93,14 @@ def nginx_stack(tmp_path: Path, tls: TLSFiles) -> Iterator[NginxStack]:
                     assert proc.poll() is None, (tmp_path / "error.log").read_text()
                     assert time.monotonic() < deadline, "nginx did not start"
                     time.sleep(0.05)
-            upstream.requests.clear()
-            yield NginxStack(demo, upstream, tls, f"http://127.0.0.1:{port_of(gw_sock)}")
+            stack.upstream.requests.clear()
+            yield stack
         finally:
             proc.terminate()
             proc.wait(timeout=10)
 
 
-def test_anonymous_request_is_redirected_to_the_gateway_login(nginx_stack: NginxStack) -> None:
+def test_anonymous_request_is_redirected_to_the_gateway_login(nginx_stack: Stack) -> None:
     answer = httpx.get(nginx_stack.url + PAGE)
     assert answer.status_code == 302
     assert answer.headers["location"] == \
@@ -116,7 +108,7 @@ def test_anonymous_request_is_redirected_to_the_gateway_login(nginx_stack: Nginx
     assert nginx_stack.upstream.requests == []
 
 
-def test_member_reaches_the_upstream_with_identity(nginx_stack: NginxStack) -> None:
+def test_member_reaches_the_upstream_with_identity(nginx_stack: Stack) -> None:
     with httpx.Client(timeout=20) as http:
         done = login(http, nginx_stack, PAGE, "alice")
         assert done.headers["location"] == PAGE
@@ -130,11 +122,11 @@ def test_member_reaches_the_upstream_with_identity(nginx_stack: NginxStack) -> N
     token = [v for k, v in seen if k == "x-gateway-identity"]
     assert len(token) == 1 and token[0] != "forged"
     # The service verifies the token against the JWKS fetched from the gateway over HTTP.
-    jwks = httpx.get(nginx_stack.gateway_direct + "/.well-known/jwks.json").json()
+    jwks = httpx.get(nginx_stack.direct_url + "/.well-known/jwks.json").json()
     assert verify_token(token[0], jwks, "reader", issuer=nginx_stack.url)["sub"] == "M1001"
 
 
-def test_lapsed_member_gets_403(nginx_stack: NginxStack) -> None:
+def test_lapsed_member_gets_403(nginx_stack: Stack) -> None:
     with httpx.Client(timeout=20) as http:
         login(http, nginx_stack, PAGE, "bob")
         page = http.get(nginx_stack.url + PAGE)
@@ -142,7 +134,7 @@ def test_lapsed_member_gets_403(nginx_stack: NginxStack) -> None:
     assert nginx_stack.upstream.requests == []
 
 
-def test_public_path_passes_without_identity(nginx_stack: NginxStack) -> None:
+def test_public_path_passes_without_identity(nginx_stack: Stack) -> None:
     answer = httpx.get(nginx_stack.url + "/public/about", headers={"X-Member-Id": "M9999"})
     assert answer.status_code == 200
     seen = dict(nginx_stack.upstream.requests[-1]["headers"])
@@ -172,7 +164,13 @@ def test_auth_check_answers(stack: Stack) -> None:
     with client(stack) as http:
         unknown = http.get(stack.url + "/auth/check", params={"upstream": "nope"},
                            headers={"x-original-uri": "/public/x"})
+        odd = http.get(stack.url + "/auth/check", params={"upstream": "n\u00f6pe\u6f22\r\n"},
+                       headers={"x-original-uri": "/public/x"})
     assert unknown.status_code == 403
+    # Whatever the proxy passes, the reason header stays a valid header value.
+    assert odd.status_code == 403
+    assert odd.json()["reason"] == "no upstream named 'n\u00f6pe\u6f22\\r\\n'"
+    assert odd.headers["x-auth-reason"].isascii()
 
 
 def test_auth_check_for_a_member(stack: Stack) -> None:

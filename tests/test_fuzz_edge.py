@@ -1,9 +1,10 @@
 """Random requests at the whole ASGI app: whatever the bytes, never a 500.
 
-The app is the real one (``create_app`` on the demo's config), called in-process
-with raw ASGI messages so hypothesis can send what no HTTP client would: odd bytes
-in header values, any method, any path. The upstream is a bound socket that never
-answers, so allowed requests end in the 502 page — an answer, not a crash.
+The app is the real one (``create_app`` on the demo's config), started through its
+ASGI lifespan and called in-process with raw ASGI messages, so hypothesis can send what
+no HTTP client would: odd bytes in header values, any method, any path. The upstream is
+a bound socket that never answers, so allowed requests end in the 502 page — an
+answer, not a crash.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.types import ASGIApp, Message
 
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.demo.stack import prepare
 from tests.conftest import bound_socket, port_of
 
@@ -44,25 +46,41 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
                    extra_config="\n[limits]\nlogins = 1000000\nregistrations = 1000000\n")
     loop = asyncio.new_event_loop()
     app = create_app(demo.settings)
-    loop.run_until_complete(_start(app))
+    lifespan = Lifespan(app)
+    loop.run_until_complete(lifespan.start())
     yield app, loop
-    loop.run_until_complete(_stop(app))
+    loop.run_until_complete(lifespan.stop())
     loop.close()
     dead.close()
 
 
-async def _start(app: Gateway) -> None:
-    await app.store.open()
-    await app.proxy.start()
-    app.metadata_xml = app.sp.metadata()
+class Lifespan:
+    """Runs an ASGI app's lifespan as a server does: startup before the first request,
+    shutdown after the last."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._app(
+            {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+            self._inbox.get, self._outbox.put))
+        await self._inbox.put({"type": "lifespan.startup"})
+        answer = await self._outbox.get()
+        assert answer["type"] == "lifespan.startup.complete", answer
+
+    async def stop(self) -> None:
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        answer = await self._outbox.get()
+        assert answer["type"] == "lifespan.shutdown.complete", answer
+        assert self._task is not None
+        await self._task
 
 
-async def _stop(app: Gateway) -> None:
-    await app.proxy.close()
-    await app.store.close()
-
-
-async def _call(app: Gateway, method: str, path: bytes, query: bytes,
+async def _call(app: ASGIApp, method: str, path: bytes, query: bytes,
                 headers: list[tuple[bytes, bytes]], body: bytes) -> int:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path.decode("latin-1"),

@@ -13,10 +13,9 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.demo.stack import prepare
-from tests.conftest import RedisServer, bound_socket, port_of, serving
+from tests.conftest import RedisServer, bound_socket, port_of, serve_gateway, serving
 
 
 @contextmanager
@@ -30,8 +29,7 @@ def gateway(workdir: Path, *, extra_config: str = "", clock: Callable[[], float]
     if edit is not None:
         edit(workdir)
     settings = load_settings(workdir / "gateway.toml", environ={})
-    app = create_app(settings, clock=clock) if clock else create_app(settings)
-    with serving(app, sock):
+    with serve_gateway(settings, sock, clock=clock):
         yield url
 
 

@@ -11,14 +11,9 @@ import httpx
 import pytest
 
 from gateway.cli import main
-from gateway.config import IdentityHeaders
-from gateway.identity import (
-    IdentityHeaderSet,
-    InvalidToken,
-    TokenIssuer,
-    encode_value,
-    verify_token,
-)
+from gateway.config import Settings, Upstream
+from gateway.errors import ConfigError
+from gateway.identity import InvalidToken, UpstreamIdentity, encode_value, verify_token
 from gateway.keys import generate_identity_key, load_identity_keys
 from gateway.principal import Principal
 from tests.browser import client, login
@@ -26,6 +21,7 @@ from tests.conftest import Stack, TLSFiles, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
 ISSUER = "https://gw.example.org"
+TOKEN = b"x-gateway-identity"
 
 
 class Clock:
@@ -36,80 +32,156 @@ class Clock:
         return self.now
 
 
-def carol() -> Principal:
-    return Principal(member_id="M1003", idp="https://idp", name_id="n", email="c@example.org",
-                     display_name="Carol Clarke", status="active",
-                     entitlements=("urn:x:admin", "urn:x:member"))
+def carol(**extra: tuple[str, ...]) -> Principal:
+    return Principal(subject="M1003", idp="https://idp", attributes={
+        "member_id": ("M1003",), "email": ("c@example.org",),
+        "display_name": ("Carol Clarke",), "status": ("active",),
+        "entitlements": ("urn:x:admin", "urn:x:member"), **extra})
+
+
+def settings(*upstreams: Upstream, **options: object) -> Settings:
+    return Settings.model_validate({"public_url": ISSUER, "upstreams": list(upstreams),
+                                    **options})
+
+
+def upstream(name: str, claims: list[str] | None = None) -> Upstream:
+    if claims is None:
+        return Upstream(name=name, url="http://127.0.0.1:9")
+    return Upstream(name=name, url="http://127.0.0.1:9", claims=claims)
+
+
+def token_of(identity: UpstreamIdentity, principal: Principal, session: str,
+             name: str) -> bytes:
+    return dict(identity.headers(session, principal, name))[TOKEN]
 
 
 @pytest.fixture
-def issuer(tmp_path: Path) -> tuple[TokenIssuer, Clock]:
+def keys_dir(tmp_path: Path) -> Path:
     generate_identity_key(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def identity(keys_dir: Path) -> tuple[UpstreamIdentity, Clock]:
     clock = Clock()
-    return TokenIssuer(load_identity_keys(tmp_path), issuer=ISSUER, lifetime=60,
-                       clock=clock), clock
+    config = settings(upstream("reader", ["display_name", "entitlements"]),
+                      upstream("notes", []))
+    return UpstreamIdentity(config, load_identity_keys(keys_dir), clock), clock
 
 
-def test_token_claims_and_audience(issuer: tuple[TokenIssuer, Clock]) -> None:
-    tokens, _ = issuer
-    token = tokens.token(carol(), "session-key", "reader", ["display_name", "entitlements"])
-    claims = verify_token(token, tokens.jwks, "reader", issuer=ISSUER, leeway=1e9)
+def test_token_claims_and_audience(identity: tuple[UpstreamIdentity, Clock]) -> None:
+    upstreams, _ = identity
+    token = token_of(upstreams, carol(), "session-key", "reader")
+    claims = verify_token(token, upstreams.jwks, "reader", issuer=ISSUER, leeway=1e9)
     assert claims["sub"] == "M1003" and claims["aud"] == "reader" and claims["iss"] == ISSUER
     assert claims["name"] == "Carol Clarke"
     assert claims["entitlements"] == ["urn:x:admin", "urn:x:member"]
     assert "email" not in claims and "member_status" not in claims  # not this upstream's
+    assert "member_id" not in claims  # only when the upstream's claims name it
     assert claims["exp"] - claims["iat"] == 60 and claims["jti"] and claims["sid"]
     with pytest.raises(InvalidToken, match=r"(?i)audience"):
-        verify_token(token, tokens.jwks, "notes", leeway=1e9)
+        verify_token(token, upstreams.jwks, "notes", leeway=1e9)
 
 
-def test_token_is_reused_until_shortly_before_expiry(issuer: tuple[TokenIssuer, Clock]) -> None:
-    tokens, clock = issuer
-    first = tokens.token(carol(), "k", "reader", [])
+def test_token_sub_is_the_subject_and_any_attribute_is_a_claim(keys_dir: Path) -> None:
+    config = settings(upstream("reader", ["member_id", "affiliation", "status", "idp"]),
+                      attributes={"affiliation": ["eduPersonAffiliation"]})
+    upstreams = UpstreamIdentity(config, load_identity_keys(keys_dir))
+    scoped = Principal(subject="https://idp!M1003", idp="https://idp",
+                       attributes={**carol().attributes, "affiliation": ("member", "staff")})
+    claims = verify_token(token_of(upstreams, scoped, "k", "reader"), upstreams.jwks, "reader")
+    assert claims["sub"] == "https://idp!M1003"
+    assert claims["member_id"] == "M1003"  # the number as the IdP asserted it
+    assert claims["affiliation"] == ["member", "staff"]
+    assert (claims["member_status"], claims["idp"]) == ("active", "https://idp")
+
+
+@pytest.mark.parametrize(("claims", "problem"), [
+    (["exp"], "would replace the token's own claim 'exp'"),
+    (["display_name", "name"], "its token claim 'name' is also 'display_name''s"),
+])
+def test_claims_that_would_clash_in_the_token_are_config_errors(
+        keys_dir: Path, claims: list[str], problem: str) -> None:
+    config = settings(upstream("reader"), upstream("notes", claims),
+                      attributes={"exp": ["a"], "name": ["b"]})
+    with pytest.raises(ConfigError) as info:
+        UpstreamIdentity(config, load_identity_keys(keys_dir))
+    assert info.value.problems[0].startswith(f"{config.source}: key upstreams[1].claims[")
+    assert problem in info.value.problems[0]
+
+
+def test_token_is_reused_until_shortly_before_expiry(
+        identity: tuple[UpstreamIdentity, Clock]) -> None:
+    upstreams, clock = identity
+    first = token_of(upstreams, carol(), "k", "reader")
     clock.now += 44
-    assert tokens.token(carol(), "k", "reader", []) == first
-    assert tokens.token(carol(), "k", "notes", []) != first  # per upstream
-    assert tokens.token(carol(), "other-session", "reader", []) != first  # per session
+    assert token_of(upstreams, carol(), "k", "reader") == first
+    assert token_of(upstreams, carol(), "k", "notes") != first  # per upstream
+    assert token_of(upstreams, carol(), "other-session", "reader") != first  # per session
     clock.now += 1  # 15 s before expiry: a fresh token
-    assert tokens.token(carol(), "k", "reader", []) != first
+    assert token_of(upstreams, carol(), "k", "reader") != first
 
 
-def test_expired_tampered_and_foreign_tokens_fail(issuer: tuple[TokenIssuer, Clock],
-                                                  tmp_path: Path) -> None:
-    tokens, _ = issuer
+def test_expired_tampered_and_foreign_tokens_fail(identity: tuple[UpstreamIdentity, Clock],
+                                                  keys_dir: Path) -> None:
+    upstreams, _ = identity
+    config = settings(upstream("reader", ["status"]))
     # verify_token checks against real time, so an expired token is one minted in the past.
-    past = TokenIssuer(load_identity_keys(tmp_path), issuer=ISSUER, lifetime=60,
-                       clock=lambda: 1_000_000_000.0)
+    past = UpstreamIdentity(config, load_identity_keys(keys_dir), lambda: 1_000_000_000.0)
     with pytest.raises(InvalidToken, match=r"(?i)expired"):
-        verify_token(past.token(carol(), "k", "reader", []), past.jwks, "reader")
-    good = past.token(carol(), "k2", "reader", ["status"]).decode()
+        verify_token(token_of(past, carol(), "k", "reader"), past.jwks, "reader")
+    good = token_of(past, carol(), "k2", "reader").decode()
     head, body, sig = good.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=="))
     claims["sub"] = "M1001"
     forged_body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     with pytest.raises(InvalidToken, match="Signature verification failed"):
         verify_token(f"{head}.{forged_body}.{sig}", past.jwks, "reader", leeway=1e10)
-    other_dir = tmp_path / "other"
+    other_dir = keys_dir / "other"
     generate_identity_key(other_dir)
-    foreign = TokenIssuer(load_identity_keys(other_dir), issuer=ISSUER, lifetime=60)
+    foreign = UpstreamIdentity(config, load_identity_keys(other_dir))
     with pytest.raises(InvalidToken, match="unknown key"):
-        verify_token(foreign.token(carol(), "k", "reader", []), tokens.jwks, "reader")
-    with pytest.raises(InvalidToken):
-        verify_token("not.a.token", tokens.jwks, "reader")
+        verify_token(token_of(foreign, carol(), "k", "reader"), upstreams.jwks, "reader")
+    with pytest.raises(InvalidToken) as info:
+        verify_token("not.a.token", upstreams.jwks, "reader")
+    assert info.value.status == 401 and info.value.reason
 
 
-def test_header_values_are_encoded_safely() -> None:
+def test_header_values_are_encoded_safely(keys_dir: Path) -> None:
     assert encode_value("Zoë O'Brien") == b"Zo%C3%AB O'Brien"
     assert encode_value("a\r\nSet-Cookie: x=y") == b"a%0D%0ASet-Cookie: x=y"
     assert encode_value("50%, off") == b"50%25%2C off"
-    headers = IdentityHeaderSet(IdentityHeaders())
-    person = Principal(member_id="M1", idp="i", name_id="n", display_name="Zoë",
-                       entitlements=("a,b", "c"))
-    got = dict(headers.headers(person, headers.fields(["display_name", "entitlements"])))
+    upstreams = UpstreamIdentity(settings(upstream("reader", ["display_name", "entitlements"])),
+                                 load_identity_keys(keys_dir))
+    person = Principal(subject="M1", idp="i", attributes={
+        "member_id": ("M1",), "display_name": ("Zoë",), "entitlements": ("a,b", "c")})
+    got = dict(upstreams.headers("k", person, "reader"))
+    assert got.pop(TOKEN)
     assert got == {b"x-member-id": b"M1", b"x-member-name": b"Zo%C3%AB",
                    b"x-member-entitlements": b"a%2Cb,c"}
     entitlements = got[b"x-member-entitlements"].decode().split(",")
     assert [unquote(v) for v in entitlements] == ["a,b", "c"]
+
+
+def test_identity_headers_from_any_attribute(keys_dir: Path) -> None:
+    config = settings(upstream("reader", ["affiliation", "email", "member_id"]),
+                      upstream("notes", []),
+                      attributes={"affiliation": ["eduPersonAffiliation"]},
+                      identity_headers={"affiliation": "X-Member-Affiliation", "email": "",
+                                        "member_id": "X-Member-Number"})
+    upstreams = UpstreamIdentity(config, load_identity_keys(keys_dir))
+    scoped = Principal(subject="https://idp!M1003", idp="https://idp",
+                       attributes={**carol().attributes, "affiliation": ("staff", "a,b")})
+    got = dict(upstreams.headers("k", scoped, "reader"))
+    assert got.pop(TOKEN)
+    assert got == {b"x-member-id": b"https://idp!M1003", b"x-member-number": b"M1003",
+                   b"x-member-affiliation": b"staff,a%2Cb"}  # email: "" = no header
+    notes = dict(upstreams.headers("k", scoped, "notes"))
+    assert set(notes) == {b"x-member-id", TOKEN}
+    assert upstreams.knows("notes") and not upstreams.knows("elsewhere")
+    assert upstreams.strip_names == {
+        "x-member-id", "x-member-name", "x-member-entitlements", "x-member-status",
+        "x-member-idp", "x-member-affiliation", "x-member-number", "x-gateway-identity"}
 
 
 def upstream_token(stack: Stack) -> str:

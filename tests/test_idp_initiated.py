@@ -8,8 +8,6 @@ and the replay cache still applies.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from lxml import etree
@@ -19,8 +17,8 @@ from gateway.devidp import DevIdPSettings
 from gateway.devidp.metadata import idp_metadata
 from gateway.keys import generate_self_signed
 from tests.browser import client
-from tests.conftest import Stack, TLSFiles, run_stack
-from tests.forge import PAGE, Forge, encode, forge_for_demo, parse
+from tests.conftest import Stack
+from tests.forge import PAGE, Forge, encode, parse
 
 OPTED_IN = "https://staff-idp.example/idp"
 KEY, CERT = generate_self_signed("staff IdP")
@@ -37,11 +35,7 @@ def add_opted_in_idp(demo: DemoStack) -> None:
         config.write(f'\n[[idps]]\nentity_id = "{OPTED_IN}"\nallow_unsolicited = true\n')
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    with run_stack(tmp_path_factory.mktemp("idp-initiated"), tls,
-                   setup=add_opted_in_idp) as running:
-        yield running
+pytestmark = pytest.mark.stack(shared=True, setup=add_opted_in_idp)
 
 
 def staff_forge(stack: Stack) -> Forge:
@@ -57,9 +51,8 @@ def post(http: httpx.Client, stack: Stack, xml: str | bytes, relay_state: str | 
     return http.post(stack.url + "/saml/acs", data=data)
 
 
-def test_refused_for_an_idp_without_opt_in(stack: Stack, caplog: pytest.LogCaptureFixture
-                                           ) -> None:
-    forge = forge_for_demo(stack.demo)
+def test_refused_for_an_idp_without_opt_in(stack: Stack, forge: Forge,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     with client(stack) as http:
         answer = post(http, stack, forge.xml(None), PAGE)
     assert answer.status_code == 400

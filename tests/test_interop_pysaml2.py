@@ -93,7 +93,8 @@ def test_gateway_accepts_a_login_from_pysaml2(interop: tuple[Stack, PySaml2IdP])
         assert "Pat Pysaml" in page.text
 
     seen = dict(stack.upstream.requests[-1]["headers"])
-    assert seen["x-member-id"] == "P2001"
+    # pysaml2's member numbers are not the organisation's own: the subject is scoped.
+    assert seen["x-member-id"] == f"{idp.entity_id}!P2001"
     assert seen["x-member-idp"] == idp.entity_id
     assert seen["x-member-email"] == "pat@pysaml2.example.org"
     assert seen["x-member-status"] == "active"
@@ -115,7 +116,7 @@ def test_gateway_accepts_a_signed_response_and_assertion(
         assert done.status_code == 302, done.text
         page = http.get(stack.url + PAGE)
     assert page.status_code == 200
-    assert dict(stack.upstream.requests[-1]["headers"])["x-member-id"] == "P2001"
+    assert dict(stack.upstream.requests[-1]["headers"])["x-member-id"] == f"{idp.entity_id}!P2001"
 
 
 def test_pysaml2_response_to_a_login_started_for_the_dev_idp_is_refused(

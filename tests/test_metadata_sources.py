@@ -192,7 +192,7 @@ async def test_refresh_rolls_the_idp_key_without_restart(
     refresher = MetadataRefresher([source(tmp_path, server.url + "/md.xml")], registry, sp)
     await refresher.start()
     await refresher.stop()
-    assert sign_in(sp, registry, demo.idp).principal.member_id
+    assert sign_in(sp, registry, demo.idp).signed_in.released["memberId"]
 
     key, cert = generate_self_signed("rolled dev IdP key")
     rolled = replace(demo.idp, key_pem=key, cert_pem=cert)
@@ -205,7 +205,7 @@ async def test_refresh_rolls_the_idp_key_without_restart(
     assert line["change"] == "updated" and line["entity_id"] == demo.idp.entity_id
     assert line["source"] == server.url + "/md.xml" and validate(line) == []
 
-    assert sign_in(sp, registry, rolled).principal.member_id  # the new key works
+    assert sign_in(sp, registry, rolled).signed_in.released["memberId"]  # the new key works
     with pytest.raises(LoginFailed):
         sign_in(sp, registry, demo.idp)  # the old one no longer does
 

@@ -111,8 +111,8 @@ def test_idps_added_while_running_get_gauges_and_labels(tmp_path: Path) -> None:
     demo = prepare(tmp_path, gateway_url="http://127.0.0.1:8000",
                    idp_url="http://127.0.0.1:8001", reader_url="http://127.0.0.1:8002")
     registry = IdPRegistry.load_dir(demo.settings.idp.metadata_dir)
-    store = open_store(f"sqlite:///{tmp_path}/m.db", lambda: 1.0)
-    telemetry = Telemetry(demo.settings, registry, store, lambda: 1_800_000_000.0)
+    stores = open_store(f"sqlite:///{tmp_path}/m.db", lambda: 1.0)
+    telemetry = Telemetry(demo.settings, registry, stores, lambda: 1_800_000_000.0)
     key, cert = generate_self_signed("later IdP")
     later = DevIdPSettings(base_url="https://later.example.org", key_pem=key, cert_pem=cert,
                            sp_entity_id="sp", sp_acs_url="https://sp/acs",
@@ -126,12 +126,12 @@ def test_idps_added_while_running_get_gauges_and_labels(tmp_path: Path) -> None:
     telemetry.metrics.login(later.entity_id, None)
 
     async def scrape_text() -> str:
-        await store.open()
+        await stores.backend.open()
         try:
             telemetry.refresh_state()
-            return (await telemetry.metrics.exposition(store)).decode()
+            return (await telemetry.metrics.exposition(stores)).decode()
         finally:
-            await store.close()
+            await stores.backend.close()
 
     samples = scrape_families(asyncio.run(scrape_text()))
     assert samples[("gateway_logins_total", frozenset({("idp", later.entity_id),

@@ -134,11 +134,13 @@ def test_each_idp_logs_in_with_its_own_attribute_names(federation: Federation) -
         assert done.status_code == 302, done.text
         assert http.get(stack.url + PAGE).status_code == 200
 
+    # X-Member-Id is the subject: the demo IdP's member numbers are the organisation's own,
+    # the other two IdPs' are scoped by their entity IDs.
     seen: list[dict[str, Any]] = [dict(r["headers"]) for r in stack.upstream.requests]
     assert [(h["x-member-id"], h["x-member-name"], h["x-member-idp"]) for h in seen] == [
         ("M1001", "Alice Archer", stack.demo.idp.entity_id),
-        ("S77", "Sam Staff", federation.staff.entity_id),
-        ("P2001", "Pat Pysaml", federation.pysaml2.entity_id)]
+        (f"{federation.staff.entity_id}!S77", "Sam Staff", federation.staff.entity_id),
+        (f"{federation.pysaml2.entity_id}!P2001", "Pat Pysaml", federation.pysaml2.entity_id)]
     assert seen[1]["x-member-email"] == "sam@staff.example.org"
     assert seen[1]["x-member-entitlements"] == MEMBER
 

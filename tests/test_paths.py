@@ -1,11 +1,13 @@
-"""Path canonicalisation and safe redirects."""
+"""Path canonicalisation, safe redirects and the ``next`` parameter."""
 
 from __future__ import annotations
+
+from urllib.parse import parse_qsl
 
 import pytest
 
 from gateway.errors import AmbiguousPath
-from gateway.paths import canonical_path, check_query, safe_next
+from gateway.paths import canonical_path, check_query, safe_next, with_next
 
 
 @pytest.mark.parametrize(("raw", "decoded", "encoded"), [
@@ -59,3 +61,17 @@ def test_query_strings_accepted(raw: bytes) -> None:
 def test_query_strings_with_raw_bytes_are_refused(raw: bytes) -> None:
     with pytest.raises(AmbiguousPath):
         check_query(raw)
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/", "/login?next=%2F"),
+    ("/issues/caf%C3%A9?page=2&q=a/b",
+     "/login?next=%2Fissues%2Fcaf%25C3%25A9%3Fpage%3D2%26q%3Da%2Fb"),
+    ("/a b#c", "/login?next=%2Fa%20b%23c"),
+])
+def test_with_next_quotes_the_whole_target(target: str, expected: str) -> None:
+    url = with_next("/login", target)
+    assert url == expected
+    # The sign-in gets the target back whole, and it is still a safe local destination.
+    [(name, value)] = parse_qsl(url.partition("?")[2])
+    assert name == "next" and value == target

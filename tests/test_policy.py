@@ -21,9 +21,11 @@ RULES = [
 ]
 
 
-def person(member_id: str = "M1", status: str = "active", *ents: str) -> Principal:
-    return Principal(member_id=member_id, idp="https://idp", name_id="n", status=status,
-                     entitlements=ents or (MEMBER,))
+def person(member_id: str = "M1", status: str = "active", *ents: str,
+           subject: str | None = None, **attributes: tuple[str, ...]) -> Principal:
+    return Principal(subject=member_id if subject is None else subject, idp="https://idp",
+                     attributes={"member_id": (member_id,), "status": (status,),
+                                 "entitlements": ents or (MEMBER,), **attributes})
 
 
 @pytest.fixture
@@ -63,6 +65,33 @@ def test_owner_rule(policy: Policy) -> None:
     assert policy.decide("/members/M1004/notes", None).kind == "login"
 
 
+def test_owner_rule_compares_the_subject_not_the_asserted_number(policy: Policy) -> None:
+    """A member of a scoped IdP asserting M1001 is not the owner of M1001's notes."""
+    scoped = person("M1001", subject="https://idp-b.example.org/idp!M1001")
+    denied = policy.decide("/members/M1001/notes", scoped)
+    assert (denied.kind, denied.failed) == ("deny", "owner")
+
+
+def test_require_attributes() -> None:
+    policy = Policy([
+        Rule(path="/staff/**", access="member",
+             require={"attributes": {"affiliation": ["staff", "faculty"]}}, message="Staff."),
+        Rule(path="/both/**", access="member",
+             require={"attributes": {"affiliation": "staff", "idp": ["https://idp"]}}),
+    ])
+    staff = person(affiliation=("member", "staff"))
+    assert policy.decide("/staff/x", staff).kind == "allow"
+    assert policy.decide("/both/x", staff).kind == "allow"
+    member = person(affiliation=("member",))
+    denied = policy.decide("/staff/x", member)
+    assert (denied.kind, denied.failed, denied.message) == ("deny", "attributes", "Staff.")
+    assert denied.reason == "attribute affiliation is not staff or faculty"
+    assert policy.decide("/staff/x", person()).failed == "attributes"  # not released at all
+    elsewhere = Principal(subject="M1", idp="https://other",
+                          attributes={"affiliation": ("staff",)})
+    assert policy.decide("/both/x", elsewhere).failed == "attributes"
+
+
 def test_gated_flag(policy: Policy) -> None:
     assert not policy.decide("/public/x", None).gated
     assert policy.decide("/issues/x", person()).gated
@@ -76,8 +105,8 @@ def test_owner_rule_without_parameter_is_a_config_error() -> None:
 def test_registered_rule() -> None:
     policy = Policy([Rule(path="/issues/free-2024/**", access="registered"),
                      Rule(path="/issues/**", access="member")])
-    visitor = Principal(member_id="R-1", idp="", name_id="", kind="registered",
-                        status="registered")
+    visitor = Principal(subject="R-1", idp="", kind="registered",
+                        attributes={"status": ("registered",)})
     assert policy.decide("/issues/free-2024/pages/1", None).kind == "register"
     assert policy.decide("/issues/free-2024/pages/1", visitor).kind == "allow"
     assert policy.decide("/issues/free-2024/pages/1", person()).kind == "allow"

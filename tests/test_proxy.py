@@ -1,4 +1,5 @@
-"""gateway.proxy over real sockets: httpx → uvicorn(wrapper) → aiohttp → uvicorn(upstream)."""
+"""gateway.proxy over real sockets: httpx → uvicorn(wrapper) → aiohttp → uvicorn(upstream);
+and the one pass over a request's headers (``HeadReader``) on its own."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config import Upstream
-from gateway.errors import BadRequest, GatewayError
-from gateway.proxy import CLIENT_CLOSED, BodyTooLarge, Proxy
+from gateway.cookies import Cookies
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError
+from gateway.proxy import Proxy
+from gateway.proxy_headers import HeadReader, header_text
 from tests.conftest import serving
 
 MAX_BODY = 6 * 1024 * 1024
@@ -155,7 +158,9 @@ def upstream_app(seen: UpstreamLog) -> Any:
 
 
 def gateway_app(proxy: Proxy) -> Any:
-    """The smallest caller of ``Proxy.forward``: lookup, verbatim target, one identity."""
+    """The smallest caller of ``Proxy.forward``: one pass over the headers, lookup,
+    verbatim target, one identity."""
+    reader = proxy.head_reader()
 
     async def answer(send: Send, status: int, text: str) -> None:
         body = text.encode()
@@ -181,8 +186,8 @@ def gateway_app(proxy: Proxy) -> Any:
         query = scope["query_string"].decode("latin-1")
         target = scope["raw_path"].decode("latin-1") + ("?" + query if query else "")
         try:
-            await proxy.forward(scope, receive, send, route=route, target=target,
-                                add_headers=[IDENTITY], gated=True)
+            await proxy.forward(scope, reader.read(scope["headers"]), receive, send,
+                                route=route, target=target, add_headers=[IDENTITY], gated=True)
         except GatewayError as exc:
             await answer(send, exc.status, f"{type(exc).__name__}: {exc.reason}")
 
@@ -199,6 +204,7 @@ def make_proxy(upstream_url: str, dead_url: str = "http://127.0.0.1:9",
         ],
         strip_headers=["X-Member-Id", "X-Gateway-Identity"],
         strip_cookies=[SESSION_COOKIE],
+        strip_cookie_prefixes=["gw-login-"],
         public_host=PUBLIC_HOST,
         public_scheme="https",
         max_body_bytes=max_body,
@@ -387,6 +393,7 @@ async def test_hop_by_hop_response_headers_not_relayed(client: httpx.AsyncClient
     (f"{SESSION_COOKIE}=SECRET; a=1", "a=1"),
     ("a=1;  b=\"quoted; not split\"", "a=1;  b=\"quoted; not split\""),
     (f"{SESSION_COOKIE}=SECRET", None),
+    ("gw-login-abc=STATE; a=1; xgw-login-abc=keep", "a=1; xgw-login-abc=keep"),
 ])
 async def test_session_cookie_stripped(client: httpx.AsyncClient, cookie: str,
                                        expected: str | None) -> None:
@@ -507,24 +514,26 @@ async def _no_send(message: Message) -> None:
     ([(b"content-length", b"5"), (b"content-length", b"6")], BadRequest),
     ([(b"content-length", b"-1")], BadRequest),
     ([(b"transfer-encoding", b"gzip, chunked")], BadRequest),
+    ([(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")], BadRequest),
     ([(b"content-length", b"1025")], BodyTooLarge),
 ])
 async def test_bad_framing_refused_before_upstream(headers: list[tuple[bytes, bytes]],
-                                                   error: type[BadRequest]) -> None:
+                                                   error: type[GatewayError]) -> None:
     proxy = make_proxy("http://127.0.0.1:9", max_body=1024)
     await proxy.start()
     try:
         route = proxy.route("/")
         assert route is not None
+        head = proxy.head_reader().read(headers)  # reading never raises: forward does
         with pytest.raises(error) as info:
-            await proxy.forward(_scope(headers), _no_receive, _no_send, route=route,
+            await proxy.forward(_scope(headers), head, _no_receive, _no_send, route=route,
                                 target="/", add_headers=[], gated=False)
         assert info.value.status == (413 if error is BodyTooLarge else 400)
     finally:
         await proxy.close()
 
 
-async def test_client_gone_during_upload_returns_499(stack: Stack) -> None:
+async def test_client_gone_during_upload_sends_nothing(stack: Stack) -> None:
     proxy = make_proxy(stack.upstream)
     await proxy.start()
     messages: list[Message] = [{"type": "http.request", "body": b"x" * 1000, "more_body": True},
@@ -533,12 +542,104 @@ async def test_client_gone_during_upload_returns_499(stack: Stack) -> None:
     async def receive() -> Message:
         return messages.pop(0)
 
+    headers = [(b"transfer-encoding", b"chunked")]
     try:
         route = proxy.route("/")
         assert route is not None
-        status = await proxy.forward(_scope([(b"transfer-encoding", b"chunked")]), receive,
-                                     _no_send, route=route, target="/gone", add_headers=[],
-                                     gated=True)
-        assert status == CLIENT_CLOSED
+        await proxy.forward(_scope(headers), proxy.head_reader().read(headers), receive,
+                            _no_send, route=route, target="/gone", add_headers=[], gated=True)
+        assert messages == []  # the body was read up to the disconnect; nothing was sent
     finally:
         await proxy.close()
+
+
+# -- the one pass over the request headers -------------------------------------------------
+
+
+def _reader(**options: Any) -> HeadReader:
+    cookies = Cookies(secure=True, session_name="gw_session", session_lifetime=3600,
+                      stash_ttl=600)
+    return HeadReader(**{"strip_headers": ["X-Member-Id", "X-Gateway-Identity",
+                                           "X-Request-Id"],
+                         "max_body_bytes": 1024,
+                         "strip_cookies": [cookies.session_name, cookies.idp_name,
+                                           cookies.stash_name],
+                         "strip_cookie_prefixes": [cookies.login_prefix],
+                         "session_value": cookies.session_value, **options})
+
+
+def test_one_pass_reads_what_the_hot_path_decides_on() -> None:
+    head = _reader().read([
+        (b"host", b"GW.example.test"), (b"host", b"evil.example"),
+        (b"accept", b"text/html"), (b"accept", b"application/json"),
+        (b"cookie", b"a=1; __Host-gw_session=FIRST"),
+        (b"cookie", b"__Host-gw_session=SECOND; b=2"),
+        (b"sec-fetch-mode", b"navigate"), (b"sec-fetch-site", b"same-origin"),
+        (b"origin", b"https://gw.example.test"),
+        (b"content-type", b"application/x-www-form-urlencoded"),
+        (b"content-length", b"3"),
+    ])
+    assert head.host == b"GW.example.test"  # the first Host
+    assert head.accept == "application/json"  # decoded once, as a str
+    assert head.session == "FIRST"  # the first session cookie wins, across Cookie headers
+    assert (head.fetch_mode, head.fetch_site) == (b"navigate", b"same-origin")
+    assert head.origin == b"https://gw.example.test"
+    assert head.content_type == b"application/x-www-form-urlencoded"
+    assert head.has_body and head.refused is None
+    # The same pass made the upstream's headers: no Host, the gateway's cookie cut out.
+    assert head.upstream == [
+        ("accept", "text/html"), ("accept", "application/json"), ("cookie", "a=1"),
+        ("cookie", "b=2"), ("sec-fetch-mode", "navigate"), ("sec-fetch-site", "same-origin"),
+        ("origin", "https://gw.example.test"),
+        ("content-type", "application/x-www-form-urlencoded"), ("content-length", "3")]
+
+
+def test_one_pass_drops_what_only_the_gateway_may_send() -> None:
+    # (ASGI servers hand over header names in lower case.)
+    head = _reader().read([
+        (b"x-member-id", b"evil"), (b"x_member_id", b"evil"), (b"x-member-email", b"evil"),
+        (b"x-gateway-identity", b"forged"), (b"x-request-id", b"spoofed"),
+        (b"x-forwarded-for", b"6.6.6.6"), (b"forwarded", b"for=6.6.6.6"),
+        (b"x-real-ip", b"6.6.6.6"), (b"expect", b"100-continue"), (b"te", b"trailers"),
+        (b"keep-alive", b"timeout=5"), (b"connection", b"x-custom, close, content-length"),
+        (b"x-custom", b"hop"), (b"x-kept", b"1"), (b"content-length", b"0"),
+        (b"cookie", b"__Secure-gw-login-s1=STATE; __Secure-gw_idp=x; __Secure-gw-stash=y"),
+    ])
+    assert head.upstream == [("x-kept", "1"), ("content-length", "0")]
+    assert head.session is None and not head.has_body and head.refused is None
+
+
+def test_one_pass_rules_hold_whatever_names_came_before() -> None:
+    """Names are judged once and remembered, up to a bound: a flood of made-up names
+    neither grows the reader without end nor changes what is dropped."""
+    reader = _reader()
+    for i in range(3000):
+        assert reader.read([(f"x-made-up-{i}".encode(), b"1")]).upstream == [
+            (f"x-made-up-{i}", "1")]
+    for _ in range(2):
+        head = reader.read([(b"x_member_id", b"evil"), (b"x-gateway-identity", b"forged"),
+                            (b"x-made-up-2999", b"1"), (b"x-late-name", b"2")])
+        assert head.upstream == [("x-made-up-2999", "1"), ("x-late-name", "2")]
+
+
+@pytest.mark.parametrize(("headers", "has_body", "refused"), [
+    ([], False, None),
+    ([(b"content-length", b"0")], False, None),
+    ([(b"content-length", b"7"), (b"content-length", b"7")], True, None),
+    ([(b"transfer-encoding", b"Chunked ")], True, None),
+    ([(b"content-length", b"5"), (b"content-length", b"6")], True, BadRequest),
+    ([(b"content-length", b"1e3")], False, BadRequest),
+    ([(b"content-length", b"1025")], True, BodyTooLarge),
+    ([(b"transfer-encoding", b"chunked"), (b"content-length", b"1")], True, BadRequest),
+])
+def test_one_pass_checks_the_framing(headers: list[tuple[bytes, bytes]], has_body: bool,
+                                     refused: type[GatewayError] | None) -> None:
+    head = _reader().read(headers)
+    assert head.has_body is has_body
+    assert type(head.refused) is refused if refused else head.refused is None
+    assert sum(k == "content-length" for k, _ in head.upstream) <= 1
+
+
+def test_header_values_for_the_upstream_client() -> None:
+    assert header_text("café ✓".encode()) == "café ✓"  # UTF-8 goes out byte for byte
+    assert header_text(b"caf\xe9") == "caf\xe9"  # obs-text: Latin-1

@@ -44,9 +44,10 @@ class Reader:
     def token(self, member_id: str = "M1001", *, status: str = "active",
               entitlements: tuple[str, ...] = (MEMBER,), audience: str = "reader",
               session: str = "", issuer: TokenIssuer | None = None) -> str:
-        principal = Principal(member_id=member_id, idp="devidp", name_id=member_id,
-                              email=f"{member_id}@example.org", display_name=f"Reader {member_id}",
-                              entitlements=entitlements, status=status)
+        principal = Principal(subject=member_id, idp="devidp", attributes={
+            "member_id": (member_id,), "email": (f"{member_id}@example.org",),
+            "display_name": (f"Reader {member_id}",), "entitlements": entitlements,
+            "status": (status,)})
         raw = (issuer or self.issuer).token(principal, session or f"session-{member_id}",
                                             audience, CLAIMS)
         return raw.decode()

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +25,9 @@ import httpx
 import pytest
 from lxml import etree
 
-from gateway.app import create_app
 from gateway.cli import main
 from gateway.demo.stack import DemoStack, prepare
-from gateway.sessions import open_store
+from gateway.sessions import CookieSigner, SessionManager, open_store
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
 from tests.conftest import (
     RedisServer,
@@ -36,7 +36,7 @@ from tests.conftest import (
     bound_socket,
     port_of,
     run_stack,
-    serving,
+    serve_gateway,
 )
 from tests.test_login_hostile import PAGE, Pending, forge
 
@@ -70,10 +70,9 @@ def run_replicas(workdir: Path, tls: TLSFiles, redis: RedisServer) -> Iterator[R
         config.write_text(text.replace("\nlisten = ", f'\nallowed_hosts = ["{b_host}"]\nlisten = ',
                                        1))
 
-    with sock, run_stack(workdir, tls, setup=use_redis) as stack:
-        replica_b = create_app(stack.demo.settings)  # the very same settings as A
-        with serving(replica_b, sock, ssl_keyfile=str(tls.key), ssl_certfile=str(tls.cert)):
-            yield Replicas(stack, f"https://{b_host}", redis)
+    with (sock, run_stack(workdir, tls, setup=use_redis) as stack,
+          serve_gateway(stack.demo.settings, sock, tls=tls)):  # the very same settings as A
+        yield Replicas(stack, f"https://{b_host}", redis)
 
 
 @pytest.fixture
@@ -104,12 +103,19 @@ def test_login_at_a_is_a_session_at_b_and_revoking_ends_it_everywhere(
         assert http.get(a + PAGE).status_code == 200
 
         async def revoke() -> int:  # a third client of the same Redis, as an admin tool is
-            store = open_store(replicas.redis.url, lambda: 0.0)
-            await store.open()
+            settings = replicas.a.demo.settings
+            stores = open_store(replicas.redis.url, time.time)
+            await stores.backend.open()
             try:
-                return await store.delete_member_sessions("M1001")
+                sessions = SessionManager(
+                    stores.sessions, CookieSigner(settings.session_secrets(), "session"),
+                    lifetime=settings.session.lifetime,
+                    idle_timeout=settings.session.idle_timeout, clock=time.time)
+                [subject] = {r.principal.subject for r in await sessions.sessions()
+                             if r.principal.member_id == "M1001"}
+                return await sessions.end_subject_sessions(subject)
             finally:
-                await store.close()
+                await stores.backend.close()
 
         assert asyncio.run(revoke()) == 1
         for url in (a, b):

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import create_app
+from gateway.app import Gateway
 from gateway.cli import main
 from gateway.demo.stack import DemoStack, prepare
-from tests.conftest import TLSFiles, bound_socket, port_of, run_stack, serving
+from gateway.sessions.store import Namespace
+from tests.conftest import Stack, TLSFiles, bound_socket, port_of, serve_gateway
 
 
 def selftest_args(url: str, tls: TLSFiles, demo: DemoStack) -> list[str]:
@@ -35,11 +36,10 @@ def rows(output: str) -> dict[str, str]:
     return found
 
 
-def test_selftest_passes_against_the_demo_stack(tmp_path: Path, tls: TLSFiles,
+def test_selftest_passes_against_the_demo_stack(stack: Stack, tls: TLSFiles,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    with run_stack(tmp_path, tls) as stack:
-        code = main(selftest_args(stack.url, tls, stack.demo))
-        sessions_left = stack.session_count()
+    code = main(selftest_args(stack.url, tls, stack.demo))
+    sessions_left = stack.session_count()
     out = capsys.readouterr().out
     results = rows(out)
     assert code == 0, out
@@ -55,11 +55,10 @@ def test_selftest_passes_against_the_demo_stack(tmp_path: Path, tls: TLSFiles,
 
 
 def test_selftest_without_the_idp_key_skips_what_needs_it(
-        tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]) -> None:
-    with run_stack(tmp_path, tls) as stack:
-        code = main(["selftest", stack.url, "--ca-file", str(tls.cert)])
-        assert main(["selftest", stack.url]) == 2  # the test CA is not trusted: cannot run
-        assert main(["selftest", stack.url, "--idp-key", "x.pem"]) == 2
+        stack: Stack, tls: TLSFiles, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["selftest", stack.url, "--ca-file", str(tls.cert)])
+    assert main(["selftest", stack.url]) == 2  # the test CA is not trusted: cannot run
+    assert main(["selftest", stack.url, "--idp-key", "x.pem"]) == 2
     captured = capsys.readouterr()
     results = rows(captured.out)
     assert code == 0, captured.out
@@ -75,14 +74,16 @@ def test_selftest_names_the_replay_when_the_replay_cache_is_off(
     # Only the gateway runs: the self-test signs as the IdP itself and never visits it.
     demo = prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9",
                    reader_url="http://127.0.0.1:9")
-    weakened = create_app(demo.settings)
-    add_once = weakened.store.add_once
+    with serve_gateway(demo.settings, sock, tls=tls) as server:
+        weakened: Gateway = server.app
+        store = weakened.stores.backend
+        add_once = store.add_once
 
-    async def replay_cache_off(key: str, value: str, ttl: float) -> bool:
-        return True if key.startswith("assertion:") else await add_once(key, value, ttl)
+        async def replay_cache_off(key: str, value: str, ttl: float) -> bool:
+            replayable = key.startswith(Namespace.ASSERTION)
+            return True if replayable else await add_once(key, value, ttl)
 
-    weakened.store.add_once = replay_cache_off  # type: ignore[method-assign]
-    with serving(weakened, sock, ssl_keyfile=str(tls.key), ssl_certfile=str(tls.cert)):
+        store.add_once = replay_cache_off  # type: ignore[method-assign]
         code = main(selftest_args(url, tls, demo))
     out = capsys.readouterr().out
     results = rows(out)

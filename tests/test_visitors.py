@@ -59,9 +59,22 @@ def test_registered_visitor_reads_the_free_issue_only(stack: Stack) -> None:
     seen = dict(stack.upstream.requests[-1]["headers"])
     assert seen["x-member-status"] == "registered"
     assert seen["x-member-email"] == "Reader@example.org"
-    assert seen["x-member-id"].startswith("R-")
+    assert re.fullmatch(r"reader![0-9a-f]{24}", seen["x-member-id"])
     assert member_page.status_code == 302  # a member sign-in is still needed
     assert member_page.headers["location"].startswith("/saml/login?next=")
+
+
+def test_each_registration_is_its_own_identity(stack: Stack) -> None:
+    """The subject is random per registration, never derived from the address: knowing a
+    reader's address gives no way to their identity or sessions."""
+    with client(stack) as first, client(stack) as second:
+        register(first, stack, "same@example.org")
+        register(second, stack, "same@example.org")
+        first.get(stack.url + FREE)
+        second.get(stack.url + FREE)
+    subjects = [dict(r["headers"])["x-member-id"] for r in stack.upstream.requests[-2:]]
+    assert len(set(subjects)) == 2 and all(s.startswith("reader!") for s in subjects)
+    assert stack.session_count() == 2
 
 
 def test_cross_site_registration_is_refused(stack: Stack) -> None:

@@ -37,7 +37,11 @@ MEMBER_ENTITLEMENT = "urn:mace:example.org:entitlement:member"
 
 @dataclass(frozen=True)
 class Viewer:
-    """A verified identity: a member (active or lapsed) or a registered visitor."""
+    """A verified identity: a member (active or lapsed) or a registered visitor.
+
+    ``member_id`` is the token's ``sub``: the gateway's subject, which for the demo's IdP
+    (whose member numbers are the organisation's own) is the member number.
+    """
 
     member_id: str
     name: str

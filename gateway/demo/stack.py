@@ -44,6 +44,10 @@ keys_dir = "certs/identity"
 [store]
 url = "sqlite:///gateway.db"
 
+[[idps]]
+entity_id = "{idp_entity_id}"
+member_ids = "organisation"   # the dev IdP's member numbers are the organisation's own
+
 [[upstreams]]
 name = "reader"
 prefix = "/"
@@ -123,14 +127,15 @@ def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
             fh.write(secrets.token_urlsafe(48) + "\n")
     idp_key, idp_cert = ensure_keys(certs)
     listen = f"{urlsplit(gateway_url).hostname}:{urlsplit(gateway_url).port or 80}"
-    (workdir / "gateway.toml").write_text(
-        _CONFIG.format(gateway_url=gateway_url, listen=listen, reader_url=reader_url,
-                       member=MEMBER, admin=ADMIN) + extra_config)
     idp = DevIdPSettings(
         base_url=idp_url, key_pem=idp_key, cert_pem=idp_cert,
         sp_entity_id=f"{gateway_url}/saml/metadata", sp_acs_url=f"{gateway_url}/saml/acs",
         sp_cert_pem=(certs / "sp.crt").read_text(),
     )
+    (workdir / "gateway.toml").write_text(
+        _CONFIG.format(gateway_url=gateway_url, listen=listen, reader_url=reader_url,
+                       member=MEMBER, admin=ADMIN, idp_entity_id=idp.entity_id)
+        + extra_config)
     metadata_dir = workdir / "idp_metadata"
     metadata_dir.mkdir(exist_ok=True)
     (metadata_dir / "devidp.xml").write_text(idp_metadata(idp))

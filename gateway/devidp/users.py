@@ -2,8 +2,8 @@
 
 Every user signs in with the password ``demo``. The attributes use the names the
 membership IdP releases (``memberId``, ``mail``, ``displayName``,
-``eduPersonEntitlement``, ``memberStatus``), so the gateway's attribute mapping sees
-exactly what production sends.
+``eduPersonEntitlement``, ``memberStatus``, ``eduPersonAffiliation``), so the gateway's
+attribute mapping sees exactly what production sends.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class DemoUser:
 
 
 def _member(
-    username: str, member_id: str, display_name: str, status: str, *, admin: bool = False
+    username: str, member_id: str, display_name: str, status: str, *, admin: bool = False,
+    affiliation: tuple[str, ...] = ("member",),
 ) -> DemoUser:
     entitlements = [ENTITLEMENT_MEMBER] + ([ENTITLEMENT_ADMIN] if admin else [])
     return DemoUser(
@@ -53,14 +54,15 @@ def _member(
             "displayName": [display_name],
             "eduPersonEntitlement": entitlements,
             "memberStatus": [status],
+            "eduPersonAffiliation": list(affiliation),
         },
     )
 
 
 DEMO_USERS: tuple[DemoUser, ...] = (
-    _member("alice", "M1001", "Alice Archer", "active"),
+    _member("alice", "M1001", "Alice Archer", "active", affiliation=("member", "staff")),
     _member("bob", "M1002", "Bob Baker", "lapsed"),
-    _member("carol", "M1003", "Carol Clarke", "active", admin=True),
+    _member("carol", "M1003", "Carol Clarke", "active", admin=True, affiliation=("staff",)),
     _member("dave", "M1004", "Dave Dalton", "active"),
 )
 

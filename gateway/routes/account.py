@@ -17,20 +17,22 @@ from gateway.routes.common import (
     read_form,
     require_same_origin,
 )
+from gateway.routes.sign_out import sign_out_path
 from gateway.sessions import SessionRecord
-from gateway.sessions.manager import HANDLE_LENGTH
 from gateway.web import render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+PATH = "/_gateway/sessions"
 
 
 def describe(record: SessionRecord, current: SessionRecord) -> dict[str, str | bool]:
+    """One row of a sessions table (the member's own, or the admin console's)."""
     def when(ts: float) -> str:
         return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    return {"handle": record.key[:HANDLE_LENGTH], "device": _device(record.user_agent),
+    return {"handle": record.handle, "device": _device(record.user_agent),
             "ip": record.client_ip or "unknown", "started": when(record.created),
             "last_seen": when(record.last_seen), "current": record.key == current.key}
 
@@ -52,22 +54,23 @@ def routes(gw: Gateway) -> list[Route]:
     async def sessions(request: Request) -> Response:
         record = await current_session(gw, request)
         if record is None:
-            return RedirectResponse("/saml/login?next=/_gateway/sessions", 302)
+            return RedirectResponse(gw.sign_in_url(PATH), 302)
+        subject = record.principal.subject
         if request.method == "POST":
             require_same_origin(gw, request)
             form = await read_form(request)
             check_csrf(gw, record, field(form, "csrf"))
             handle = field(form, "end")
-            await gw.sessions.end_member_sessions(record.principal.member_id, handle)
-            if handle in ("all", record.key[:HANDLE_LENGTH]):
-                response = RedirectResponse("/saml/logout", 303)
-                response.headers.append("set-cookie", gw.clear_session_cookie_header())
+            await gw.sessions.end_subject_sessions(subject, handle)
+            if handle in ("all", record.handle):
+                response = RedirectResponse(sign_out_path(gw), 303)
+                response.headers.append("set-cookie", gw.cookies.clear_session())
                 return response
-            return RedirectResponse("/_gateway/sessions?ended=1", 303)
-        mine = await gw.store.list_sessions(record.principal.member_id)
+            return RedirectResponse(f"{PATH}?ended=1", 303)
+        mine = await gw.sessions.sessions(subject)
         return to_response(render(
             "sessions.html", title="Your sessions", csrf=csrf_token(gw, record),
             sessions=[describe(s, record) for s in mine],
             ended=request.query_params.get("ended") == "1"))
 
-    return [Route("/_gateway/sessions", sessions, methods=["GET", "POST"])]
+    return [Route(PATH, sessions, methods=["GET", "POST"])]

@@ -1,16 +1,15 @@
 """``/_gateway/admin``: the admin console, guarded by the configured access rules.
 
 Pages: overview (IdPs, configuration with secrets masked, registrations), sessions
-(search by member, revoke one or all), recent login failures with their explanation,
+(search by subject, revoke one or all), recent login failures with their explanation,
 and the registrations CSV. Every change is a same-origin, CSRF-checked POST and is
-written to the audit log with the admin's member ID.
+written to the audit log with the admin's subject.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
+import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -18,43 +17,44 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.answers import decision_answer, is_navigation
 from gateway.audit import audit
 from gateway.config import mask_url
-from gateway.explain import Failure, failure_key
+from gateway.explain import Failure, find_failure
 from gateway.logs import session_hash
 from gateway.routes.account import describe
 from gateway.routes.common import check_csrf, csrf_token, field, read_form, require_same_origin
 from gateway.sessions import SessionRecord
-from gateway.sessions.store import Registration
+from gateway.sessions.export import registrations_csv
 from gateway.web import error_answer, render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-def registrations_csv(registrations: list[Registration]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(["email", "registered_at", "consent"])
-    for reg in registrations:
-        when = dt.datetime.fromtimestamp(reg.registered_at, dt.UTC).isoformat(timespec="seconds")
-        # A leading = + - @ would make a spreadsheet run the cell as a formula.
-        email = "'" + reg.email if reg.email[:1] in "=+-@" else reg.email
-        writer.writerow([email, when, reg.consent])
-    return out.getvalue()
+log = logging.getLogger("gateway")
+ADMIN_PATH = "/_gateway/admin"
 
 
 async def admin_guard(gw: Gateway, request: Request,
                       path: str = "") -> tuple[SessionRecord | None, Response | None]:
     """The admin's session when the configured rules allow ``path`` (default: this
     request's), else the answer to send instead."""
+    target = path or request.url.path + (f"?{request.url.query}" if request.url.query else "")
     path = path or request.url.path
-    record, decision = await gw.authorize(path, request.cookies.get(gw.cookie_name))
+    cookie = gw.cookies.read(request.scope["headers"], gw.cookies.session_name)
+    record, decision = await gw.authorize(path, cookie)
     accept = request.headers.get("accept", "")
-    if decision.kind in ("login", "register"):
-        return None, RedirectResponse(f"/saml/login?next={path}", 302)
     if decision.kind == "deny":
         assert record is not None
-        return None, to_response(gw.denied(record, decision, path, accept))
+        log.info("denied subject=%s path=%s rule=%s reason=%s", record.principal.subject,
+                 path, decision.rule, decision.reason)
+        gw.telemetry.denied(record, decision, path)
+    answer = decision_answer(
+        decision, record, target=target, accept=accept, sign_in_url=gw.sign_in_url,
+        navigation=is_navigation(request.method, request.headers.get("sec-fetch-mode", ""),
+                                 accept))
+    if answer is not None:
+        return None, to_response(answer)
     if decision.access == "public" or decision.rule == "/**" or record is None:
         # Only an explicit admin rule opens admin pages: a missing or public rule
         # must not hand them to every member (or everyone).
@@ -120,7 +120,8 @@ def routes(gw: Gateway) -> list[Route]:
         assert record is not None
         return to_response(render(
             "admin.html", title="Admin console", section="overview", idps=idp_rows(gw),
-            config=config_rows(gw), registrations=len(await gw.store.list_registrations())))
+            config=config_rows(gw),
+            registrations=len(await gw.stores.records.list_registrations())))
 
     async def sessions(request: Request) -> Response:
         record, refused = await admin_guard(gw, request)
@@ -131,21 +132,24 @@ def routes(gw: Gateway) -> list[Route]:
             require_same_origin(gw, request)
             form = await read_form(request)
             check_csrf(gw, record, field(form, "csrf"))
-            member, handle = field(form, "member"), field(form, "end")
-            ended = await gw.sessions.end_member_sessions(member, handle) if member else 0
-            audit("session_revoked", by=record.principal.member_id, member_id=member,
+            # ``member`` is the field's old name (bookmarks, scripts): read as ``subject``.
+            subject = field(form, "subject") or field(form, "member")
+            handle = field(form, "end")
+            ended = await gw.sessions.end_subject_sessions(subject, handle) if subject else 0
+            audit("session_revoked", by=record.principal.subject, subject=subject,
                   sessions_ended=ended, scope="all" if handle == "all" else "one")
-            return RedirectResponse(
-                f"/_gateway/admin/sessions?member={quote(member, safe='')}&ended={ended}", 303)
-        member = request.query_params.get("member", "").strip()[:200]
-        found = await gw.store.list_sessions(member) if member else []
-        rows = [{**describe(s, record), "member_id": s.principal.member_id,
-                 "name": s.principal.display_name, "idp": s.principal.idp,
-                 "tag": session_hash(s.key)} for s in found]
+            return RedirectResponse(f"{ADMIN_PATH}/sessions?subject={quote(subject, safe='')}"
+                                    f"&ended={ended}", 303)
+        query = request.query_params
+        subject = (query.get("subject") or query.get("member", "")).strip()[:1200]
+        found = await gw.sessions.sessions(subject) if subject else []
+        rows = [{**describe(s, record), "subject": s.principal.subject,
+                 "member_id": s.principal.member_id, "name": s.principal.display_name,
+                 "idp": s.principal.idp, "tag": session_hash(s.key)} for s in found]
         return to_response(render(
-            "admin_sessions.html", title="Sessions", section="sessions", member=member,
+            "admin_sessions.html", title="Sessions", section="sessions", subject=subject,
             sessions=rows, csrf=csrf_token(gw, record),
-            ended=request.query_params.get("ended")))
+            ended=query.get("ended")))
 
     async def failures(request: Request) -> Response:
         refused = await guard(request)
@@ -154,8 +158,8 @@ def routes(gw: Gateway) -> list[Route]:
         wanted = request.query_params.get("reference", "").strip().upper()[:32]
         found: list[Failure] = list(gw.telemetry.failures)  # this process's latest
         if wanted:  # any replica's, from the store (kept 30 days)
-            raw = await gw.store.get(failure_key(wanted))
-            found = [Failure.from_json(raw)] if raw is not None else []
+            kept = await find_failure(gw.stores.records, wanted)
+            found = [kept] if kept is not None else []
         rows = [{"when": _when(f.time), "reference": f.reference, "kind": f.kind,
                  "explanation": f"{f.summary} {f.advice}",
                  "reason": f.reason, "idp": f.idp or "not known yet", "details": f.details,
@@ -167,12 +171,12 @@ def routes(gw: Gateway) -> list[Route]:
         refused = await guard(request)
         if refused is not None:
             return refused
-        body = registrations_csv(await gw.store.list_registrations())
+        body = registrations_csv(await gw.stores.records.list_registrations())
         return Response(body, media_type="text/csv; charset=utf-8", headers={
             "content-disposition": 'attachment; filename="registrations.csv"',
             "cache-control": "no-store"})
 
-    return [Route("/_gateway/admin", console),
-            Route("/_gateway/admin/sessions", sessions, methods=["GET", "POST"]),
-            Route("/_gateway/admin/failures", failures),
-            Route("/_gateway/admin/registrations.csv", registrations)]
+    return [Route(ADMIN_PATH, console),
+            Route(f"{ADMIN_PATH}/sessions", sessions, methods=["GET", "POST"]),
+            Route(f"{ADMIN_PATH}/failures", failures),
+            Route(f"{ADMIN_PATH}/registrations.csv", registrations)]

@@ -1,54 +1,30 @@
-"""Helpers the route modules share: body limits, same-origin checks, CSRF tokens."""
+"""What the gateway's route modules share: the current session, same-origin and CSRF
+checks, rate limits, and form reading (from ``gateway.web.forms``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs
 
 from starlette.requests import Request
 
-from gateway.errors import BadRequest, BodyTooLarge, CrossSite, TooManyRequests
-from gateway.sessions import SessionRecord
+from gateway.errors import CrossSite, TooManyRequests
+from gateway.sessions import KeyStore, Namespace, SessionRecord
+from gateway.web.forms import client_ip, field, read_form
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-MAX_FORM_BYTES = 64 * 1024
+__all__ = ["check_csrf", "csrf_token", "current_session", "field", "rate_limit", "read_form",
+           "require_same_origin"]
+
+RATE_WINDOW = 60  # seconds: limits are per client and minute
 
 
-async def rate_limit(gateway: Gateway, request: Request, what: str, per_minute: int) -> None:
+async def rate_limit(keys: KeyStore, request: Request, what: str, per_minute: int) -> None:
     """Refuse a client address that did ``what`` more than ``per_minute`` times this minute."""
-    client = request.client.host if request.client else "unknown"
-    if await gateway.store.count(f"rate:{what}:{client}", 60) > per_minute:
+    client = client_ip(request) or "unknown"
+    if await keys.count(f"{Namespace.RATE}{what}:{client}", RATE_WINDOW) > per_minute:
         raise TooManyRequests(f"{client} exceeded {per_minute} {what} per minute")
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes before reading past it."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise BodyTooLarge(f"body of {length} bytes exceeds {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, list[str]]:
-    """A urlencoded form, every field as a list (so duplicates are visible)."""
-    body = await read_limited(request, limit)
-    if not request.headers.get("content-type", "").startswith(
-            "application/x-www-form-urlencoded"):
-        raise BadRequest("the form is not application/x-www-form-urlencoded")
-    return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-
-
-def field(form: dict[str, list[str]], name: str) -> str:
-    values = form.get(name, [])
-    return values[0] if len(values) == 1 else ""
 
 
 def require_same_origin(gateway: Gateway, request: Request) -> None:
@@ -77,4 +53,6 @@ def check_csrf(gateway: Gateway, record: SessionRecord, token: str) -> None:
 
 
 async def current_session(gateway: Gateway, request: Request) -> SessionRecord | None:
-    return await gateway.sessions.resolve(request.cookies.get(gateway.cookie_name))
+    """The request's live session (the first session cookie, as on the hot path)."""
+    cookie = gateway.cookies.read(request.scope["headers"], gateway.cookies.session_name)
+    return await gateway.sessions.resolve(cookie)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.metrics import CONTENT_TYPE
-from gateway.routes.admin import admin_guard
+from gateway.routes.admin import ADMIN_PATH, admin_guard
 from gateway.telemetry import address_matcher
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def routes(gw: Gateway) -> list[Route]:
 
     async def metrics(request: Request) -> Response:
         if by_admin:
-            _, refused = await admin_guard(gw, request, "/_gateway/admin")
+            _, refused = await admin_guard(gw, request, ADMIN_PATH)
             if refused is not None:
                 return refused
         else:
@@ -52,7 +52,7 @@ def routes(gw: Gateway) -> list[Route]:
                                      "message": "Metrics are not served to this address."},
                                     403, headers=NO_STORE)
         gw.telemetry.refresh_state()
-        body = await gw.telemetry.metrics.exposition(gw.store)
+        body = await gw.telemetry.metrics.exposition(gw.stores)
         return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE})
 
     return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]

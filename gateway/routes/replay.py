@@ -19,10 +19,11 @@ def routes(gw: Gateway) -> list[Route]:
     async def replay(request: Request) -> Response:
         stash_id = request.path_params["stash_id"]
         if await current_session(gw, request) is None:
-            return RedirectResponse(f"/saml/login?next=/_gateway/replay/{stash_id}", 302)
+            return RedirectResponse(gw.sign_in_url(f"/_gateway/replay/{stash_id}"), 302)
         # Only the browser that posted the form holds this cookie: another browser's
         # session cannot pick the form up, even knowing the ID.
-        if gw.csrf.unsign(request.cookies.get("gw-stash")) != stash_id:
+        binding = gw.cookies.read(request.scope["headers"], gw.cookies.stash_name)
+        if gw.csrf.unsign(binding) != stash_id:
             return to_response(error_answer(
                 404, "Nothing to send", "There is no kept form for this browser.",
                 accept=request.headers.get("accept", "")))
@@ -33,7 +34,7 @@ def routes(gw: Gateway) -> list[Route]:
                 accept=request.headers.get("accept", "")))
         response = to_response(render("replay.html", title="Sending your form",
                                       target=kept.target, fields=kept.fields))
-        response.headers.append("set-cookie", "gw-stash=; Path=/_gateway/replay; Max-Age=0")
+        response.headers.append("set-cookie", gw.cookies.clear_stash())
         return response
 
     return [Route("/_gateway/replay/{stash_id}", replay)]

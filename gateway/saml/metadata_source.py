@@ -211,9 +211,6 @@ class MetadataRefresher:
                 await self._task
             self._task = None
 
-    async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(s) for s in self.sources))
-
     async def refresh(self, source: Source, initial: bool = False) -> bool:
         """Download, verify and install one source; on failure keep the last good copy."""
         now = self._clock()

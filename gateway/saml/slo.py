@@ -35,6 +35,7 @@ from onelogin.saml2.utils import OneLogin_Saml2_Utils, OneLogin_Saml2_Validation
 
 from gateway.errors import LogoutFailed, UnknownIdP
 from gateway.principal import Principal
+from gateway.saml.identifiers import PROTOCOL, logout_handle
 from gateway.saml.logout_message import (
     REQUEST,
     RESPONSE,
@@ -77,14 +78,24 @@ class IdPLogout:
     session_indexes: tuple[str, ...]
     relay_state: str | None
 
+    @property
+    def handle(self) -> str:
+        """The logout handle of the sessions this request may name."""
+        return logout_handle(self.idp.entity_id, self.name_id)
+
     def ends(self, principal: Principal) -> bool:
-        """Whether a session of ``principal`` (already matched by IdP and NameID) ends."""
-        if principal.idp != self.idp.entity_id or principal.name_id != self.name_id:
+        """Whether a session of ``principal`` ends: a SAML sign-in at this IdP with this
+        NameID (a compatible format) and, when the request lists SessionIndexes, one of
+        them."""
+        data = principal.protocol_data
+        if (principal.protocol != PROTOCOL or principal.idp != self.idp.entity_id
+                or data.get("name_id") != self.name_id):
             return False
-        formats = {self.name_id_format, principal.name_id_format} - {"", C.NAMEID_UNSPECIFIED}
+        formats = {self.name_id_format, data.get("name_id_format", "")} - {
+            "", C.NAMEID_UNSPECIFIED}
         if len(formats) > 1:
             return False
-        return not self.session_indexes or principal.session_index in self.session_indexes
+        return not self.session_indexes or data.get("session_index") in self.session_indexes
 
 
 @dataclass(frozen=True)
@@ -108,10 +119,11 @@ class SingleLogout:
     def start(self, idp: IdP, principal: Principal) -> LogoutStart:
         """A signed LogoutRequest (Redirect binding) for the login behind ``principal``."""
         auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), self._sp.settings_for(idp))
+        data = principal.protocol_data
         # The library pastes SessionIndex into its XML template unescaped.
-        url = auth.logout(return_to="/", name_id=principal.name_id,
-                          session_index=escape(principal.session_index) or None,
-                          name_id_format=principal.name_id_format or None)
+        url = auth.logout(return_to="/", name_id=data.get("name_id", ""),
+                          session_index=escape(data.get("session_index", "")) or None,
+                          name_id_format=data.get("name_id_format") or None)
         return LogoutStart(url=url, request_id=auth.get_last_request_id())
 
     def accept_request(self, message: Message) -> IdPLogout:

@@ -26,10 +26,10 @@ from onelogin.saml2.utils import OneLogin_Saml2_Error, OneLogin_Saml2_Validation
 
 from gateway.config import Settings
 from gateway.errors import ConfigError, LoginFailed
-from gateway.principal import Principal
-from gateway.saml.attributes import map_principal
+from gateway.protocol import SignedIn
 from gateway.saml.clock import saml_time
 from gateway.saml.failure_details import add_details
+from gateway.saml.identifiers import PROTOCOL, checked, logout_handle
 from gateway.saml.registry import IdP, IdPRegistry
 from gateway.saml.response import Auth, check_response, clean, kind_for
 from gateway.saml.sp_keys import read_keypairs, sp_metadata
@@ -52,7 +52,11 @@ class LoginRequest:
 
 @dataclass(frozen=True)
 class LoginResult:
-    principal: Principal
+    """A validated Response: what it says about the user (``signed_in``: the released
+    attributes as strings, the NameID and SessionIndex in its ``protocol_data``) and
+    what the replay cache needs."""
+
+    signed_in: SignedIn
     assertion_id: str
     not_on_or_after: float  # after this the assertion is refused anyway: replay-cache expiry
     response_id: str
@@ -191,19 +195,32 @@ class ServiceProvider:
         except Exception as exc:
             reason = f"{where} has an unreadable time ({clean(exc)})."
             raise LoginFailed("malformed", reason) from exc
+        context = (statement.find("saml:AuthnContext/saml:AuthnContextClassRef", C.NSMAP)
+                   if statement is not None else None)
         session_end = auth.get_session_expiration()
-        principal = map_principal(
-            attributes,
-            name_id=auth.get_nameid() or "",
-            name_id_format=auth.get_nameid_format() or "",
-            session_index=auth.get_session_index() or "",
+        name_id = auth.get_nameid() or ""
+        try:
+            data = {"name_id": checked("NameID", name_id),
+                    "name_id_format": checked("NameID Format", auth.get_nameid_format() or ""),
+                    "session_index": checked("SessionIndex", auth.get_session_index() or "")}
+            authn_context = checked("AuthnContextClassRef",
+                                    "".join(context.itertext()).strip()
+                                    if context is not None else "")
+        except LoginFailed as exc:
+            raise LoginFailed(exc.kind, f"The assertion from IdP {idp.entity_id!r}: "
+                                        f"{exc.reason}") from None
+        signed_in = SignedIn(
             idp=idp.entity_id,
-            mapping=self._config.attribute_map(idp.entity_id),
+            protocol=PROTOCOL,
+            released=attributes,
+            authn_context=authn_context,
             authn_instant=authn_instant if authn_instant is not None else self._clock(),
             session_not_on_or_after=float(session_end) if session_end else None,
+            logout_handle=logout_handle(idp.entity_id, name_id),
+            protocol_data=data,
         )
         return LoginResult(
-            principal=principal,
+            signed_in=signed_in,
             assertion_id=auth.get_last_assertion_id(),
             not_on_or_after=not_on_or_after,
             response_id=auth.get_last_message_id() or "",

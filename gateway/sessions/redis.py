@@ -1,4 +1,4 @@
-"""Redis store: sessions and single-use keys shared by several gateway replicas.
+"""Redis store: sessions, keys and records shared by several gateway replicas.
 
 URLs: ``redis://[user:password@]host:port/db``, ``rediss://…`` (TLS), and Sentinel as
 ``redis+sentinel://[user:password@]host:port[,host:port…]/service_name[/db]`` (the
@@ -8,10 +8,11 @@ too. Redis Cluster does not: the scripts below touch several keys of one session
 Keys, all under ``key_prefix`` (default ``gw:``), all but the last expiring on their own:
 
 * ``session:<key>``  a hash per session, expiring at the session's absolute end;
-* ``member:<id>``, ``nameid:<sha256(idp, NameID)>``, ``sessions``  sorted sets of
-  session keys scored by expiry — indexes for listing and logout without a scan;
-  pruned on every write and expiring with their last member;
-* ``once:<key>``  pending AuthnRequests and consumed Assertion IDs, ``"<expiry>\\n<value>"``;
+* ``sessions``, ``subject:<sha256(subject)>``, ``logout:<sha256(logout handle)>``  sorted
+  sets of session keys scored by expiry — indexes for listing, revocation and logout
+  without a scan; pruned on every write and expiring with their last member;
+* ``once:<key>``  single-use keys and expiring records (pending sign-ins, the replay
+  cache, login failures), ``"<expiry>\\n<value>"``; ``count:<key>:<window>`` counters;
 * ``registrations``  a list of e-mail registrations: records, the one key that does not
   expire (persist Redis, or back it up, if you use them).
 
@@ -19,6 +20,8 @@ Every multi-key change is one Lua script, so it is atomic and the indexes never
 disagree with the sessions. Expiry is decided by the gateway's clock (the value
 carries its end) and enforced by Redis with a relative TTL, which is immune to clock
 skew between the gateway and Redis hosts. Every Redis failure becomes ``StoreError``.
+A session hash written by a version before subjects (no ``subject`` field) reads as
+absent: its member signs in again.
 """
 
 from __future__ import annotations
@@ -38,18 +41,17 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
-from gateway.principal import Principal
-from gateway.sessions.store import Clock, Registration, SessionRecord
+from gateway.sessions.store import Clock, Registration, StoredSession
 
-# KEYS: session, all-index, member-index, nameid-index
+# KEYS: session, all-index, subject-index[, logout-index]
 # ARGV: session key, expiry score, now, ttl ms, then hash field/value pairs
 _PUT = """
-local old = redis.call('HMGET', KEYS[1], 'mi', 'ni')
+local old = redis.call('HMGET', KEYS[1], 'si', 'li')
 for _, idx in ipairs(old) do if idx then redis.call('ZREM', idx, ARGV[1]) end end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-for i = 2, 4 do
+for i = 2, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3])
   redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
   local top = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
@@ -60,7 +62,7 @@ end
 
 # KEYS: session, all-index; ARGV: session key. Returns 1 if the session existed.
 _DELETE = """
-local idx = redis.call('HMGET', KEYS[1], 'mi', 'ni')
+local idx = redis.call('HMGET', KEYS[1], 'si', 'li')
 redis.call('ZREM', KEYS[2], ARGV[1])
 for _, k in ipairs(idx) do if k then redis.call('ZREM', k, ARGV[1]) end end
 return redis.call('DEL', KEYS[1])
@@ -92,10 +94,13 @@ if ends and ends > tonumber(ARGV[1]) then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
-_FIELDS = ("principal", "created", "last_seen", "expires", "user_agent", "client_ip")
+_FIELDS = ("subject", "logout_handle", "principal", "created", "last_seen", "expires",
+           "user_agent", "client_ip")
 
 
 class RedisStore:
+    """A ``Backend`` (sessions, keys, records) in one Redis database, under one key prefix."""
+
     def __init__(self, url: str, clock: Clock, *, key_prefix: str = "gw:", pool_size: int = 32,
                  connect_timeout: float = 2.0, socket_timeout: float = 2.0) -> None:
         self.url = url
@@ -118,7 +123,7 @@ class RedisStore:
             return
         if self.url.startswith("redis+sentinel://"):
             hosts, service, db, creds = parse_sentinel_url(self.url)
-            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(
                 hosts, **{k: v for k, v in self._options.items() if k.startswith("socket_")})
             options: dict[str, Any] = {**self._options, **creds, "db": db}
             self._client = self._sentinel.master_for(service, **options)
@@ -169,44 +174,43 @@ class RedisStore:
     def _session(self, key: str) -> str:
         return f"{self._p}session:{key}"
 
-    def _member(self, member_id: str) -> str:
-        return f"{self._p}member:{member_id}"
+    def _index(self, kind: str, value: str) -> str:
+        """An index key: a hash of the value, so any subject or handle makes a short key."""
+        return f"{self._p}{kind}:{hashlib.sha256(value.encode()).hexdigest()}"
 
-    def _name_id(self, idp: str, name_id: str) -> str:
-        digest = hashlib.sha256(json.dumps([idp, name_id]).encode()).hexdigest()
-        return f"{self._p}nameid:{digest}"
-
-    async def put_session(self, record: SessionRecord) -> None:
+    async def put_session(self, session: StoredSession) -> None:
+        s = session
         now = self._clock()
-        ttl_ms = math.ceil((record.expires - now) * 1000)
+        ttl_ms = math.ceil((s.expires - now) * 1000)
         if ttl_ms <= 0:  # already over: storing it would only be deleted again
-            await self.delete_session(record.key)
+            await self.delete_session(s.key)
             return
-        p = record.principal
-        member, name_id = self._member(p.member_id), self._name_id(p.idp, p.name_id)
-        fields = {"principal": json.dumps(p.to_dict()), "created": repr(record.created),
-                  "last_seen": repr(record.last_seen), "expires": repr(record.expires),
-                  "user_agent": record.user_agent, "client_ip": record.client_ip,
-                  "mi": member, "ni": name_id}
-        args: list[str | int] = [record.key, repr(record.expires), repr(now), ttl_ms,
-                *(x for pair in fields.items() for x in pair)]
+        indexes = [f"{self._p}sessions", self._index("subject", s.subject)]
+        fields = {"subject": s.subject, "logout_handle": s.logout_handle,
+                  "principal": s.principal_json, "created": repr(s.created),
+                  "last_seen": repr(s.last_seen), "expires": repr(s.expires),
+                  "user_agent": s.user_agent, "client_ip": s.client_ip, "si": indexes[1]}
+        if s.logout_handle:  # no handle, no logout index: nothing can name the session
+            fields["li"] = self._index("logout", s.logout_handle)
+            indexes.append(fields["li"])
+        args: list[str | int] = [s.key, repr(s.expires), repr(now), ttl_ms,
+                                 *(x for pair in fields.items() for x in pair)]
         with self._errors("put_session"):
-            await self._put(keys=[self._session(record.key), f"{self._p}sessions", member,
-                                  name_id], args=args)
+            await self._put(keys=[self._session(s.key), *indexes], args=args)
 
-    async def get_session(self, key: str) -> SessionRecord | None:
+    async def get_session(self, key: str) -> StoredSession | None:
         with self._errors("get_session"):
             values = await self.redis.hmget(self._session(key), _FIELDS)
-        return self._record(key, values)
+        return self._stored(key, values)
 
-    def _record(self, key: str, values: list[Any]) -> SessionRecord | None:
+    def _stored(self, key: str, values: list[Any]) -> StoredSession | None:
         if any(v is None for v in values):
             return None
-        principal, created, last_seen, expires, user_agent, client_ip = (str(v) for v in values)
+        subject, handle, principal, created, last_seen, expires, agent, ip = map(str, values)
         if float(expires) <= self._clock():
             return None
-        return SessionRecord(key, Principal.from_dict(json.loads(principal)), float(created),
-                             float(last_seen), float(expires), user_agent, client_ip)
+        return StoredSession(key, subject, handle, principal, float(created),
+                             float(last_seen), float(expires), agent, ip)
 
     async def touch_session(self, key: str, last_seen: float) -> None:
         with self._errors("touch_session"):
@@ -217,7 +221,7 @@ class RedisStore:
             return bool(await self._delete(keys=[self._session(key), f"{self._p}sessions"],
                                            args=[key]))
 
-    async def _indexed(self, index: str) -> list[SessionRecord]:
+    async def _indexed(self, index: str) -> list[StoredSession]:
         with self._errors("list sessions"):
             keys = [str(k) for k in
                     await self.redis.zrangebyscore(index, f"({self._clock()!r}", "+inf")]
@@ -225,36 +229,50 @@ class RedisStore:
                 for key in keys:
                     pipe.hmget(self._session(key), _FIELDS)
                 rows = await pipe.execute()
-        records = [r for k, v in zip(keys, rows, strict=True) if (r := self._record(k, v))]
-        return sorted(records, key=lambda r: r.created)
+        found = [s for k, v in zip(keys, rows, strict=True) if (s := self._stored(k, v))]
+        return sorted(found, key=lambda s: s.created)
 
-    async def list_sessions(self, member_id: str | None = None) -> list[SessionRecord]:
-        if member_id is None:
+    async def list_sessions(self, subject: str | None = None) -> list[StoredSession]:
+        if subject is None:
             return await self._indexed(f"{self._p}sessions")
-        return await self._indexed(self._member(member_id))
+        found = await self._indexed(self._index("subject", subject))
+        return [s for s in found if s.subject == subject]
 
-    async def sessions_for_name_id(self, idp: str, name_id: str) -> list[SessionRecord]:
-        records = await self._indexed(self._name_id(idp, name_id))
-        return [r for r in records
-                if r.principal.idp == idp and r.principal.name_id == name_id]
+    async def delete_subject_sessions(self, subject: str) -> int:
+        with self._errors("delete_subject_sessions"):
+            keys = await self.redis.zrange(self._index("subject", subject), 0, -1)
+        return sum([await self.delete_session(str(key)) for key in keys])
 
-    async def delete_member_sessions(self, member_id: str) -> int:
-        with self._errors("delete_member_sessions"):
-            keys = [str(k) for k in await self.redis.zrange(self._member(member_id), 0, -1)]
-        return sum([await self.delete_session(key) for key in keys])
+    async def sessions_for_logout(self, logout_handle: str) -> list[StoredSession]:
+        if not logout_handle:  # no handle names no session
+            return []
+        found = await self._indexed(self._index("logout", logout_handle))
+        return [s for s in found if s.logout_handle == logout_handle]
 
-    # -- single-use keys -------------------------------------------------------------------
+    async def count_sessions(self) -> int:
+        with self._errors("count_sessions"):
+            return int(await self.redis.zcount(f"{self._p}sessions", f"({self._clock()!r}",
+                                               "+inf"))
+
+    # -- keys and counters ---------------------------------------------------------------
+
+    def _once(self, key: str) -> str:
+        return f"{self._p}once:{key}"
 
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
         now = self._clock()
         ttl_ms = max(math.ceil(ttl * 1000), 1)
         args: list[str | int] = [f"{now + ttl!r}\n{value}", repr(now), ttl_ms]
         with self._errors("add_once"):
-            return bool(await self._add_once(keys=[f"{self._p}once:{key}"], args=args))
+            return bool(await self._add_once(keys=[self._once(key)], args=args))
 
     async def take(self, key: str) -> str | None:
         with self._errors("take"):
-            return self._live(await self.redis.getdel(f"{self._p}once:{key}"))
+            return self._live(await self.redis.getdel(self._once(key)))
+
+    async def get(self, key: str) -> str | None:
+        with self._errors("get"):
+            return self._live(await self.redis.get(self._once(key)))
 
     def _live(self, raw: object) -> str | None:
         """The value of a stored ``"<ends>\\n<value>"``, if its time (by our clock) is not up."""
@@ -262,25 +280,6 @@ class RedisStore:
             return None
         ends, _, value = str(raw).partition("\n")
         return value if float(ends) > self._clock() else None
-
-    async def count_sessions(self) -> int:
-        with self._errors("count_sessions"):
-            return int(await self.redis.zcount(f"{self._p}sessions", f"({self._clock()!r}",
-                                               "+inf"))
-
-    async def count_once(self, prefix: str) -> int:
-        # Scrape-time only: a SCAN over the matching single-use keys, which all expire.
-        live = 0
-        with self._errors("count_once"):
-            async for name in self.redis.scan_iter(match=f"{self._p}once:{prefix}*",
-                                                   count=1000):
-                if self._live(await self.redis.get(name)) is not None:
-                    live += 1
-        return live
-
-    async def get(self, key: str) -> str | None:
-        with self._errors("get"):
-            return self._live(await self.redis.get(f"{self._p}once:{key}"))
 
     async def count(self, key: str, ttl: float) -> int:
         # A fixed window named by the gateway's clock, so the count follows that clock;
@@ -294,19 +293,19 @@ class RedisStore:
                 value, _ = await pipe.execute()
         return int(value)
 
-    async def purge_expired(self) -> int:
-        """Redis expires keys itself; this drops what the gateway's clock says is over."""
-        now = self._clock()
-        with self._errors("purge_expired"):
-            over = await self.redis.zrangebyscore(f"{self._p}sessions", "-inf", repr(now))
-            gone = sum([await self.delete_session(str(key)) for key in over])
-            async for name in self.redis.scan_iter(match=f"{self._p}once:*", count=500):
-                gone += int(await self._drop(keys=[name], args=[repr(now)]))
-        return gone
+    async def count_keys(self, prefix: str) -> int:
+        # Scrape-time only: a SCAN over the matching keys, which all expire.
+        live = 0
+        with self._errors("count_keys"):
+            async for name in self.redis.scan_iter(match=_glob(self._once(prefix)) + "*",
+                                                   count=1000):
+                if self._live(await self.redis.get(name)) is not None:
+                    live += 1
+        return live
 
-
-    # -- registrations ---------------------------------------------------------------------
-    # Records, not cache: the one key without a TTL (it grows with registrants, not traffic).
+    # -- records ---------------------------------------------------------------------------
+    # Registrations are the one key without a TTL (it grows with registrants, not traffic).
+    # Expiring records live beside the keys, with the key text older versions wrote.
 
     async def add_registration(self, registration: Registration) -> None:
         entry = json.dumps([registration.email, registration.registered_at, registration.consent])
@@ -318,6 +317,31 @@ class RedisStore:
             entries = await self.redis.lrange(f"{self._p}registrations", 0, -1)
         found = [Registration(*json.loads(e)) for e in entries]
         return sorted(found, key=lambda r: r.registered_at)  # stable: ties keep push order
+
+    async def put_record(self, key: str, value: str, ttl: float) -> None:
+        ends = self._clock() + ttl
+        with self._errors("put_record"):
+            await self.redis.set(self._once(key), f"{ends!r}\n{value}",
+                                 px=max(math.ceil(ttl * 1000), 1))
+
+    async def get_record(self, key: str) -> str | None:
+        return await self.get(key)
+
+    async def purge_expired(self) -> int:
+        """Redis expires keys itself; this drops what the gateway's clock says is over."""
+        now = self._clock()
+        with self._errors("purge_expired"):
+            over = await self.redis.zrangebyscore(f"{self._p}sessions", "-inf", repr(now))
+            gone = sum([await self.delete_session(str(key)) for key in over])
+            async for name in self.redis.scan_iter(match=_glob(self._once("")) + "*",
+                                                   count=500):
+                gone += int(await self._drop(keys=[name], args=[repr(now)]))
+        return gone
+
+
+def _glob(text: str) -> str:
+    """``text`` with the glob characters of a SCAN pattern escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:

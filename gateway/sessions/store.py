@@ -66,6 +66,7 @@ class StoredSession:
     client_ip: str = ""
 
     def touched(self, now: float) -> StoredSession:
+        """The same session, last seen ``now``."""
         return replace(self, last_seen=now)
 
 
@@ -100,7 +101,8 @@ class SessionStore(Protocol):
         """Delete every session of one subject; returns how many."""
 
     async def sessions_for_logout(self, logout_handle: str) -> list[StoredSession]:
-        """Live sessions with this logout handle (by index, not scan)."""
+        """Live sessions with this logout handle, oldest first (by index, not scan); an
+        empty handle names no session."""
 
     async def count_sessions(self) -> int:
         """Live sessions (the metrics gauge; read at scrape time, not per request)."""
@@ -129,7 +131,8 @@ class KeyStore(Protocol):
 class RecordStore(Protocol):
     """Durable records: kept until they expire (failures) or an admin removes them."""
 
-    async def add_registration(self, registration: Registration) -> None: ...
+    async def add_registration(self, registration: Registration) -> None:
+        """Keep a registration (it never expires)."""
 
     async def list_registrations(self) -> list[Registration]:
         """Every registration, oldest first."""
@@ -144,9 +147,12 @@ class RecordStore(Protocol):
 class Backend(SessionStore, KeyStore, RecordStore, Protocol):
     """One connection to one store, serving all three interfaces."""
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect (and create or upgrade what the store needs); ``StoreError`` if it
+        cannot."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the connection; the backend may be opened again."""
 
     async def ping(self) -> None:
         """Raise ``StoreError`` if the store cannot serve requests."""
@@ -163,14 +169,17 @@ class Stores:
 
     @property
     def sessions(self) -> SessionStore:
+        """Sessions and their indexes."""
         return self.backend
 
     @property
     def keys(self) -> KeyStore:
+        """Single-use keys and counters."""
         return self.backend
 
     @property
     def records(self) -> RecordStore:
+        """Registrations and expiring records."""
         return self.backend
 
 

@@ -1,0 +1,210 @@
+"""The lean hot path: raw ASGI from the request to the upstream, no framework objects.
+
+Every request enters here. One pass over its headers (``HeadReader.read``) gives all this
+path and the proxy need; the path is split from its query and canonicalised once. Then:
+
+* Host must be one of this gateway's names (except for probes and forward-auth);
+* an ambiguous path or a query with raw bytes is refused (400);
+* the gateway's own endpoints (``/_gateway/``, ``/auth/``, health, each login protocol's
+  prefix) go to the Starlette app (``own``);
+* every other path: session cookie → session (``SessionManager.resolve``, which checks
+  expiry) → policy → ``decision_answer`` (sign-in, 401, 403) or, when allowed, the
+  cross-site check for unsafe methods, the route, identity headers and ``Proxy.forward``.
+
+A form posted by a browser whose session ended is kept across the sign-in
+(``PostStash``) and replayed afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.answers import decision_answer, exception_answer, navigable
+from gateway.config import Settings
+from gateway.cookies import STASH_PATH, Cookies, header
+from gateway.errors import AmbiguousPath, CrossSite, GatewayError, StoreError
+from gateway.identity import UpstreamIdentity
+from gateway.paths import canonical_path, check_query
+from gateway.policy import Policy
+from gateway.proxy import Proxy
+from gateway.proxy_headers import RequestHead
+from gateway.sessions import CookieSigner, SessionManager
+from gateway.stash import MAX_STASH_BYTES, PostStash
+from gateway.telemetry import Telemetry
+from gateway.web import error_answer, new_reference, send_answer
+
+log = logging.getLogger("gateway")
+
+#: Path prefixes of the gateway's own endpoints (a login protocol adds its own).
+OWN_PREFIXES = ("/_gateway/", "/.well-known/", "/auth/")
+OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Called on internal addresses (probes, a proxy's forward-auth, services fetching the
+# JWKS), so with whatever Host those use; none of them builds anything from Host.
+ANY_HOST_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/auth/check",
+                            b"/.well-known/jwks.json"})
+_FORM = b"application/x-www-form-urlencoded"
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+class HotPath:
+    """The gateway's ASGI entry point: the proxied path here, everything else to ``own``.
+
+    ``own_prefixes`` are the login protocols' route prefixes (``"/<first segment>/"`` of
+    each ``sign_in_path``);
+    ``csrf`` signs the kept-form cookie (``routes/replay`` checks it with the same signer).
+    """
+
+    def __init__(self, *, settings: Settings, sessions: SessionManager, policy: Policy,
+                 proxy: Proxy, upstream_identity: UpstreamIdentity, telemetry: Telemetry,
+                 cookies: Cookies, stash: PostStash, csrf: CookieSigner,
+                 sign_in_url: Callable[[str], str], own: ASGIApp,
+                 own_prefixes: tuple[str, ...] = ()) -> None:
+        self._sessions = sessions
+        self._policy = policy
+        self._proxy = proxy
+        self._identity = upstream_identity
+        self._telemetry = telemetry
+        self._cookies = cookies
+        self._stash = stash
+        self._csrf = csrf
+        self._sign_in_url = sign_in_url
+        self._own = own
+        self._own_prefixes = (*OWN_PREFIXES, *own_prefixes)
+        self._reader = proxy.head_reader(cookies.session_value)
+        self._hosts = frozenset(h.encode("latin-1") for h in settings.hosts)
+        self._origin = settings.public_url.encode("latin-1")
+        self._hsts = [HSTS] if cookies.secure else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._own(scope, receive, send)
+            return  # websockets are not proxied yet: closing the scope refuses them
+        send = self._telemetry.begin(scope, send)  # request ID, access log line, metrics
+        if self._hsts:
+            send = _with_headers(send, self._hsts)
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
+        head = self._reader.read(scope["headers"])
+        if raw_path not in ANY_HOST_PATHS and head.host.lower() not in self._hosts:
+            log.warning("refused Host %r", head.host)
+            await send_answer(send, error_answer(
+                400, "Unknown site", "This gateway does not serve that host name.",
+                accept=head.accept))
+            return
+        query: bytes = scope.get("query_string", b"")
+        try:
+            path, encoded = canonical_path(raw_path)
+            check_query(query)
+        except AmbiguousPath as exc:
+            ref = new_reference()
+            log.warning("refused path ref=%s reason=%s", ref, exc.reason)
+            await send_answer(send, exception_answer(exc, accept=head.accept, reference=ref))
+            return
+        if path in OWN_PATHS or path.startswith(self._own_prefixes):
+            await self._own(scope, receive, send)
+            return
+        # check_query let only printable ASCII through: the decode cannot fail.
+        target = encoded + ("?" + query.decode("ascii") if query else "")
+        await self._serve(scope, receive, send, head, path, target)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, head: RequestHead,
+                     path: str, target: str) -> None:
+        try:
+            record = await self._sessions.resolve(head.session)
+        except StoreError as exc:
+            await self._fail(send, exc, head.accept)
+            return
+        decision = self._policy.decide(path, record.principal if record else None)
+        method: str = scope["method"]
+        navigation = False
+        if decision.kind in ("login", "register"):
+            top_level = navigable(head.fetch_mode.decode("latin-1"), head.accept)
+            # A form posted by a browser whose session ended (it still sends the cookie) is
+            # kept across the sign-in; a visitor who never signed in has typed nothing
+            # into a member page, and keeping anonymous bodies would invite filling the store.
+            if (top_level and decision.kind == "login" and method == "POST"
+                    and head.session is not None and head.content_type.startswith(_FORM)):
+                await self._keep_form_and_sign_in(receive, send, target, head.accept)
+                return
+            navigation = top_level and method in ("GET", "HEAD")
+        elif decision.kind == "deny":
+            assert record is not None
+            log.info("denied subject=%s path=%s rule=%s reason=%s", record.principal.subject,
+                     path, decision.rule, decision.reason)
+            self._telemetry.denied(record, decision, path)
+        answer = decision_answer(decision, record, target=target, accept=head.accept,
+                                 navigation=navigation, sign_in_url=self._sign_in_url)
+        if answer is not None:
+            await send_answer(send, answer)
+            return
+        if (method in UNSAFE_METHODS and decision.gated
+                and (head.fetch_site == b"cross-site"
+                     or (head.origin and head.origin != self._origin))):
+            # A cross-site form or fetch riding on the member's cookie (CSRF): the session
+            # cookie is SameSite=Lax, and this check covers older browsers and same-site
+            # subdomains as well.
+            log.warning("refused cross-site %s path=%s origin=%r", method, path, head.origin)
+            await send_answer(send, error_answer(
+                CrossSite.status, CrossSite.title, "This request came from another site.",
+                accept=head.accept))
+            return
+        route = self._proxy.route(path)
+        if route is None:
+            await send_answer(send, error_answer(404, "Not found",
+                                                 "There is nothing at this address.",
+                                                 accept=head.accept))
+            return
+        request_id = self._telemetry.proxying(route.name, record, path)  # X-Request-Id
+        extra = ([*self._identity.headers(record.key, record.principal, route.name),
+                  request_id] if record is not None else [request_id])
+        try:
+            await self._proxy.forward(scope, head, receive, send, route=route, target=target,
+                                      add_headers=extra,
+                                      gated=decision.gated or record is not None)
+        except GatewayError as exc:
+            await self._fail(send, exc, head.accept, f" upstream={route.name}")
+
+    async def _keep_form_and_sign_in(self, receive: Receive, send: Send, target: str,
+                                     accept: str) -> None:
+        """A form posted without a live session: keep it, sign in, replay it afterwards."""
+        body = bytearray()
+        more = True
+        while more and len(body) <= MAX_STASH_BYTES:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if len(body) > MAX_STASH_BYTES:
+            await send_answer(send, error_answer(
+                401, "Sign-in required", "Your session has ended and this form was too large "
+                "to keep; please sign in and send it again.", accept=accept,
+                retry_url=self._sign_in_url(target)))
+            return
+        try:
+            stash_id = await self._stash.keep(target, bytes(body))
+        except StoreError as exc:
+            await self._fail(send, exc, accept)
+            return
+        location = self._sign_in_url(f"{STASH_PATH}/{stash_id}")
+        log.info("kept a form POST for %s across sign-in", target.partition("?")[0])
+        await send_answer(send, (303, [(b"location", location.encode()),
+                                       header(self._cookies.stash(self._csrf.sign(stash_id))),
+                                       (b"cache-control", b"no-store")], b""))
+
+    async def _fail(self, send: Send, exc: GatewayError, accept: str, extra: str = "") -> None:
+        ref = new_reference()
+        log.error("%s ref=%s reason=%s%s", type(exc).__name__, ref, exc.reason, extra)
+        self._telemetry.failed(exc)
+        await send_answer(send, exception_answer(exc, accept=accept, reference=ref))
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sender
