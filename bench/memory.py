@@ -15,49 +15,52 @@ from redis.asyncio import Redis
 from bench.servers import Proc, free_port, wait_for_port
 from gateway.demo.stack import DemoStack
 from gateway.principal import Principal
-from gateway.sessions import CookieSigner, SessionRecord, Store, open_store
-from gateway.sessions.store import session_key
+from gateway.sessions import CookieSigner, SessionManager, Stores, open_store
 
 SESSIONS = 10_000
 
 
 def _principal(i: int) -> Principal:
     return Principal(
-        member_id=f"M{100000 + i}", idp="http://127.0.0.1/metadata", name_id=secrets.token_hex(20),
-        email=f"member{i}@members.example.org", display_name=f"Member Number {i}",
-        entitlements=("urn:mace:example.org:entitlement:member",), status="active",
-        name_id_format="urn:oasis:names:tc:SAML:2.0:nameid-format:persistent",
-        session_index="_" + secrets.token_hex(20), authn_instant=time.time())
+        subject=f"M{100000 + i}", idp="http://127.0.0.1/metadata", protocol="saml",
+        attributes={"member_id": (f"M{100000 + i}",),
+                    "email": (f"member{i}@members.example.org",),
+                    "display_name": (f"Member Number {i}",),
+                    "entitlements": ("urn:mace:example.org:entitlement:member",),
+                    "status": ("active",)},
+        logout_handle=secrets.token_hex(32), authn_instant=time.time(),
+        protocol_data={"name_id": secrets.token_hex(20),
+                       "session_index": "_" + secrets.token_hex(20),
+                       "name_id_format": "urn:oasis:names:tc:SAML:2.0:nameid-format:persistent"})
 
 
-async def _fill(store: Store, count: int) -> list[str]:
-    """Store ``count`` sessions; returns their session IDs (what a cookie carries)."""
-    now = time.time()
-    ids = []
+async def _fill(stores: Stores, count: int, secrets_: list[str] | None = None) -> list[str]:
+    """Store ``count`` sessions the way sign-ins do; returns their signed cookie values."""
+    manager = SessionManager(stores.sessions, CookieSigner(secrets_ or ["bench" * 9], "session"),
+                             lifetime=8 * 3600, idle_timeout=3600, clock=time.time)
+    cookies = []
     for i in range(count):
-        session_id = secrets.token_urlsafe(32)
-        ids.append(session_id)
-        await store.put_session(SessionRecord(session_key(session_id), _principal(i), now, now,
-                                              now + 8 * 3600, "Mozilla/5.0 (X11; Linux) bench",
-                                              "127.0.0.1"))
-    return ids
+        _, cookie = await manager.create(_principal(i), user_agent="Mozilla/5.0 (X11; Linux) bench",
+                                         client_ip="127.0.0.1")
+        cookies.append(cookie)
+    return cookies
 
 
 async def _sqlite_bytes(path: Path) -> int:
-    store = open_store(f"sqlite://{path}", time.time)
-    await store.open()
-    await _fill(store, SESSIONS)
-    await store.close()  # checkpoints the WAL into the file
+    stores = open_store(f"sqlite://{path}", time.time)
+    await stores.backend.open()
+    await _fill(stores, SESSIONS)
+    await stores.backend.close()  # checkpoints the WAL into the file
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
 async def _redis_bytes(port: int) -> int:
     client = Redis(host="127.0.0.1", port=port)
     before = int((await client.info("memory"))["used_memory"])
-    store = open_store(f"redis://127.0.0.1:{port}/0", time.time)
-    await store.open()
-    await _fill(store, SESSIONS)
-    await store.close()
+    stores = open_store(f"redis://127.0.0.1:{port}/0", time.time)
+    await stores.backend.open()
+    await _fill(stores, SESSIONS)
+    await stores.backend.close()
     after = int((await client.info("memory"))["used_memory"])
     await client.aclose()
     return after - before
@@ -85,12 +88,11 @@ def store_memory(workdir: Path) -> dict[str, object]:
 
 async def _use_sessions(stack: DemoStack, url: str, count: int) -> int:
     """Put ``count`` sessions into the gateway's own store and make one request with each."""
-    store = open_store(stack.settings.store.url, time.time)
-    await store.open()
-    ids = await _fill(store, count)
-    await store.close()
-    signer = CookieSigner(stack.settings.session_secrets(), "session")
-    cookies = [f"{stack.settings.session.cookie_name}={signer.sign(i)}" for i in ids]
+    stores = open_store(stack.settings.store.url, time.time)
+    await stores.backend.open()
+    signed = await _fill(stores, count, stack.settings.session_secrets())
+    await stores.backend.close()
+    cookies = [f"{stack.settings.session.cookie_name}={value}" for value in signed]
     failures = 0
 
     async def worker(http: aiohttp.ClientSession) -> None:

@@ -24,14 +24,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.app import create_app
 from gateway.demo.stack import MEMBER, prepare
 from gateway.errors import LoginFailed
 from gateway.paths import safe_next
 from gateway.principal import Principal
 from gateway.protocol import LoginProtocol, SignedIn, SignInServices
 from gateway.saml import SamlProtocol
-from tests.conftest import EchoUpstream, TLSFiles, bound_socket, port_of, serving
+from tests.conftest import EchoUpstream, TLSFiles, bound_socket, port_of, serve_gateway, serving
 
 PAGE = "/issues/2023-03/pages/14"
 ISSUER = "urn:test:ticket-office"
@@ -107,8 +106,7 @@ def running(tmp_path: Path, tls: TLSFiles) -> Iterator[Running]:
     protocols: list[LoginProtocol] = [ticket, SamlProtocol(demo.settings)]
     upstream = EchoUpstream()
     with (serving(upstream.app(), up_sock),
-          serving(create_app(demo.settings, protocols=protocols), gw_sock,
-                  ssl_keyfile=str(tls.key), ssl_certfile=str(tls.cert))):
+          serve_gateway(demo.settings, gw_sock, tls=tls, protocols=protocols)):
         yield Running(url, upstream, ticket, tls)
     assert ticket.events[0] == "start" and ticket.events[-1] == "stop"
 
