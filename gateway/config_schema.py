@@ -151,6 +151,7 @@ class SessionSettings(_Model):
     secure: bool | None = None  # default: true unless public_url is plain-http loopback
 
 
+#: Store URL schemes, in one place (validated here; ``sessions.store.open_store`` picks by it).
 STORE_SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel")
 
 

@@ -133,8 +133,6 @@ class HotPath:
             navigation = top_level and method in ("GET", "HEAD")
         elif decision.kind == "deny":
             assert record is not None
-            log.info("denied subject=%s path=%s rule=%s reason=%s", record.principal.subject,
-                     path, decision.rule, decision.reason)
             self._telemetry.denied(record, decision, path)
         answer = decision_answer(decision, record, target=target, accept=head.accept,
                                  navigation=navigation, sign_in_url=self._sign_in_url)

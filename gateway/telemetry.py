@@ -169,6 +169,8 @@ class Telemetry:
         ctx = CURRENT.get()
         if ctx is not None:
             ctx.path, ctx.session, ctx.member_id = path, session, principal.member_id
+        log.info("denied subject=%s path=%s rule=%s reason=%s", principal.subject, path,
+                 decision.rule, decision.reason)
         self.metrics.denied(decision.failed)
         audit("access_denied", subject=principal.subject,
               member_id=principal.member_id or None, session=session, path=path,

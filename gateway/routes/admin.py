@@ -9,7 +9,6 @@ written to the audit log with the admin's subject.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -31,7 +30,6 @@ from gateway.web import error_answer, render, to_response
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-log = logging.getLogger("gateway")
 ADMIN_PATH = "/_gateway/admin"
 
 
@@ -46,8 +44,6 @@ async def admin_guard(gw: Gateway, request: Request,
     accept = request.headers.get("accept", "")
     if decision.kind == "deny":
         assert record is not None
-        log.info("denied subject=%s path=%s rule=%s reason=%s", record.principal.subject,
-                 path, decision.rule, decision.reason)
         gw.telemetry.denied(record, decision, path)
     answer = decision_answer(
         decision, record, target=target, accept=accept, sign_in_url=gw.sign_in_url,

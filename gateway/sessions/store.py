@@ -25,12 +25,10 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
+from gateway.config_schema import STORE_SCHEMES as SCHEMES
 from gateway.errors import ConfigError
 
 Clock = Callable[[], float]
-
-#: Store URL schemes, in one place (config validation and ``open_store`` both use it).
-SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel")
 
 
 class Namespace(StrEnum):
