@@ -11,6 +11,7 @@ Two ways in, chosen by the canonical path (``hot_path.HotPath``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -76,8 +77,8 @@ class Gateway:
         self.sessions = SessionManager(
             self.stores.sessions, CookieSigner(secret_list, "session"),
             lifetime=settings.session.lifetime, idle_timeout=settings.session.idle_timeout,
-            clock=clock)
-        self.policy = Policy(settings.rules)
+            clock=clock, keys=self.stores.keys)
+        self.policy = Policy.from_settings(settings)
         try:
             identity_keys = load_identity_keys(settings.identity.keys_dir)
         except (OSError, ValueError) as exc:
@@ -86,7 +87,9 @@ class Gateway:
         public = settings.public_url.split("://", 1)
         self.proxy = Proxy(
             settings.upstreams,
-            strip_headers=[*self.upstream_identity.strip_names, "X-Request-Id"],
+            strip_headers=[*self.upstream_identity.strip_names, "X-Request-Id",
+                           *settings.proxy.strip_headers],
+            strip_prefixes=settings.proxy.strip_prefixes,
             strip_cookies=[self.cookies.session_name, self.cookies.idp_name,
                            self.cookies.stash_name],
             strip_cookie_prefixes=[self.cookies.login_prefix],
@@ -112,7 +115,7 @@ class Gateway:
         self._hot_path = HotPath(
             settings=settings, sessions=self.sessions, policy=self.policy, proxy=self.proxy,
             upstream_identity=self.upstream_identity, telemetry=self.telemetry,
-            cookies=self.cookies, stash=self.stash, csrf=self.csrf,
+            cookies=self.cookies, stash=self.stash, csrf=self.csrf, keys=self.stores.keys,
             sign_in_url=self.sign_in_url, own=self._own,
             own_prefixes=_prefixes(protocol_routes, self.protocols))
 
@@ -123,11 +126,13 @@ class Gateway:
         """Where a visitor signs in to reach ``next_url``: the first protocol's page."""
         return with_next(self.protocols[0].sign_in_path, next_url)
 
-    async def authorize(self, path: str,
-                        cookie: str | None) -> tuple[SessionRecord | None, Decision]:
-        """The session for a cookie (if any) and the policy's decision for ``path``."""
+    async def authorize(self, path: str, cookie: str | None, *,
+                        upstream: str | None = None) -> tuple[SessionRecord | None, Decision]:
+        """The session for a cookie (if any) and the policy's decision for ``path`` going to
+        ``upstream`` (the name of its route; None for the gateway's own pages)."""
         record = await self.sessions.resolve(cookie)
-        return record, self.policy.decide(path, record.principal if record else None)
+        return record, self.policy.decide(path, record.principal if record else None,
+                                          upstream=upstream)
 
     # -- lifespan and the error handlers of the gateway's own endpoints ------------------
 
@@ -135,18 +140,43 @@ class Gateway:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.stores.backend.open()
         started: list[LoginProtocol] = []
+        purge: asyncio.Task[None] | None = None
         try:
             await self.proxy.start()
             for protocol in self.protocols:
                 await protocol.start()
                 started.append(protocol)
+            purge = asyncio.get_running_loop().create_task(
+                self._purge_every(self.settings.store.purge_interval))
             self.telemetry.started()
             yield
         finally:
+            if purge is not None:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
             for protocol in reversed(started):
                 await protocol.stop()
             await self.proxy.close()
             await self.stores.backend.close()
+
+    async def _purge_every(self, interval: float) -> None:
+        """Delete what has expired in the store (pending sign-ins, the replay cache, rate
+        counters, kept forms, failure records, sessions past their end) every
+        ``interval`` seconds while the gateway runs. Each process runs its own timer;
+        several processes on one store purge the same rows, which costs only a repeat."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                gone = await self.stores.backend.purge_expired()
+            except GatewayError as exc:
+                log.warning("store purge failed: %s", exc.reason)
+                continue
+            except Exception:  # never let the timer die: the next round may work
+                log.exception("store purge failed")
+                continue
+            if gone:
+                log.info("store purge removed %d expired entries", gone)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)

@@ -93,9 +93,11 @@ def _check(config: str | None) -> int:
 
     settings = load_settings(config)
     gateway = create_app(settings)  # loads keys and IdP metadata: every ConfigError surfaces
+    warnings: list[str] = []
     for protocol in gateway.protocols:
         if isinstance(protocol, SamlProtocol):
             protocol.sp.metadata()  # checked against the metadata schema
+            warnings += protocol.sp.metadata_warnings()
     entity_ids = [idp.entity_id for idp in gateway.registry.all()]
     idps = ", ".join(entity_ids)
     unreachable = _store_problem(gateway.stores.backend, settings)
@@ -107,9 +109,11 @@ def _check(config: str | None) -> int:
     print(f"  SP entity   {settings.sp_entity_id}")
     print(f"  IdPs        {idps}")
     print(f"  upstreams   {', '.join(f'{u.prefix} -> {u.url}' for u in settings.upstreams)}")
-    print(f"  rules       {len(settings.rules)} (+ default: member)")
+    print(f"  rules       {len(settings.rules)} (+ default: {settings.policy.default}, "
+          "for every path no rule matches)")
+    print(f"  matching    {'; '.join(f'{u.name}: {u.path_reading}' for u in settings.upstreams)}")
     print(f"  store       {settings.store.display_url}")
-    for warning in IdentityRules(settings).warnings(entity_ids):
+    for warning in [*IdentityRules(settings).warnings(entity_ids), *warnings]:
         print(f"warning: {warning}")
     return 0
 
@@ -160,13 +164,18 @@ def _serve(config: str | None, workers: int) -> int:
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sso-gateway-metrics-")
+    from gateway.server import uvicorn_options
+
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.listen_host,
-                port=settings.listen_port, workers=workers, loop="uvloop", http="httptools",
+                port=settings.listen_port, workers=workers, loop="uvloop",
                 # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
                 # right-most-untrusted-hop logic), so scope["client"] is the real client.
                 proxy_headers=bool(settings.trusted_proxies),
                 forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-                server_header=False, log_level="info", log_config=None, access_log=False)
+                # [server]: httptools with a head limit (431), a head timeout and an idle
+                # cap (gateway.server); keep-alive timeout; no Server header.
+                **uvicorn_options(settings.server),
+                log_level="info", log_config=None, access_log=False)
     return 0
 
 

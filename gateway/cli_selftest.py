@@ -12,12 +12,21 @@ import sys
 from pathlib import Path
 
 EPILOG = """\
-Needs nothing from the gateway's configuration: it is a client, like an attacker.
+A client, like an attacker: it reads nothing of the gateway but what --config names.
+With --config gateway.toml (read as data: the file the gateway runs with, not
+validated) it forges the attribute names the deployment maps (the first name of each
+in [attributes], or its IdP's [[idps]] entry), spoofs its identity header names, uses
+its session cookie name, forward-auth headers, upstreams and public paths, and knows
+its [limits] logins; without it, the gateway's defaults are assumed.
 With --idp-key/--idp-cert (the demo's certs/devidp-key.pem and devidp-cert.pem, or a
 test IdP whose key you hold) it also runs a positive control, signature wrapping,
 replay and wrong-audience checks, and completes logins: each signs in a test member
 (the sessions are signed out again). It makes about 30 sign-in starts and ACS posts:
-the gateway's [limits] logins (per client address, per minute) must allow that.
+the gateway's [limits] logins (per client address, per minute) must allow that. The
+last probe then sends unknown-IdP sign-in starts until the gateway answers 429: this
+address can start no sign-in for up to a minute afterwards.
+Whether authentication headers such as X-Remote-User reach the upstream is observable
+only with --echo-path, a path whose answer shows the request headers it got.
 """
 
 
@@ -37,6 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     selftest.add_argument("--gated-path", default="/sso-gateway-selftest/gated",
                           help="a path that needs a session (default: one no rule makes "
                                "public, so the default rule gates it)")
+    selftest.add_argument("--config", help="the deployment's gateway.toml: attribute, "
+                                           "header and cookie names, upstreams, limits")
+    selftest.add_argument("--public-path", help="a path anyone may open (default: / or a "
+                                                "public rule's path from --config)")
+    selftest.add_argument("--echo-path", help="a path whose answer shows the request "
+                                              "headers the upstream received")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.idp_key) != bool(args.idp_cert):
         print("error: --idp-key and --idp-cert go together", file=sys.stderr)
         return 2
-    if not args.gated_path.startswith("/"):
-        print("error: --gated-path must start with '/'", file=sys.stderr)
-        return 2
+    for name in ("gated_path", "public_path", "echo_path"):
+        value = getattr(args, name)
+        if value is not None and not value.startswith("/"):
+            print(f"error: --{name.replace('_', '-')} must start with '/'", file=sys.stderr)
+            return 2
     try:
         key = Path(args.idp_key).read_text() if args.idp_key else None
         cert = Path(args.idp_cert).read_text() if args.idp_cert else None
@@ -56,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     options = Options(args.url, ca_file=args.ca_file, insecure=args.insecure, idp=args.idp,
-                      idp_key_pem=key, idp_cert_pem=cert, gated_path=args.gated_path)
+                      idp_key_pem=key, idp_cert_pem=cert, gated_path=args.gated_path,
+                      config=Path(args.config) if args.config else None,
+                      public_path=args.public_path, echo_path=args.echo_path)
     try:
         ctx, results = run_selftest(options)
     except SelftestError as exc:

@@ -13,9 +13,12 @@ as JSON is taken as JSON, anything else as a string.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
+from collections import Counter
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from gateway.config_schema import (
     DEFAULT_ATTRIBUTES,
     DEFAULT_CLAIMS,
     DEFAULT_IDENTITY_HEADERS,
+    PARAMETER,
     IdentitySettings,
     IdPOptions,
     IdPSettings,
@@ -35,8 +39,11 @@ from gateway.config_schema import (
     MemberIds,
     MetadataSource,
     MetricsSettings,
+    PolicySettings,
+    ProxySettings,
     Requirement,
     Rule,
+    ServerSettings,
     SessionSettings,
     Settings,
     SPSettings,
@@ -44,6 +51,7 @@ from gateway.config_schema import (
     Upstream,
     is_loopback,
     mask_url,
+    pattern_segments,
 )
 from gateway.errors import ConfigError
 
@@ -52,6 +60,7 @@ __all__ = [
     "DEFAULT_ATTRIBUTES",
     "DEFAULT_CLAIMS",
     "DEFAULT_IDENTITY_HEADERS",
+    "PARAMETER",
     "IdPOptions",
     "IdPSettings",
     "IdentitySettings",
@@ -60,9 +69,12 @@ __all__ = [
     "MemberIds",
     "MetadataSource",
     "MetricsSettings",
+    "PolicySettings",
+    "ProxySettings",
     "Requirement",
     "Rule",
     "SPSettings",
+    "ServerSettings",
     "SessionSettings",
     "Settings",
     "StoreSettings",
@@ -70,11 +82,17 @@ __all__ = [
     "is_loopback",
     "load_settings",
     "mask_url",
+    "pattern_segments",
 ]
 
 ENV_PREFIX = "GATEWAY_"
 # 32 random bytes as base64 (what `certs generate` writes is 48 bytes, 64 characters).
 MIN_SECRET_LENGTH = 43
+# Entropy a session secret must show, estimated from its characters (see secret_weakness).
+MIN_SECRET_BITS = 128
+MIN_BITS_PER_CHARACTER = 3.0  # random hex shows about 3.8, random base64 about 5
+_GENERATE = ("generate one with: python3 -c 'import secrets; "
+             "print(secrets.token_urlsafe(48))'")
 
 
 def load_settings(
@@ -189,13 +207,16 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
     secrets = settings.session_secrets()
     if not secrets:
         problems.append(f"{source}: key session.secrets: at least one secret is required")
-    for i, secret in enumerate(secrets):
+    for i, secret in enumerate(secrets):  # those of secrets_file follow the inline ones
+        key = f"session.secrets[{i}]"
+        weakness = secret_weakness(secret)
         if len(secret) < MIN_SECRET_LENGTH:
             problems.append(
-                f"{source}: key session.secrets[{i}] ('**********'): must be at least 32 "
-                f"random bytes, i.e. {MIN_SECRET_LENGTH} characters of base64 (generate one "
-                f"with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
-            )
+                f"{source}: key {key} ('**********'): must be at least 32 "
+                f"random bytes, i.e. {MIN_SECRET_LENGTH} characters of base64 ({_GENERATE})")
+        elif weakness is not None:
+            problems.append(f"{source}: key {key} ('**********'): not random enough: "
+                            f"{weakness} ({_GENERATE})")
     if not any(settings.identity.keys_dir.glob("identity-*.pem")):
         problems.append(f"{source}: key identity.keys_dir: no identity-*.pem key in "
                         f"{str(settings.identity.keys_dir)!r} (run `sso-gateway certs generate`)")
@@ -219,6 +240,38 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
     if settings.session.idle_timeout > settings.session.lifetime:
         problems.append(f"{source}: key session.idle_timeout: must not exceed session.lifetime")
     return problems
+
+
+def secret_weakness(secret: str) -> str | None:
+    """Why ``secret`` looks made by hand rather than drawn at random, or ``None``.
+
+    Estimates from the characters alone, tuned so that random secrets in base64 or hex
+    (``secrets.token_urlsafe``, ``certs generate``, ``openssl rand -hex 32``) always
+    pass: a repeated block (``aaaa…``, ``abab…``, a word over and over), a walk through
+    neighbouring characters (``abcdef…``, ``0123…``), too few different characters, or
+    fewer than ``MIN_SECRET_BITS`` bits by the Shannon estimate over the secret.
+    """
+    n = len(secret)
+    if n == 0:
+        return "it is empty"
+    sample = secret[:4096]  # the checks are quadratic; no real secret is this long
+    period = next((p for p in range(1, len(sample) // 2 + 1) if sample[p:] == sample[:-p]),
+                  None)
+    if period is not None:
+        return f"it repeats a block of {period} character{'s' if period > 1 else ''}"
+    if n > 1:
+        steps = sum(abs(ord(a) - ord(b)) <= 1 for a, b in pairwise(secret))
+        if steps / (n - 1) > 0.6:
+            return "it is mostly runs of the same or neighbouring characters"
+    counts = Counter(secret)
+    per_character = -sum(c / n * math.log2(c / n) for c in counts.values())
+    if per_character < MIN_BITS_PER_CHARACTER:
+        return (f"its {len(counts)} different characters give about {per_character:.1f} bits "
+                f"each (random base64 gives about 5, hex about 4)")
+    if per_character * n < MIN_SECRET_BITS:
+        return (f"it holds about {per_character * n:.0f} bits of entropy "
+                f"(at least {MIN_SECRET_BITS} are needed)")
+    return None
 
 
 def _check_names(settings: Settings, source: Path) -> list[str]:

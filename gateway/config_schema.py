@@ -42,6 +42,11 @@ class SPSettings(_Model):
     # completing the rollover = moving it to key_file/cert_file (docs/idp-admin.md).
     next_key_file: Path | None = None
     next_cert_file: Path | None = None
+    # SP metadata lifetime, in seconds. None (default) = no validUntil / no cacheDuration:
+    # an IdP that imports the metadata once keeps trusting it. With a value, validUntil is
+    # "now + metadata_valid_for" each time the metadata is built (at least hourly).
+    metadata_valid_for: int | None = Field(None, ge=3600)
+    metadata_cache_duration: int | None = Field(None, ge=60)
 
     @model_validator(mode="after")
     def _next_pair(self) -> SPSettings:
@@ -53,8 +58,16 @@ class SPSettings(_Model):
 class LimitSettings(_Model):
     """Per client address, per minute; counted in the store, so they hold across replicas."""
 
-    logins: int = Field(30, ge=1)  # sign-in starts and ACS posts
+    logins: int = Field(30, ge=1)  # sign-in starts (known IdP or not) and ACS posts
     registrations: int = Field(10, ge=1)
+    logouts: int = Field(30, ge=1)  # logout messages at the SLS (/saml/sls)
+    kept_forms: int = Field(5, ge=0)  # forms kept across a sign-in (0: keep none)
+    # Not per client: forms kept across a sign-in by everyone per 10 minutes (a kept form
+    # lives 10 minutes, so at most twice this many are kept at once, each at most 64 KiB).
+    kept_forms_total: int = Field(100, ge=0)
+    # Not per client: refused sign-ins kept in the store for `sso-gateway explain`, per
+    # hour; past it a refusal is only logged (its log line carries the same reference).
+    failure_records: int = Field(100, ge=0)
 
 
 class IdPSettings(_Model):
@@ -110,6 +123,10 @@ DEFAULT_IDENTITY_HEADERS: dict[str, str] = {
 DEFAULT_CLAIMS = [EMAIL, DISPLAY_NAME, ENTITLEMENTS, STATUS, "idp"]
 # An HTTP header name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+#: A ``{name}`` segment of a rule's path.
+PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A suffix an upstream strips from the last path segment (".json"), or ".*" for any.
+_SUFFIX = re.compile(r"\.\*|(\.[A-Za-z0-9_+-]+)+")
 
 
 def _attribute_names(value: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -163,6 +180,9 @@ class StoreSettings(_Model):
     pool_size: int = Field(32, ge=1, le=10_000)  # Redis: connections per process
     connect_timeout: float = Field(2.0, gt=0)  # Redis: seconds
     socket_timeout: float = Field(2.0, gt=0)  # Redis: seconds per command
+    # Seconds between two purges of what has expired (pending sign-ins, replay cache,
+    # counters, ended sessions), in each gateway process.
+    purge_interval: int = Field(300, ge=1, le=86400)
 
     @field_validator("url")
     @classmethod
@@ -182,7 +202,7 @@ class StoreSettings(_Model):
 
     def options(self) -> dict[str, Any]:
         """The backend options ``open_store`` takes besides the URL."""
-        return self.model_dump(exclude={"url"})
+        return self.model_dump(exclude={"url", "purge_interval"})
 
 
 def mask_url(url: str) -> str:
@@ -203,6 +223,11 @@ class Upstream(_Model):
     connect_timeout: float = Field(5.0, gt=0)
     timeout: float = Field(30.0, gt=0)  # whole response head; bodies stream after it
     health_url: str = ""  # checked by /readyz (any 2xx/3xx is healthy); "" = not checked
+    # How the upstream itself reads paths, so the rules decide on what it will serve
+    # (docs/access-rules.md): /Members/… as /members/… (IIS, case-insensitive Spring) …
+    case_insensitive: bool = False
+    # … and /notes.json as /notes (Rails formats, Spring suffix patterns); ".*" = any.
+    strip_suffixes: list[str] = []
 
     @field_validator("prefix")
     @classmethod
@@ -210,6 +235,25 @@ class Upstream(_Model):
         if not value.startswith("/"):
             raise ValueError("must start with '/'")
         return value
+
+    @field_validator("strip_suffixes")
+    @classmethod
+    def _suffixes(cls, value: list[str]) -> list[str]:
+        for suffix in value:
+            if not _SUFFIX.fullmatch(suffix):
+                hint = f": write '.{suffix}'" if _SUFFIX.fullmatch("." + suffix) else ""
+                raise ValueError(f"{suffix!r} is not a suffix{hint} (a '.' and letters, "
+                                 "digits, '_', '-', '+', or '.*' for any)")
+        return value
+
+    @property
+    def path_reading(self) -> str:
+        """How the rules read paths to this upstream, as ``check`` prints it: ``exact``,
+        or e.g. ``case-insensitive, suffixes .json .xml``."""
+        suffixes = " ".join(dict.fromkeys(s.lower() for s in self.strip_suffixes))
+        parts = (["case-insensitive"] if self.case_insensitive else []) + (
+            [f"suffixes {suffixes}"] if suffixes else [])
+        return ", ".join(parts) or "exact"
 
     @field_validator("url")
     @classmethod
@@ -248,24 +292,91 @@ class Requirement(_Model):
         return value
 
 
+def pattern_segments(pattern: str) -> list[str]:
+    """A rule's path pattern, or a request path, as segments (a trailing ``/`` adds none)."""
+    segments = pattern.split("/")[1:]
+    if segments and segments[-1] == "":
+        segments.pop()
+    return segments
+
+
 class Rule(_Model):
+    """One ``[[rules]]`` entry. ``path`` is matched whole segment by whole segment: ``*``
+    is one segment, ``**`` any number (none too), ``{name}`` one segment, named."""
+
     path: str
     access: Literal["public", "registered", "member", "owner"]
     require: Requirement = Requirement()
     message: str = ""  # shown to members who fail `require`
+    # Owner rules: the {parameter} that must equal the member's subject (optional when the
+    # path has only one).
+    owner: str = ""
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("must start with '/'")
+        names: list[str] = []
+        for segment in pattern_segments(value):
+            if segment == "":
+                raise ValueError("has an empty segment ('//'), which no request path has")
+            if segment in ("*", "**"):
+                continue
+            if "*" in segment:
+                raise ValueError(f"'*' and '**' must be a whole segment, not part of "
+                                 f"{segment!r}")
+            if "{" in segment or "}" in segment:
+                found = PARAMETER.fullmatch(segment)
+                if found is None:
+                    raise ValueError(f"a parameter must be a whole segment: {segment!r} "
+                                     "(write /{name}/, a name of letters, digits and '_')")
+                if found[1] in names:
+                    raise ValueError(f"parameter {segment} appears twice")
+                names.append(found[1])
         return value
+
+    @property
+    def parameters(self) -> list[str]:
+        """The names of the path's ``{parameters}``, in order."""
+        return [m[1] for s in pattern_segments(self.path) if (m := PARAMETER.fullmatch(s))]
+
+    @property
+    def owner_parameter(self) -> str:
+        """The parameter an owner rule compares with the subject ("" for other rules)."""
+        if self.access != "owner":
+            return ""
+        return self.owner or self.parameters[0]
 
     @model_validator(mode="after")
     def _owner_names_parameter(self) -> Rule:
-        if self.access == "owner" and "{" not in self.path:
+        names = self.parameters
+        if self.access != "owner":
+            if self.owner:
+                raise ValueError('owner is only for access = "owner" rules')
+            return self
+        if not names:
             raise ValueError("an owner rule needs a {parameter} segment in its path")
+        if not self.owner and len(names) > 1:
+            raise ValueError(f"this owner rule has several parameters ({', '.join(names)}): "
+                             "name the one that must equal the member's subject with "
+                             'owner = "..."')
+        if self.owner and self.owner not in names:
+            raise ValueError(f"owner = {self.owner!r} is not a parameter of the path "
+                             f"(its parameters: {', '.join(names)})")
+        parts = pattern_segments(self.path)
+        at = parts.index("{" + self.owner_parameter + "}")
+        if "**" in parts[:at] and "**" in parts[at + 1:]:
+            raise ValueError(f"the owner parameter {{{self.owner_parameter}}} must have a "
+                             "fixed place in the path: not between two '**'")
         return self
+
+
+class PolicySettings(_Model):
+    """``[policy]``: what the access rules do beyond the ``[[rules]]`` list."""
+
+    # The access of a path no rule matches (the last rule, "/**", printed by `check`).
+    default: Literal["public", "registered", "member"] = "member"
 
 
 class IdentitySettings(_Model):
@@ -294,6 +405,33 @@ class MetricsSettings(_Model):
     allow_from: list[str] = ["127.0.0.1", "::1"]  # addresses or networks (CIDR)
 
 
+class ProxySettings(_Model):
+    """``[proxy]``: client headers never forwarded, besides the built-in family of
+    authentication headers (``gateway.proxy_headers.AUTH_HEADERS`` / ``AUTH_PREFIXES``).
+    Names are compared in any case, with ``_`` (or ``.``) read as ``-``."""
+
+    strip_headers: list[str] = []  # exact header names
+    strip_prefixes: list[str] = []  # name prefixes, e.g. "X-Corp-"
+
+    @field_validator("strip_headers", "strip_prefixes")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if len(name) < 2 or not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (or a prefix of one)")
+        return value
+
+
+class ServerSettings(_Model):
+    """``[server]``: what the HTTP server in front of the gateway bounds (``serve`` and
+    ``demo``; see ``gateway.server``)."""
+
+    header_limit: int = Field(64 * 1024, ge=8 * 1024, le=16 * 1024 * 1024)  # bytes; else 431
+    header_timeout: float = Field(30.0, gt=0, le=600)  # seconds to send a request head
+    keepalive_timeout: int = Field(5, ge=1, le=600)  # idle seconds between requests
+    limit_concurrency: int = Field(1000, ge=2)  # open connections per worker process
+
+
 class MetadataSource(_Model):
     """One ``[[metadata]]`` entry: IdP metadata fetched from a URL, signature required."""
 
@@ -310,6 +448,84 @@ class MetadataSource(_Model):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return _http_url(value)
+
+
+#: The headers each front proxy sets on its forward-auth subrequest: (method, URI, host).
+#: Traefik's forwardAuth and Caddy's forward_auth set X-Forwarded-*; for nginx's
+#: auth_request the gateway's documented proxy_set_header lines set X-Original-*.
+FRONT_PROXY_HEADERS: dict[str, tuple[str, str, str]] = {
+    "nginx": ("X-Original-Method", "X-Original-URI", "X-Original-Host"),
+    "traefik": ("X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host"),
+    "caddy": ("X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host"),
+}
+#: Every name some front proxy uses for the method, the URI and the host: besides the
+#: configured one, each is a conflicting alternative when it carries another value.
+ALTERNATIVE_HEADERS: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = (
+    ("X-Original-Method", "X-Forwarded-Method"),
+    ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri"),
+    ("X-Original-Host", "X-Forwarded-Host"),
+)
+MIN_PROXY_SECRET_LENGTH = 32
+
+
+class ForwardAuthSettings(_Model):
+    """``[forward_auth]``: how the front proxy that asks ``/auth/check`` names the original
+    request (docs/behind-the-gateway.md)."""
+
+    # nginx (X-Original-*) · traefik · caddy (X-Forwarded-*) · headers (the names below)
+    front_proxy: Literal["nginx", "traefik", "caddy", "headers"] = "nginx"
+    method_header: str = ""  # front_proxy = "headers" only
+    uri_header: str = ""  # front_proxy = "headers" only
+    host_header: str = ""  # front_proxy = "headers" only; "" = the proxy sends no host
+    # A secret the front proxy adds to every auth subrequest; without it /auth/check
+    # refuses. Keep it out of the file: GATEWAY_FORWARD_AUTH__SHARED_SECRET.
+    shared_secret: SecretStr | None = None
+    shared_secret_header: str = "X-Gateway-Auth-Secret"
+
+    @field_validator("method_header", "uri_header", "host_header", "shared_secret_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if value and not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid header name")
+        return value
+
+    @field_validator("shared_secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_PROXY_SECRET_LENGTH:
+            raise ValueError(f"must be at least {MIN_PROXY_SECRET_LENGTH} random characters")
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> ForwardAuthSettings:
+        own = (self.method_header, self.uri_header, self.host_header)
+        if self.front_proxy != "headers":
+            if any(own):
+                raise ValueError("method_header, uri_header and host_header are set only "
+                                 'with front_proxy = "headers"')
+        elif not (self.method_header and self.uri_header):
+            raise ValueError('front_proxy "headers" needs method_header and uri_header')
+        names = [n.lower().replace("_", "-") for n in (*self.headers, self.shared_secret_header)
+                 if n]
+        if len(set(names)) != len(names):
+            raise ValueError("the method, URI, host and shared-secret headers must differ")
+        return self
+
+    @property
+    def headers(self) -> tuple[str, str, str]:
+        """The header names of the original method, URI and host ("" for no host)."""
+        if self.front_proxy == "headers":
+            return self.method_header, self.uri_header, self.host_header
+        return FRONT_PROXY_HEADERS[self.front_proxy]
+
+    @property
+    def alternatives(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """For the method, URI and host: the names other front proxies give them."""
+        method, uri, host = (n.lower().replace("_", "-") for n in self.headers)
+        known_method, known_uri, known_host = ALTERNATIVE_HEADERS
+        return (tuple(n for n in known_method if n.lower() != method),
+                tuple(n for n in known_uri if n.lower() != uri),
+                tuple(n for n in known_host if n.lower() != host))
 
 
 class Settings(_Model):
@@ -330,12 +546,16 @@ class Settings(_Model):
     upstreams: list[Upstream] = []
     metadata: list[MetadataSource] = []
     rules: list[Rule] = []
+    policy: PolicySettings = PolicySettings()
     # Attribute name (or "subject", "idp") → header name ("" = none), over the defaults.
     identity_headers: dict[str, str] = DEFAULT_IDENTITY_HEADERS
     identity: IdentitySettings = IdentitySettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
+    proxy: ProxySettings = ProxySettings()
+    server: ServerSettings = ServerSettings()
+    forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     source: Path = Field(Path("gateway.toml"), exclude=True)
 
     @field_validator("public_url")
@@ -349,6 +569,18 @@ class Settings(_Model):
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError("must be https:// (plain http is allowed only on loopback)")
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                if entry != "*":
+                    ipaddress.ip_network(entry)  # strict: "10.0.0.1/24" is not a network
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address, a network (CIDR) or \"*\" "
+                                 "(host names are not resolved)") from None
+        return value
 
     @field_validator("attributes")
     @classmethod
@@ -403,6 +635,14 @@ class Settings(_Model):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def proxy_header_options(self) -> dict[str, Any]:
+        """uvicorn's options for X-Forwarded-For/-Proto: believed only from an address in
+        ``trusted_proxies``, and from no one when it is empty (uvicorn on its own would
+        believe loopback). Every server that runs the gateway starts with these."""
+        return {"proxy_headers": bool(self.trusted_proxies),
+                "forwarded_allow_ips": ",".join(self.trusted_proxies) or None}
 
     @property
     def attribute_names(self) -> frozenset[str]:

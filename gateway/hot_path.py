@@ -8,11 +8,18 @@ path and the proxy need; the path is split from its query and canonicalised once
 * the gateway's own endpoints (``/_gateway/``, ``/auth/``, health, each login protocol's
   prefix) go to the Starlette app (``own``);
 * every other path: session cookie → session (``SessionManager.resolve``, which checks
-  expiry) → policy → ``decision_answer`` (sign-in, 401, 403) or, when allowed, the
-  cross-site check for unsafe methods, the route, identity headers and ``Proxy.forward``.
+  expiry) → policy → the cross-site check for unsafe methods on gated paths →
+  ``decision_answer`` (sign-in, 401, 403) or, when allowed, the route, identity headers
+  and ``Proxy.forward``.
 
-A form posted by a browser whose session ended is kept across the sign-in
-(``PostStash``) and replayed afterwards.
+A form posted from this site by a browser whose session just ended by idling is kept
+across the sign-in (``PostStash``) and replayed afterwards. Nothing else an anonymous
+client sends is written to the store: the cookie must be one of a real session that
+ended (``SessionManager.recently_ended``; a junk or forged cookie is refused before the
+store is asked), and kept forms are limited per client and minute and in total per
+10 minutes (``[limits] kept_forms``, ``kept_forms_total``); past a limit the POST gets
+the plain sign-in answer. A WebSocket upgrade gets a 501 (``refuse_websocket``); a
+request naming its Host twice, a 400.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from gateway.paths import canonical_path, check_query
 from gateway.policy import Policy
 from gateway.proxy import Proxy
 from gateway.proxy_headers import RequestHead
-from gateway.sessions import CookieSigner, SessionManager
-from gateway.stash import MAX_STASH_BYTES, PostStash
+from gateway.sessions import CookieSigner, KeyStore, Namespace, SessionManager
+from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.telemetry import Telemetry
 from gateway.web import error_answer, new_reference, send_answer
 
@@ -47,6 +54,7 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ANY_HOST_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/auth/check",
                             b"/.well-known/jwks.json"})
 _FORM = b"application/x-www-form-urlencoded"
+KEPT_FORMS_WINDOW = 60  # seconds: [limits] kept_forms is per client and minute
 HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
@@ -55,15 +63,19 @@ class HotPath:
 
     ``own_prefixes`` are the login protocols' route prefixes (``"/<first segment>/"`` of
     each ``sign_in_path``);
-    ``csrf`` signs the kept-form cookie (``routes/replay`` checks it with the same signer).
+    ``csrf`` signs the kept-form cookie (``routes/replay`` checks it with the same signer);
+    ``keys`` counts kept forms against their limits.
     """
 
     def __init__(self, *, settings: Settings, sessions: SessionManager, policy: Policy,
                  proxy: Proxy, upstream_identity: UpstreamIdentity, telemetry: Telemetry,
-                 cookies: Cookies, stash: PostStash, csrf: CookieSigner,
+                 cookies: Cookies, stash: PostStash, csrf: CookieSigner, keys: KeyStore,
                  sign_in_url: Callable[[str], str], own: ASGIApp,
                  own_prefixes: tuple[str, ...] = ()) -> None:
         self._sessions = sessions
+        self._keys = keys
+        self._kept_forms = settings.limits.kept_forms
+        self._kept_forms_total = settings.limits.kept_forms_total
         self._policy = policy
         self._proxy = proxy
         self._identity = upstream_identity
@@ -83,12 +95,22 @@ class HotPath:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await self._own(scope, receive, send)
-            return  # websockets are not proxied yet: closing the scope refuses them
+            elif scope["type"] == "websocket":
+                await refuse_websocket(scope, receive, send)
+            return
         send = self._telemetry.begin(scope, send)  # request ID, access log line, metrics
         if self._hsts:
             send = _with_headers(send, self._hsts)
         raw_path = (scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
         head = self._reader.read(scope["headers"])
+        if _host_count(scope["headers"]) > 1:
+            # Two Host headers: the gateway and whatever sits behind it might each read
+            # another one. Nothing is ambiguous on purpose: refused on every path.
+            log.warning("refused request with %d Host headers", _host_count(scope["headers"]))
+            await send_answer(send, error_answer(
+                400, "Bad request", "The request names its host more than once.",
+                accept=head.accept))
+            return
         if raw_path not in ANY_HOST_PATHS and head.host.lower() not in self._hosts:
             log.warning("refused Host %r", head.host)
             await send_answer(send, error_answer(
@@ -118,18 +140,40 @@ class HotPath:
         except StoreError as exc:
             await self._fail(send, exc, head.accept)
             return
-        decision = self._policy.decide(path, record.principal if record else None)
+        # The rules read the path as the upstream it goes to reads it (case, suffixes).
+        route = self._proxy.route(path)
+        decision = self._policy.decide(path, record.principal if record else None,
+                                       upstream=route.name if route is not None else None)
         method: str = scope["method"]
+        if (method in UNSAFE_METHODS and decision.gated
+                and (head.fetch_site == b"cross-site"
+                     or (head.origin and head.origin != self._origin))):
+            # A cross-site form or fetch riding on the member's cookie (CSRF): the session
+            # cookie is SameSite=Lax, and this check covers older browsers and same-site
+            # subdomains as well. It comes before the keep-the-form branch, so a cross-site
+            # POST is never kept to be sent later from the member's own browser.
+            log.warning("refused cross-site %s path=%s origin=%r", method, path, head.origin)
+            await send_answer(send, error_answer(
+                CrossSite.status, CrossSite.title, "This request came from another site.",
+                accept=head.accept))
+            return
         navigation = False
         if decision.kind in ("login", "register"):
             top_level = navigable(head.fetch_mode.decode("latin-1"), head.accept)
-            # A form posted by a browser whose session ended (it still sends the cookie) is
-            # kept across the sign-in; a visitor who never signed in has typed nothing
-            # into a member page, and keeping anonymous bodies would invite filling the store.
+            # A form posted by a browser whose session just ended (it still sends the
+            # cookie) is kept across the sign-in; a visitor who never signed in has typed
+            # nothing into a member page, and keeping anonymous bodies would fill the store.
             if (top_level and decision.kind == "login" and method == "POST"
                     and head.session is not None and head.content_type.startswith(_FORM)):
-                await self._keep_form_and_sign_in(receive, send, target, head.accept)
-                return
+                try:
+                    origin = await self._may_keep(scope, head)
+                    if origin:
+                        await self._keep_form_and_sign_in(receive, send, target, head.accept,
+                                                          origin)
+                        return
+                except StoreError as exc:
+                    await self._fail(send, exc, head.accept)
+                    return
             navigation = top_level and method in ("GET", "HEAD")
         elif decision.kind == "deny":
             assert record is not None
@@ -139,18 +183,6 @@ class HotPath:
         if answer is not None:
             await send_answer(send, answer)
             return
-        if (method in UNSAFE_METHODS and decision.gated
-                and (head.fetch_site == b"cross-site"
-                     or (head.origin and head.origin != self._origin))):
-            # A cross-site form or fetch riding on the member's cookie (CSRF): the session
-            # cookie is SameSite=Lax, and this check covers older browsers and same-site
-            # subdomains as well.
-            log.warning("refused cross-site %s path=%s origin=%r", method, path, head.origin)
-            await send_answer(send, error_answer(
-                CrossSite.status, CrossSite.title, "This request came from another site.",
-                accept=head.accept))
-            return
-        route = self._proxy.route(path)
         if route is None:
             await send_answer(send, error_answer(404, "Not found",
                                                  "There is nothing at this address.",
@@ -166,8 +198,37 @@ class HotPath:
         except GatewayError as exc:
             await self._fail(send, exc, head.accept, f" upstream={route.name}")
 
+    async def _may_keep(self, scope: Scope, head: RequestHead) -> str:
+        """The origin to record with the form if it may be kept, else ``""``: this site
+        vouched for it (``Origin``, or ``Sec-Fetch-Site: same-origin``), its cookie is one
+        of a real session that just ended, and the limits allow one more. Cheapest first:
+        a junk cookie costs no store access, and only a real ended session's cookie
+        reaches the counters."""
+        if head.origin == self._origin or (not head.origin
+                                           and head.fetch_site == b"same-origin"):
+            origin = self._origin.decode("latin-1")
+        else:
+            return ""  # nothing says where the form came from: not kept
+        if not self._kept_forms or not self._kept_forms_total:
+            return ""
+        if not await self._sessions.recently_ended(head.session):
+            return ""
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        if await self._keys.count(f"{Namespace.RATE}kept_forms:{address}",
+                                  KEPT_FORMS_WINDOW) > self._kept_forms:
+            log.warning("form not kept: client %s is over %d kept forms a minute", address,
+                        self._kept_forms)
+            return ""
+        if await self._keys.count(f"{Namespace.RATE}kept_forms", STASH_TTL) \
+                > self._kept_forms_total:
+            log.warning("form not kept: over %d kept forms in %d s (kept_forms_total)",
+                        self._kept_forms_total, STASH_TTL)
+            return ""
+        return origin
+
     async def _keep_form_and_sign_in(self, receive: Receive, send: Send, target: str,
-                                     accept: str) -> None:
+                                     accept: str, origin: str) -> None:
         """A form posted without a live session: keep it, sign in, replay it afterwards."""
         body = bytearray()
         more = True
@@ -182,7 +243,7 @@ class HotPath:
                 retry_url=self._sign_in_url(target)))
             return
         try:
-            stash_id = await self._stash.keep(target, bytes(body))
+            stash_id = await self._stash.keep(target, bytes(body), origin=origin)
         except StoreError as exc:
             await self._fail(send, exc, accept)
             return
@@ -197,6 +258,33 @@ class HotPath:
         log.error("%s ref=%s reason=%s%s", type(exc).__name__, ref, exc.reason, extra)
         self._telemetry.failed(exc)
         await send_answer(send, exception_answer(exc, accept=accept, reference=ref))
+
+
+def _host_count(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(1 for name, _ in headers if name == b"host")
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket upgrade with a plain 501: the gateway does not proxy WebSockets.
+
+    The server's denial-response extension (``websocket.http.response``, offered by
+    uvicorn's WebSocket implementations) sends the 501 as an ordinary HTTP answer; a
+    server without it gets ``websocket.close`` before the handshake, which it answers with
+    a 403. Either way the handshake is finished on purpose, never left half done."""
+    accept = next((v.decode("latin-1") for n, v in scope["headers"] if n == b"accept"), "")
+    log.warning("refused WebSocket upgrade path=%s", scope.get("path", "")[:200])
+    message = await receive()
+    if message["type"] != "websocket.connect":  # the client left already
+        return
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    status, headers, body = error_answer(
+        501, "Not implemented", "This gateway does not accept WebSocket connections.",
+        accept=accept)
+    await send({"type": "websocket.http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

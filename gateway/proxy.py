@@ -12,7 +12,9 @@ the path policy decided on is the path the upstream sees.
 
 Response side: status, headers and body bytes are relayed as they come
 (``auto_decompress=False``: compressed bodies stay compressed, Content-Length stays
-right). Gated responses are made private to the member.
+right). Each upstream's ``ResponseRules`` drop a ``Set-Cookie`` for the gateway's own
+cookies and point the upstream's absolute redirects at the public URL; gated responses
+are made private to the member.
 
 Errors before ``http.response.start`` raise (``UpstreamError`` 502, ``UpstreamTimeout``
 504, ``BadRequest`` 400, ``BodyTooLarge`` 413) so the caller can render a page; after it,
@@ -33,7 +35,7 @@ from yarl import URL
 
 from gateway.config import Upstream
 from gateway.errors import BadRequest, BodyTooLarge, ConfigError, UpstreamError, UpstreamTimeout
-from gateway.proxy_headers import HeadReader, RequestHead, header_text, response_headers
+from gateway.proxy_headers import HeadReader, RequestHead, ResponseRules, header_text
 
 log = logging.getLogger("gateway.proxy")
 
@@ -55,15 +57,19 @@ class Route:
     name: str
     base_url: str
     timeout: aiohttp.ClientTimeout
+    responses: ResponseRules
 
 
 class Proxy:
     """Forwards requests to upstreams over one pooled connection set.
 
     ``strip_headers`` must name every header the caller may pass in ``add_headers``
-    (besides the ``x-member-*`` / ``x-gateway-*`` families, which are always stripped);
+    (besides the ``x-member-*`` / ``x-gateway-*`` families, which are always stripped),
+    and may name more (with ``strip_prefixes``: ``[proxy]``), on top of the
+    authentication headers always stripped (``proxy_headers.AUTH_HEADERS``);
     ``strip_cookies`` (and ``strip_cookie_prefixes``) name the gateway's own cookies,
-    which upstreams never see. ``head_reader`` compiles these rules for the hot path.
+    which upstreams never see nor set. ``head_reader`` compiles the request rules for
+    the hot path.
     """
 
     def __init__(
@@ -73,12 +79,18 @@ class Proxy:
         strip_headers: Iterable[str],
         strip_cookies: Iterable[str],
         strip_cookie_prefixes: Iterable[str] = (),
+        strip_prefixes: Iterable[str] = (),
         public_host: str,
         public_scheme: str,
         max_body_bytes: int,
         max_connections: int = 1024,
         keepalive_timeout: float = 4.0,
     ) -> None:
+        self._strip_headers = tuple(strip_headers)
+        self._strip_prefixes = tuple(strip_prefixes)
+        self._strip_cookies = tuple(strip_cookies)
+        self._strip_cookie_prefixes = tuple(strip_cookie_prefixes)
+        public_url = f"{public_scheme}://{public_host}"
         seen: dict[str, str] = {}
         problems = []
         routes = []
@@ -90,15 +102,15 @@ class Proxy:
             seen[prefix] = up.name
             timeout = aiohttp.ClientTimeout(total=None, connect=up.connect_timeout,
                                             sock_read=up.timeout)
-            route = Route(up.name, up.url.rstrip("/"), timeout)
+            responses = ResponseRules(name=up.name, upstream_url=up.url, public_url=public_url,
+                                      own_cookies=self._strip_cookies,
+                                      own_cookie_prefixes=self._strip_cookie_prefixes)
+            route = Route(up.name, up.url.rstrip("/"), timeout, responses)
             routes.append((prefix, "/" if prefix == "/" else prefix + "/", route))
         if problems:
             raise ConfigError(problems)
         routes.sort(key=lambda r: len(r[0]), reverse=True)  # longest prefix first
         self._routes = tuple(routes)
-        self._strip_headers = tuple(strip_headers)
-        self._strip_cookies = tuple(strip_cookies)
-        self._strip_cookie_prefixes = tuple(strip_cookie_prefixes)
         self._forwarded = (("X-Forwarded-Proto", public_scheme),
                            ("X-Forwarded-Host", public_host))
         self._max_body = max_body_bytes
@@ -111,6 +123,7 @@ class Proxy:
         """This proxy's request-header rules, for the hot path's one pass over the headers;
         ``session_value`` reads the session cookie in the same pass."""
         return HeadReader(strip_headers=self._strip_headers, max_body_bytes=self._max_body,
+                          strip_prefixes=self._strip_prefixes,
                           strip_cookies=self._strip_cookies,
                           strip_cookie_prefixes=self._strip_cookie_prefixes,
                           session_value=session_value)
@@ -202,7 +215,7 @@ class Proxy:
 
     async def _relay(self, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
                      route: Route, gated: bool, watch: bool) -> None:
-        headers, length = response_headers(resp.raw_headers, gated)
+        headers, length = route.responses.apply(resp.raw_headers, gated)
         watcher = None
         if watch and (length is None or length > _WATCH_ABOVE):
             watcher = asyncio.create_task(_watch_disconnect(receive, resp))

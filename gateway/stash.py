@@ -7,6 +7,12 @@ it. After the login, the gateway sends the browser an auto-submitting form with 
 original fields, method and target. The stash is taken once (single use) and only by
 the browser that holds the matching signed cookie (the ID signed by the gateway's
 ``csrf`` signer: the hot path sets it, ``routes/replay`` checks it).
+
+Each kept form records the origin that vouched for it (the ``Origin`` header, or the
+gateway's own origin when only ``Sec-Fetch-Site: same-origin`` said so); the replay
+page sends only a form whose recorded origin is the gateway's own. Who may keep a form
+at all (a real session that just ended, same-origin, within the limits) is the hot
+path's decision.
 """
 
 from __future__ import annotations
@@ -29,8 +35,12 @@ STASH_TTL = 600  # seconds: long enough to sign in, short enough to forget
 
 @dataclass(frozen=True, slots=True)
 class StashedPost:
+    """A kept form: where it was posted, its fields, and the origin it was posted from
+    (``""`` for a form kept before origins were recorded)."""
+
     target: str
     fields: list[tuple[str, str]]
+    origin: str = ""
 
 
 class PostStash:
@@ -43,10 +53,12 @@ class PostStash:
                    info=b"sso-gateway post stash").derive(secret.encode())
         self._aead = AESGCM(key)
 
-    async def keep(self, target: str, body: bytes) -> str:
-        """Keep a urlencoded form body for ``target``; returns the stash ID."""
+    async def keep(self, target: str, body: bytes, *, origin: str) -> str:
+        """Keep a urlencoded form body for ``target``, posted from ``origin``; returns the
+        stash ID."""
         stash_id = secrets.token_urlsafe(18)
-        plain = json.dumps({"target": target, "body": body.decode("latin-1")}).encode()
+        plain = json.dumps({"target": target, "body": body.decode("latin-1"),
+                            "origin": origin}).encode()
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, stash_id.encode())
         await self._keys.add_once(Namespace.STASH + stash_id, sealed.hex(), self._ttl)
@@ -66,4 +78,4 @@ class PostStash:
         body: str = data["body"]
         fields = parse_qsl(body.encode("latin-1").decode("utf-8", "replace"),
                            keep_blank_values=True)
-        return StashedPost(str(data["target"]), fields)
+        return StashedPost(str(data["target"]), fields, str(data.get("origin", "")))

@@ -43,7 +43,7 @@ from gateway.logs import (
 )
 from gateway.metrics import Metrics
 from gateway.principal import Principal
-from gateway.sessions import SessionRecord, Stores
+from gateway.sessions import Namespace, SessionRecord, Stores
 from gateway.status import Certificate, IdPDirectory, Readiness, certificates
 
 if TYPE_CHECKING:
@@ -56,8 +56,11 @@ _monotonic = time.monotonic
 
 
 # A refused login: the last RECENT_FAILURES in memory (this process, for the console's
-# list), every one in the store for FAILURE_TTL (any process, `sso-gateway explain`).
+# list), and in the store for FAILURE_TTL (any process, `sso-gateway explain`) up to
+# [limits] failure_records an hour across all clients; past that only its log line.
 LoginFailure = Failure
+FAILURE_RECORDS_WINDOW = 3600  # seconds: [limits] failure_records is per hour
+MAX_REASON = 1000  # characters of a failure's reason that are kept
 # Store writes of this request's failures: awaited before its answer starts, so a
 # reference the member sees can already be explained.
 _PENDING: ContextVar[list[asyncio.Task[None]] | None] = ContextVar("failures", default=None)
@@ -192,7 +195,7 @@ class Telemetry:
         ctx = current()
         idp = (ctx.idp if ctx is not None else "") or exc.details.get("idp", "")
         self.metrics.login(idp, exc.kind)
-        failure = Failure(self._wall(), reference, exc.kind, exc.reason, idp,
+        failure = Failure(self._wall(), reference, exc.kind, exc.reason[:MAX_REASON], idp,
                           ctx.request_id if ctx else "", ctx.client if ctx else "",
                           dict(exc.details))
         self.failures.appendleft(failure)
@@ -203,9 +206,21 @@ class Telemetry:
             pending.append(task)
 
     async def _keep(self, failure: Failure) -> None:
+        """Keep ``failure`` in the store, unless this hour's records are used up (a flood
+        of refusals must not fill the store: its log line has the same reference)."""
+        cap = self.settings.limits.failure_records
         try:
+            if not cap or await self._stores.keys.count(
+                    f"{Namespace.RATE}failure_records", FAILURE_RECORDS_WINDOW) > cap:
+                log.warning("login failure ref=%s not kept: over %d failure records an hour "
+                            "([limits] failure_records); its log line is the record",
+                            failure.reference, cap)
+                return
             await keep_failure(self._stores.records, failure)
-        except Exception:  # the member's error page must not fail with it
+        except StoreError as exc:  # the member's error page must not fail with it
+            log.warning("could not store login failure ref=%s: %s", failure.reference,
+                        exc.reason)
+        except Exception:
             log.exception("could not store login failure ref=%s", failure.reference)
 
     def _finished(self, ctx: RequestContext, scope: Scope) -> None:

@@ -39,6 +39,7 @@ from gateway.demo.reader import create_reader
 from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
 from gateway.protocol import LoginProtocol
+from gateway.server import uvicorn_options
 from tests.forge import Forge, forge_for_demo
 
 
@@ -115,6 +116,8 @@ def serve_gateway(settings: Settings, sock: socket.socket, *,
     ``serve`` command starts it: the one place tests build and start a gateway. The
     server's ``app`` is the ``Gateway``; ``config`` goes to uvicorn."""
     app = create_app(settings, clock=clock or time.time, protocols=protocols)
+    # trusted_proxies and [server] (head limit and timeout, idle cap), as `serve` does
+    config = {**settings.proxy_header_options, **uvicorn_options(settings.server), **config}
     if tls is not None:
         config = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert), **config}
     with serving(app, sock, **config) as server:
@@ -208,7 +211,7 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
     scheme = "https" if gateway_tls else "http"
     direct_url = f"{scheme}://127.0.0.1:{port_of(gw_sock)}"
     if "[limits]" not in extra_config:  # tests sign in far more often than people do
-        extra_config += "\n[limits]\nlogins = 100000\nregistrations = 100000\n"
+        extra_config += "\n[limits]\nlogins = 100000\nregistrations = 100000\nlogouts = 100000\n"
     demo = prepare(workdir, gateway_url=public_url or direct_url,
                    idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import tracemalloc
 import zlib
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -107,7 +107,8 @@ def test_connection_header_cannot_remove_what_the_gateway_sets(stack: Stack) -> 
             ("connection", ", ".join(GATEWAY_SET)), ("connection", "X_Member_Id"),
             ("X-Member-Id", "M1004"), ("X_Member_Id", "M1004")])
         check = http.get(stack.url + "/auth/check", headers=[
-            ("x-original-uri", PAGE), ("x-member-id", "M1004"),
+            ("x-original-uri", PAGE), ("x-original-method", "GET"),
+            ("x-original-host", urlsplit(stack.url).netloc), ("x-member-id", "M1004"),
             ("connection", "x-member-id, x-gateway-identity")])
     assert page.status_code == 200
     [seen] = stack.upstream.requests
@@ -133,7 +134,9 @@ def test_next_is_quoted_whole_wherever_a_sign_in_is_asked(stack: Stack) -> None:
         admin = http.get(stack.url + target)
         page = http.get(stack.url + PAGE + "?a=1&next=//evil.example")
         check = http.get(stack.url + "/auth/check", params={"mode": "redirect"},
-                         headers={"x-original-uri": PAGE + "?a=1&next=//evil.example"})
+                         headers={"x-original-uri": PAGE + "?a=1&next=//evil.example",
+                                  "x-original-method": "GET",
+                                  "x-original-host": urlsplit(stack.url).netloc})
     assert admin.status_code == 302
     assert admin.headers["location"].endswith(f"?next={quoted}")
     for answer in (page, check):

@@ -9,7 +9,9 @@
 2. Random spellings of paths into other members' areas, through ``canonical_path`` and
    ``Policy``: a spelling is refused, or what policy decides on is its one meaning —
    never a path that reads as ``/members/M1004/…`` to some other parser while policy
-   saw ``M1001``'s area.
+   saw ``M1001``'s area; and every case and suffix spelling of another member's area (or
+   of the issues) is refused for an upstream that reads paths case-insensitively and strips
+   format suffixes.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway.config import Rule
+from gateway.config import Rule, Upstream
 from gateway.demo.stack import prepare
 from gateway.errors import AmbiguousPath, LoginFailed
 from gateway.paths import canonical_path
@@ -202,3 +204,41 @@ def test_no_spelling_reaches_another_members_area(prefix: str, tokens: list[str]
 def test_known_bypass_spellings_are_refused(raw: bytes) -> None:
     with pytest.raises(AmbiguousPath):
         canonical_path(raw)
+
+
+# Upstreams that read paths loosely (issue 14, item 7c): any case, and a format suffix.
+LOOSE = Policy(RULES, upstreams=[
+    Upstream(name="iis", url="http://127.0.0.1:1", case_insensitive=True,
+             strip_suffixes=[".json", ".xml"]),
+    Upstream(name="spring", url="http://127.0.0.1:2", case_insensitive=True,
+             strip_suffixes=[".*"]),
+])
+# How a letter may be spelled to a case-insensitive server: both cases, and the letters
+# Java's equalsIgnoreCase or .NET read as that letter (dotless i, dotted I, long s, Kelvin).
+SPELLINGS = {"i": ["i", "I", "\u0131", "\u0130"], "s": ["s", "S", "\u017f"],
+             "k": ["k", "K", "\u212a"]}
+
+
+@st.composite
+def spelled(draw: st.DrawFn, word: str) -> str:
+    return "".join(draw(st.sampled_from(SPELLINGS.get(c, [c, c.upper()]))) for c in word)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), area=st.sampled_from(["members", "issues"]),
+       upstream=st.sampled_from(["iis", "spring"]),
+       suffix=st.sampled_from(["", ".json", ".JSON", ".xml", ".Json", ".html", ".x.json"]))
+def test_no_spelling_reaches_a_protected_area_of_a_loose_upstream(
+        data: Any, area: str, upstream: str, suffix: str) -> None:
+    """Every spelling a case-insensitive, suffix-stripping upstream reads as
+    ``/members/M1004/…`` (or ``/issues/…``) is decided as that area: alice is refused
+    M1004's, an anonymous visitor must sign in for the issues."""
+    first = data.draw(spelled(area))
+    deeper = ["notes", "7", "edit"] if area == "members" else ["2023-03", "pages", "14"]
+    rest = data.draw(st.lists(st.sampled_from(deeper), max_size=3))
+    segs = [first, "M1004", *rest] if area == "members" else [first, *rest]
+    raw = quote("/" + "/".join(segs) + suffix).encode("ascii")
+    decoded, _ = canonical_path(raw)
+    principal = ALICE if area == "members" else None
+    decision = LOOSE.decide(decoded, principal, upstream=upstream)
+    assert decision.kind != "allow", (decoded, upstream, decision)

@@ -9,13 +9,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from gateway.config import load_settings
 from gateway.demo.stack import prepare
-from tests.conftest import RedisServer, bound_socket, port_of, serve_gateway, serving
+from tests.browser import client, login
+from tests.conftest import (
+    RedisServer,
+    Stack,
+    bound_socket,
+    port_of,
+    serve_gateway,
+    serving,
+)
 
 
 @contextmanager
@@ -31,6 +40,21 @@ def gateway(workdir: Path, *, extra_config: str = "", clock: Callable[[], float]
     settings = load_settings(workdir / "gateway.toml", environ={})
     with serve_gateway(settings, sock, clock=clock):
         yield url
+
+
+def behind_local_proxy(workdir: Path) -> None:
+    """``trusted_proxies = ["127.0.0.1"]``: the client address is the one a proxy on
+    loopback names in X-Forwarded-For."""
+    toml = workdir / "gateway.toml"
+    text = toml.read_text()
+    toml.write_text(text.replace("\nlisten = ", '\ntrusted_proxies = ["127.0.0.1"]\nlisten = ', 1))
+
+
+def ready_from(url: str, client: str, **headers: str) -> httpx.Response:
+    """``/readyz`` as a client at ``client`` sees it through a proxy on loopback, on a Host
+    the gateway does not serve (probes use addresses)."""
+    return httpx.get(url + "/readyz", timeout=10,
+                     headers={"X-Forwarded-For": client, "Host": "10.1.2.3:8080", **headers})
 
 
 def ready(url: str) -> httpx.Response:
@@ -55,12 +79,21 @@ def test_store_stopped_and_back(tmp_path: Path) -> None:
             f'url = "{redis.url}"\nconnect_timeout = 0.5\nsocket_timeout = 0.5'))
 
     try:
-        with gateway(tmp_path / "gw", edit=use_redis) as url:
+        def use_redis_behind_proxy(workdir: Path) -> None:
+            use_redis(workdir)
+            behind_local_proxy(workdir)
+
+        with gateway(tmp_path / "gw", edit=use_redis_behind_proxy) as url:
             assert ready(url).status_code == 200
             redis.stop()
             down = ready(url)
             assert down.status_code == 503
             assert list(down.json()["failed"]) == ["store"]
+            assert str(redis.port) in down.json()["failed"]["store"]
+            # Anyone else learns that it is not ready, not why (the store's host and port).
+            outside = ready_from(url, "203.0.113.9")
+            assert (outside.status_code, outside.json()) == (503, {"status": "unavailable"})
+            assert str(redis.port) not in outside.text
             redis.start()  # same port
             assert ready(url).status_code == 200
     finally:
@@ -115,3 +148,49 @@ def test_metadata_expired_or_missing(tmp_path: Path) -> None:
         missing = ready(url)
     assert missing.status_code == 503
     assert missing.json()["failed"] == {"idp_metadata": "no IdP metadata is loaded"}
+
+
+def _failing_upstream(port: int) -> str:
+    """An upstream whose health URL is refused (nothing listens on ``port``)."""
+    return (f'\n[[upstreams]]\nname = "search"\nprefix = "/search-api"\n'
+            f'url = "http://127.0.0.1:{port}"\nhealth_url = "http://127.0.0.1:{port}/health"\n')
+
+
+def test_readiness_details_only_for_local_clients_and_allow_from(tmp_path: Path) -> None:
+    with bound_socket() as closed:
+        extra = _failing_upstream(port_of(closed)) + (
+            '\n[metrics]\nallow_from = ["127.0.0.1", "::1", "198.51.100.0/24"]\n')
+        with gateway(tmp_path / "proxied", extra_config=extra, edit=behind_local_proxy) as url:
+            local = ready(url)
+            assert local.status_code == 503
+            assert list(local.json()["failed"]) == ["upstream:search"]
+            assert ready_from(url, "198.51.100.20").json() == local.json()  # allow_from
+            for stranger in ("203.0.113.9", "2001:db8::1"):
+                outside = ready_from(url, stranger)
+                assert (outside.status_code, outside.json()) == (
+                    503, {"status": "unavailable"}), stranger
+            assert httpx.get(url + "/healthz", headers={"Host": "10.1.2.3"}).status_code == 200
+
+        # No trusted proxy: a proxy on this host relays everyone from 127.0.0.1. What it
+        # relays (it adds X-Forwarded-For, Forwarded or X-Real-IP) is not a local client.
+        with gateway(tmp_path / "plain", extra_config=extra) as url:
+            assert "failed" in ready(url).json()
+            for relay in ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
+                          {"Forwarded": "for=203.0.113.9"}):
+                relayed = httpx.get(url + "/readyz", headers=relay)
+                assert (relayed.status_code, relayed.json()) == (
+                    503, {"status": "unavailable"}), relay
+
+
+@pytest.mark.stack(extra_config=_failing_upstream(9))
+def test_readiness_details_for_admins_from_anywhere(stack: Stack) -> None:
+    far = {"X-Forwarded-For": "203.0.113.9"}  # believed or not, this is no local client
+    with client(stack) as carol, client(stack) as bob, client(stack) as nobody:
+        login(carol, stack, "/_gateway/admin", "carol")  # carol has the admin entitlement
+        login(bob, stack, "/issues/2023-03/pages/1", "bob")
+        answer = carol.get(stack.url + "/readyz", headers=far)
+        assert answer.status_code == 503
+        assert list(answer.json()["failed"]) == ["upstream:search"]
+        for who in (bob, nobody):
+            answer = who.get(stack.url + "/readyz", headers=far)
+            assert (answer.status_code, answer.json()) == (503, {"status": "unavailable"})

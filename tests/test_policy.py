@@ -1,11 +1,14 @@
-"""Access rules: first match wins, default member, owner and require conditions."""
+"""Access rules: first match wins, default member, owner and require conditions; matching in
+bounded steps, named owner parameters, per-upstream case and suffix readings (issue 14, 7)."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.config import Rule
-from gateway.policy import Policy
+from gateway.config import Rule, Upstream
+from gateway.policy import Decision, Pattern, Policy, segments, unicode_fold
 from gateway.principal import Principal
 
 MEMBER = "urn:mace:example.org:entitlement:member"
@@ -112,3 +115,239 @@ def test_registered_rule() -> None:
     assert policy.decide("/issues/free-2024/pages/1", person()).kind == "allow"
     member_only = policy.decide("/issues/2023-03/pages/1", visitor)
     assert (member_only.kind, member_only.reason) == ("login", "a member sign-in is needed")
+
+
+# -- Matching in bounded steps (issue 14, item 7a) --------------------------------------------
+
+def reference_match(parts: list[str], segs: list[str]) -> bool:
+    """The patterns' meaning, by plain recursion (exponential; for small inputs only)."""
+    if not parts:
+        return not segs
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        return any(reference_match(rest, segs[k:]) for k in range(len(segs) + 1))
+    if not segs:
+        return False
+    one = head == "*" or (head.startswith("{") and head.endswith("}"))
+    return (one or head == segs[0]) and reference_match(rest, segs[1:])
+
+
+@pytest.mark.parametrize("pattern", [
+    "/**/a/**/a/**/b", "/**/a/**/b/**/c", "/**/*/**/*/**/b", "/**/a/a/**/a/a/**/a/b",
+    "/**/a/**/a/**/a/**/a/**/b", "/x/**/a/**/a/**/b/y",
+    # the tail matches, so the middle blocks are searched along the whole path
+    "/**/a/a/a/b/**/a/**/a", "/**/a/b/**/a/**/a", "/**/*/*/b/**/**/*",
+    "/a/**/a/a/a/a/a/a/a/b/**/a",
+])
+def test_hostile_path_matches_in_bounded_steps(pattern: str) -> None:
+    """A 4 KB path of 2,048 segments against rules with three or more ``**``: the number of
+    part comparisons is at most (parts x segments), counted, not timed. (The backtracking
+    matcher took 0.49 s of CPU with two ``**`` and 42 s with three.)"""
+    path = "/a" * 2048
+    assert len(path) == 4096
+    compiled = Pattern(pattern)
+    segs = segments(path)
+    steps = compiled.steps(segs)
+    assert not compiled.match(segs)
+    assert 0 < steps <= len(compiled.parts) * len(segs)
+    policy = Policy([Rule(path=pattern, access="public")])
+    assert policy.decide(path, None).kind == "login"  # fell through to the default rule
+    assert Pattern(pattern).match(segments("/a" * 2047 + "/b")) == pattern.endswith("/b")
+
+
+def test_steps_grow_linearly_with_the_path() -> None:
+    pattern = Pattern("/**/a/a/a/b/**/a/**/a")
+    steps = [pattern.steps(["a"] * n) for n in (500, 1000, 2000)]
+    assert steps[2] - steps[1] == 2 * (steps[1] - steps[0])  # a straight line, not a curve
+
+
+_PARTS = st.sampled_from(["a", "b", "*", "**", "{p}"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(parts=st.lists(_PARTS, max_size=7), segs=st.lists(st.sampled_from(["a", "b"]),
+                                                         max_size=9))
+def test_matcher_means_what_the_patterns_always_meant(parts: list[str], segs: list[str]) -> None:
+    """``*`` one segment, ``**`` any number including none, ``{name}`` one segment."""
+    names = iter(f"{{p{i}}}" for i in range(len(parts)))
+    parts = [next(names) if p == "{p}" else p for p in parts]
+    pattern = Pattern("/" + "/".join(parts))
+    assert pattern.match(segs) == reference_match(parts, segs), (parts, segs)
+    assert pattern.steps(segs) <= len(parts) * max(len(segs), 1)
+
+
+# -- Owner parameter named, partial parameters refused (item 7b) ------------------------------
+
+def test_owner_rule_with_two_parameters_compares_the_named_one() -> None:
+    policy = Policy([Rule(path="/{org}/members/{member_id}/notes/**", access="owner",
+                          owner="member_id")])
+    alice = person("M1001")
+    other = policy.decide("/M1001/members/M1002/notes", alice)
+    assert (other.kind, other.failed) == ("deny", "owner")
+    assert policy.decide("/acme/members/M1001/notes", alice).kind == "allow"
+    assert policy.decide("/M1001/members/M1001/notes/3", alice).kind == "allow"
+
+
+def test_owner_parameter_may_sit_after_a_double_star() -> None:
+    policy = Policy([Rule(path="/**/notes/{member_id}", access="owner")])
+    alice = person("M1001")
+    assert policy.decide("/a/b/notes/M1001", alice).kind == "allow"
+    assert policy.decide("/a/notes/M1001/notes/M1002", alice).failed == "owner"
+
+
+@pytest.mark.parametrize(("rule", "error"), [
+    ({"path": "/{org}/members/{member_id}/notes/**", "access": "owner"},
+     r"several parameters \(org, member_id\): name the one that must equal the member's "
+     r"subject with owner = \"\.\.\.\""),
+    ({"path": "/members/id-{member_id}/notes", "access": "owner"},
+     r"a parameter must be a whole segment: 'id-\{member_id\}'"),
+    ({"path": "/members/{member_id}.json", "access": "owner"},
+     r"a parameter must be a whole segment: '\{member_id\}\.json'"),
+    ({"path": "/members/{member-id}/notes", "access": "member"},
+     r"a parameter must be a whole segment: '\{member-id\}'"),
+    ({"path": "/{id}/x/{id}", "access": "owner"}, r"parameter \{id\} appears twice"),
+    ({"path": "/members/{member_id}", "access": "owner", "owner": "subject"},
+     r"owner = 'subject' is not a parameter of the path \(its parameters: member_id\)"),
+    ({"path": "/members/{member_id}", "access": "member", "owner": "member_id"},
+     r"owner is only for access = \"owner\""),
+    ({"path": "/**/{member_id}/**", "access": "owner"},
+     r"the owner parameter \{member_id\} must have a fixed place"),
+    ({"path": "/files/*.pdf", "access": "public"},
+     r"'\*' and '\*\*' must be a whole segment, not part of '\*\.pdf'"),
+    ({"path": "/files/**x", "access": "public"},
+     r"'\*' and '\*\*' must be a whole segment, not part of '\*\*x'"),
+    ({"path": "/files//x", "access": "public"}, r"has an empty segment"),
+])
+def test_ambiguous_rules_are_config_errors(rule: dict[str, str], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Rule.model_validate(rule)
+
+
+def test_owner_parameter_defaults_to_the_only_one() -> None:
+    assert Rule(path="/members/{member_id}/notes/**", access="owner").owner_parameter \
+        == "member_id"
+    assert Rule(path="/{org}/m/{member_id}", access="owner", owner="member_id").parameters \
+        == ["org", "member_id"]
+
+
+# -- Default rule and per-upstream matching (item 7c) -----------------------------------------
+
+EXACT_AND_LOOSE = [
+    Upstream(name="exact", prefix="/", url="http://127.0.0.1:1"),
+    Upstream(name="iis", prefix="/iis", url="http://127.0.0.1:2", case_insensitive=True),
+    Upstream(name="rails", prefix="/rails", url="http://127.0.0.1:3",
+             strip_suffixes=[".json", ".xml"]),
+    Upstream(name="spring", prefix="/spring", url="http://127.0.0.1:4", case_insensitive=True,
+             strip_suffixes=[".*"]),
+]
+
+
+@pytest.fixture
+def loose() -> Policy:
+    return Policy(RULES, upstreams=EXACT_AND_LOOSE)
+
+
+def test_the_default_rule_is_configurable() -> None:
+    public = Policy([Rule(path="/issues/**", access="member")], default="public")
+    assert public.decide("/anything", None) == Decision("allow", "public", "/**")
+    assert public.decide("/issues/1", None).kind == "login"
+    assert Policy([]).decide("/anything", None).kind == "login"  # member, as always
+    registered = Policy([], default="registered").decide("/x", None)
+    assert (registered.kind, registered.access) == ("register", "registered")
+
+
+@pytest.mark.parametrize("path", ["/Members/M1002/notes", "/MEMBERS/M1002/NOTES/1",
+                                  "/members/M1002/Notes"])
+def test_exact_upstream_reads_other_cases_as_other_paths(loose: Policy, path: str) -> None:
+    """The documented default: an exact upstream gets the default rule for these."""
+    assert loose.decide(path, person("M1001"), upstream="exact").rule == "/**"
+    assert loose.decide(path, person("M1001")).rule == "/**"  # no upstream: exact too
+
+
+@pytest.mark.parametrize("path", ["/Members/M1002/notes", "/MEMBERS/M1002/NOTES/1",
+                                  "/members/M1002/Notes", "/mEmBeRs/M1002/notes"])
+def test_case_insensitive_upstream(loose: Policy, path: str) -> None:
+    decision = loose.decide(path, person("M1001"), upstream="iis")
+    assert (decision.kind, decision.failed) == ("deny", "owner")
+    assert loose.decide("/MEMBERS/M1001/Notes", person("M1001"), upstream="iis").kind == "allow"
+    # the owner segment itself is compared exactly: m1001 is not M1001's own spelling
+    assert loose.decide("/members/m1001/notes", person("M1001"), upstream="iis").failed \
+        == "owner"
+    lapsed = loose.decide("/ISSUES/2023-03/pages/14", person(status="lapsed"), upstream="iis")
+    assert (lapsed.kind, lapsed.failed) == ("deny", "status")
+    assert loose.decide("/PUBLIC/about", None, upstream="iis").kind == "allow"
+
+
+@pytest.mark.parametrize("spelling", ["\u0131ssues", "\u0130SSUES", "\u017fomething"])
+def test_case_insensitive_reads_every_unicode_folding(loose: Policy, spelling: str) -> None:
+    """Dotless i and dotted capital I are ``i`` to Java's equalsIgnoreCase, long s is ``s``:
+    a path that may be read as ``/issues/…`` is decided as ``/issues/…`` too, and must pass
+    both readings."""
+    policy = Policy([Rule(path="/something/**", access="member",
+                          require={"status": "active"}), *RULES], upstreams=EXACT_AND_LOOSE)
+    lapsed = policy.decide(f"/{spelling}/x", person(status="lapsed"), upstream="iis")
+    assert (lapsed.kind, lapsed.failed) == ("deny", "status")
+    assert policy.decide(f"/{spelling}/x", person(status="lapsed"), upstream="exact").kind \
+        == "allow"
+
+
+def test_unicode_folding_covers_every_character_that_reads_as_ascii() -> None:
+    for code in range(0x80, 0x110000):
+        char = chr(code)
+        for variant in (char.lower(), char.upper(), char.casefold()):
+            if len(variant) == 1 and variant.isascii() and variant.isalpha():
+                assert unicode_fold(char) == variant.lower(), hex(code)
+
+
+@pytest.mark.parametrize(("path", "upstream"), [
+    ("/members/M1002/notes.json", "rails"), ("/members/M1002/notes.XML", "rails"),
+    ("/members/M1002/notes.anything", "spring"), ("/Members/M1002/Notes.Json", "spring"),
+    ("/members/M1002/notes.json.xml", "spring"),
+])
+def test_suffix_aware_upstream(loose: Policy, path: str, upstream: str) -> None:
+    decision = loose.decide(path, person("M1001"), upstream=upstream)
+    assert (decision.kind, decision.failed) == ("deny", "owner")
+
+
+def test_suffix_aware_upstream_keeps_what_is_meant(loose: Policy) -> None:
+    alice = person("M1001")
+    assert loose.decide("/members/M1001/notes.json", alice, upstream="rails").kind == "allow"
+    assert loose.decide("/members/M1002/notes.html", alice, upstream="rails").rule == "/**"
+    assert loose.decide("/members/M1002/notes.json", alice, upstream="exact").rule == "/**"
+    # every reading must allow: /public/feed.json is /public/feed as well (both public) …
+    assert loose.decide("/public/feed.json", None, upstream="rails").kind == "allow"
+    # … and /only/x/one.json is both /only/x/one.json (default) and /only/x/one (public)
+    assert loose.decide("/only/x/one.json", None, upstream="rails").kind == "login"
+
+
+def test_owner_in_the_last_segment_of_a_suffix_aware_upstream() -> None:
+    policy = Policy([Rule(path="/members/{member_id}", access="owner")],
+                    upstreams=EXACT_AND_LOOSE)
+    alice = person("M1001")
+    assert policy.decide("/members/M1001.json", alice, upstream="rails").kind == "allow"
+    assert policy.decide("/members/M1002.json", alice, upstream="rails").failed == "owner"
+    assert policy.decide("/members/M1001.json", alice, upstream="exact").failed == "owner"
+
+
+@pytest.mark.parametrize(("suffixes", "error"), [
+    (["json"], r"'json' is not a suffix: write '\.json'"),
+    ([".js/on"], r"'\.js/on' is not a suffix"),
+    ([""], r"'' is not a suffix"),
+])
+def test_strip_suffixes_are_checked(suffixes: list[str], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Upstream(name="x", url="http://127.0.0.1:1", strip_suffixes=suffixes)
+
+
+def test_unknown_upstream_is_a_programming_error(loose: Policy) -> None:
+    with pytest.raises(KeyError, match="no upstream named 'nope'"):
+        loose.decide("/x", None, upstream="nope")
+
+
+def test_pattern_owner_must_be_a_parameter_with_a_fixed_place() -> None:
+    with pytest.raises(ValueError, match=r"has no parameter \{member_id\}"):
+        Pattern("/members/{id}", owner="member_id")
+    with pytest.raises(ValueError, match="has no fixed place"):
+        Pattern("/**/{member_id}/**", owner="member_id")
+    assert Pattern("/a/**/{m}/b", owner="m").owner_value(["a", "x", "M1", "b"]) == "M1"
+    assert Pattern("/{m}/**", owner="m").owner_value(["M1", "x"]) == "M1"

@@ -24,7 +24,7 @@ from gateway.config import Upstream
 from gateway.cookies import Cookies
 from gateway.errors import BadRequest, BodyTooLarge, GatewayError
 from gateway.proxy import Proxy
-from gateway.proxy_headers import HeadReader, header_text
+from gateway.proxy_headers import HeadReader, ResponseRules, header_text
 from tests.conftest import serving
 
 MAX_BODY = 6 * 1024 * 1024
@@ -643,3 +643,58 @@ def test_one_pass_checks_the_framing(headers: list[tuple[bytes, bytes]], has_bod
 def test_header_values_for_the_upstream_client() -> None:
     assert header_text("café ✓".encode()) == "café ✓"  # UTF-8 goes out byte for byte
     assert header_text(b"caf\xe9") == "caf\xe9"  # obs-text: Latin-1
+
+
+# -- the response rules on their own ------------------------------------------------------
+
+
+def _rules(upstream_url: str) -> ResponseRules:
+    cookies = Cookies(secure=True, session_name="gw_session", session_lifetime=3600,
+                      stash_ttl=600)
+    return ResponseRules(name="up", upstream_url=upstream_url,
+                         public_url="https://gw.example.test",
+                         own_cookies=[cookies.session_name, cookies.idp_name,
+                                      cookies.stash_name],
+                         own_cookie_prefixes=[cookies.login_prefix])
+
+
+@pytest.mark.parametrize(("upstream", "location", "expected"), [
+    ("http://up:9000", "http://up:9000/a?b=1", "https://gw.example.test/a?b=1"),
+    ("http://up:9000/", "http://UP:9000#x", "https://gw.example.test/#x"),
+    ("http://up", "http://up:80/a", "https://gw.example.test/a"),
+    ("http://up", "http://up/a", "https://gw.example.test/a"),
+    ("http://up", "http://up:8080/a", "http://up:8080/a"),
+    ("https://up", "https://up:443/a", "https://gw.example.test/a"),
+    ("https://up", "http://up/a", "http://up/a"),  # another scheme, another origin
+    ("http://up:9000/base", "http://up:9000/base/x?y", "https://gw.example.test/x?y"),
+    ("http://up:9000/base/", "http://up:9000/base", "https://gw.example.test/"),
+    ("http://up:9000/base", "http://up:9000/basement", "http://up:9000/basement"),
+    ("http://up:9000/base", "http://up:9000/other", "http://up:9000/other"),
+    ("http://up:9000/base", "http://up:9000/BASE/x", "http://up:9000/BASE/x"),
+    ("http://[::1]:9000", "http://[::1]:9000/v6", "https://gw.example.test/v6"),
+    ("http://up:9000", "//up:9000/a", "//up:9000/a"),
+    ("http://up:9000", "/a", "/a"),
+])
+def test_location_rewrite(upstream: str, location: str, expected: str) -> None:
+    headers, _ = _rules(upstream).apply([(b"Location", location.encode())], gated=False)
+    assert headers == [(b"location", expected.encode())]
+
+
+@pytest.mark.parametrize(("cookie", "dropped"), [
+    ("__Host-gw_session=x; Path=/", True),
+    ("gw_session=x", True),
+    ("GW_Session=x", True),
+    ("__secure-__host-gw_session=x", True),
+    ("=__Host-gw_session=x", True),
+    ("  = gw_idp=x", True),
+    ("__Secure-gw-login-abc=x", True),
+    ("gw-login-=x", True),
+    ("__Secure-gw-stash=x", True),
+    ("gw_session", True),  # nameless: the browser sends "gw_session"
+    ("gw_sessions=x", False),
+    ("xgw-login-abc=x", False),
+    ("theme=gw_session", False),
+])
+def test_own_cookies_are_not_set_by_upstreams(cookie: str, dropped: bool) -> None:
+    headers, _ = _rules("http://up").apply([(b"Set-Cookie", cookie.encode())], gated=False)
+    assert headers == ([] if dropped else [(b"set-cookie", cookie.encode())])

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.demo.auth import JwksCache
+from gateway.demo.auth import DEFAULT_MAX_AGE, Authenticator, JwksCache, max_age
 from gateway.demo.reader import create_reader
 from gateway.identity import TokenIssuer
 from gateway.keys import generate_identity_key
@@ -68,7 +68,7 @@ def reader(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[
     jwks: dict[str, Any] = {"keys": list(issuer.jwks["keys"])}
 
     async def serve_jwks(request: Request) -> JSONResponse:
-        return JSONResponse(jwks)
+        return JSONResponse(jwks, headers={"cache-control": "public, max-age=300"})
 
     fake_gateway = Starlette(routes=[Route("/.well-known/jwks.json", serve_jwks)])
     app = create_reader(gateway_url=gateway_url, jwks_verify=tls.client_context(),
@@ -165,6 +165,64 @@ async def test_jwks_refetch_for_unknown_keys_is_rate_limited(reader: Reader) -> 
         assert new_key.kid in {k["kid"] for k in jwks["keys"]}
     finally:
         reader.jwks["keys"].pop()
+
+
+async def test_a_pruned_key_stops_counting_when_the_jwks_copy_expires(reader: Reader) -> None:
+    """The JWKS answer says ``max-age=300`` (as the gateway's does): the cache keeps its
+    copy that long and no longer, so a token signed with a key the gateway pruned is
+    refused at most 300 s after the prune, while a retained key keeps working."""
+    now = [5000.0]
+    cache = JwksCache(f"{reader.gateway_url}/.well-known/jwks.json",
+                      verify=reader.tls.client_context(), clock=lambda: now[0])
+    auth = Authenticator(reader.gateway_url, cache)
+    old_token = reader.token("M1001")
+    new_key = generate_identity_key(reader.key_dir)
+    new_issuer = TokenIssuer([new_key], issuer=reader.gateway_url, lifetime=300)
+    new_token = reader.token("M1001", issuer=new_issuer)
+    old_keys = list(reader.jwks["keys"])
+    reader.jwks["keys"][:] = [new_key.public_jwk(), *old_keys]  # rotated: both published
+    try:
+        assert await auth.viewer(old_token) is not None
+        assert await auth.viewer(new_token) is not None
+        assert cache.fetches == 1
+        reader.jwks["keys"][:] = [new_key.public_jwk()]  # the old key is pruned
+        now[0] += 299
+        assert await auth.viewer(old_token) is not None  # the copy is still current
+        assert cache.fetches == 1
+        now[0] += 1  # max-age reached: the copy is fetched again before it is used
+        assert await auth.viewer(old_token) is None
+        assert cache.fetches == 2
+        assert await auth.viewer(new_token) is not None
+        assert cache.fetches == 2
+    finally:
+        reader.jwks["keys"][:] = old_keys
+
+
+async def test_an_expired_copy_is_not_used_while_the_gateway_is_away(reader: Reader) -> None:
+    now = [5000.0]
+    cache = JwksCache(f"{reader.gateway_url}/.well-known/jwks.json",
+                      verify=reader.tls.client_context(), clock=lambda: now[0])
+    auth = Authenticator(reader.gateway_url, cache)
+    token = reader.token("M1001")
+    assert await auth.viewer(token) is not None
+    cache.url = reader.gateway_url + "/gone.json"  # the JWKS stops answering (404)
+    now[0] += 301
+    assert await auth.viewer(token) is None
+    assert await auth.viewer(token) is None
+    assert cache.fetches == 2  # the failed refetch is not retried for every token
+    cache.url = f"{reader.gateway_url}/.well-known/jwks.json"
+    now[0] += 10
+    assert await auth.viewer(token) is not None
+    assert cache.fetches == 3
+
+
+def test_jwks_lifetime_comes_from_cache_control() -> None:
+    assert max_age("public, max-age=300") == 300
+    assert max_age("max-age=60, must-revalidate") == 60
+    assert max_age(None) == DEFAULT_MAX_AGE
+    assert max_age("no-store") == 0 and max_age("public, no-cache") == 0
+    assert max_age("max-age=soon") == 0
+    assert max_age("max-age=99999999") == 86400
 
 
 # -- notes ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
+import secrets
 import time
 import zlib
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def settings(tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Settings:
     )
     (tmp_path / "gateway.toml").write_text(
         f'public_url = "{PUBLIC_URL}"\n'
-        '[session]\nsecrets = ["' + "s" * 64 + '"]\n'
+        '[session]\nsecrets = ["' + secrets.token_urlsafe(48) + '"]\n'
         '[[upstreams]]\nname = "reader"\nurl = "http://127.0.0.1:9000"\n'
     )
     return load_settings(tmp_path / "gateway.toml", environ={})

@@ -4,9 +4,14 @@ The reader trusts nothing but the signed token in ``X-Gateway-Identity``; the
 ``X-Member-*`` headers the gateway also sends are ignored, so a reader reached
 without the gateway cannot be talked into anything by a forged header.
 
-The JWKS is fetched on first use and cached. A token naming a key the cache
-does not know triggers a refetch (the gateway rotated its keys), at most once
-every ``min_interval`` seconds, so forged ``kid`` values cannot hammer the gateway.
+The JWKS is fetched on first use and kept for as long as the answer's
+``Cache-Control: max-age`` says (the gateway sends 300 s; no header: 300 s; ``no-store``
+or ``no-cache``: ``min_interval``), so a key the gateway pruned stops being trusted
+at most that long after. An expired copy is never used: it is fetched again first,
+and while that fails tokens are refused rather than checked against stale keys. A token
+naming a key the cache does not know also triggers a refetch (the gateway rotated its
+keys), at most once every ``min_interval`` seconds, so forged ``kid`` values cannot
+hammer the gateway; ``min_interval`` is also the shortest time a copy is kept.
 """
 
 from __future__ import annotations
@@ -74,8 +79,30 @@ class Viewer:
                    sid=sid if isinstance(sid, str) and sid else f"sub:{sub}")
 
 
+DEFAULT_MAX_AGE = 300.0  # seconds, when the JWKS answer names no lifetime
+LONGEST_MAX_AGE = 86400.0  # a longer max-age is cut to this
+
+
+def max_age(cache_control: str | None) -> float:
+    """Seconds a JWKS answer may be used, from its ``Cache-Control`` header."""
+    if cache_control is None:
+        return DEFAULT_MAX_AGE
+    found = DEFAULT_MAX_AGE
+    for directive in cache_control.lower().split(","):
+        name, _, value = directive.strip().partition("=")
+        if name in ("no-store", "no-cache"):
+            return 0.0
+        if name == "max-age":
+            try:
+                found = float(int(value.strip().strip('"')))
+            except ValueError:
+                return 0.0  # unreadable: treat as not cacheable
+    return min(max(found, 0.0), LONGEST_MAX_AGE)
+
+
 class JwksCache:
-    """The gateway's JWKS, fetched lazily and refetched (rate-limited) for unknown keys."""
+    """The gateway's JWKS, fetched lazily, kept for its ``max-age``, and refetched
+    (rate-limited) for unknown keys."""
 
     def __init__(self, url: str, *, verify: ssl.SSLContext | bool = True,
                  min_interval: float = 10.0,
@@ -85,26 +112,33 @@ class JwksCache:
         self._min_interval = min_interval
         self._clock = clock
         self._jwks: dict[str, Any] | None = None
-        self._fetched_at: float | None = None
+        self._fetched_at: float | None = None  # the last attempt, successful or not
+        self._expires_at = 0.0  # by ``clock``: the copy in ``_jwks`` is not used after it
         self._lock = asyncio.Lock()
         self.fetches = 0
 
+    def _fresh(self) -> bool:
+        return self._jwks is not None and self._clock() < self._expires_at
+
     def _knows(self, kid: object) -> bool:
-        return self._jwks is not None and any(
-            k.get("kid") == kid for k in self._jwks.get("keys", []))
+        return self._fresh() and any(
+            k.get("kid") == kid for k in (self._jwks or {}).get("keys", []))
 
     async def get(self, kid: object) -> dict[str, Any] | None:
-        """The JWKS, refreshed first if it lacks ``kid`` and the last fetch is old enough."""
+        """The JWKS, refetched first when the copy has expired, or (rate-limited) when it
+        lacks ``kid``; ``None`` when no current copy could be had."""
         if self._knows(kid):
             return self._jwks
         async with self._lock:
             if self._knows(kid):
                 return self._jwks
             now = self._clock()
+            # A copy lives at least min_interval, so an expired one was fetched longer ago
+            # than that too; only after a failed fetch does this wait before the next try.
             if self._fetched_at is None or now - self._fetched_at >= self._min_interval:
                 self._fetched_at = now
                 await self._fetch()
-        return self._jwks
+            return self._jwks if self._fresh() else None
 
     async def _fetch(self) -> None:
         self.fetches += 1
@@ -115,9 +149,12 @@ class JwksCache:
                 jwks = answer.json()
             if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
                 raise ValueError("not a JWKS document")
-            self._jwks = jwks
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("could not fetch the gateway JWKS from %s: %s", self.url, exc)
+            return
+        lifetime = max(max_age(answer.headers.get("cache-control")), self._min_interval)
+        self._jwks = jwks
+        self._expires_at = self._clock() + lifetime
 
 
 class Authenticator:

@@ -26,6 +26,7 @@ from gateway.devidp import DevIdPSettings, ensure_keys
 from gateway.devidp import create_app as create_idp_app
 from gateway.devidp.metadata import idp_metadata
 from gateway.keys import ensure_identity_key, write_keypair
+from gateway.server import uvicorn_options
 
 MEMBER = "urn:mace:example.org:entitlement:member"
 ADMIN = "urn:mace:example.org:entitlement:admin"
@@ -146,14 +147,17 @@ def prepare(workdir: Path, *, gateway_url: str = "http://127.0.0.1:8000",
 def servers(stack: DemoStack, *,
             jwks_verify: ssl.SSLContext | bool = True) -> list[uvicorn.Server]:
     """Three uvicorn servers (gateway, IdP, reader), not yet started."""
-    def server(app: Any, url: str) -> uvicorn.Server:
+    def server(app: Any, url: str, **options: Any) -> uvicorn.Server:
         parts = urlsplit(url)
         config = uvicorn.Config(app, host=parts.hostname or "127.0.0.1", port=parts.port or 80,
-                                log_level="warning", lifespan="auto")
+                                log_level="warning", lifespan="auto", **options)
         return uvicorn.Server(config)
 
     return [
-        server(create_app(stack.settings), stack.gateway_url),
+        # X-Forwarded-For only from the configured trusted_proxies (none in the demo), as
+        # in `serve`: uvicorn's default would believe any client on loopback.
+        server(create_app(stack.settings), stack.gateway_url,
+               **stack.settings.proxy_header_options, **uvicorn_options(stack.settings.server)),
         server(create_idp_app(stack.idp), stack.idp.base_url),
         server(create_reader(gateway_url=stack.gateway_url, jwks_verify=jwks_verify,
                              data_dir=stack.workdir / "reader"), stack.reader_url),

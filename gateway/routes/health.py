@@ -3,10 +3,18 @@ store, upstream health URLs, IdP metadata) and ``/metrics`` (Prometheus text for
 
 ``/metrics`` answers clients in ``[metrics] allow_from`` (default: loopback only), or,
 with ``access = "admin"``, members the rules let into ``/_gateway/admin``.
+
+``/healthz`` and ``/readyz`` answer on any Host (probes use addresses). ``/readyz``
+names the failed checks and why (the store's error text names its host and port) only
+to a local client, a client in ``[metrics] allow_from``, or an admin; everyone else gets
+``{"status": "unavailable"}`` with the same 503. A loopback connection that carries
+``X-Forwarded-For``, ``Forwarded`` or ``X-Real-IP`` is a proxy on this host relaying
+someone else (no ``trusted_proxies`` resolved it): it is not a local client.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
@@ -14,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
 from gateway.routes.admin import ADMIN_PATH, admin_guard
 from gateway.telemetry import address_matcher
@@ -32,12 +41,27 @@ def routes(gw: Gateway) -> list[Route]:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
+    async def may_see_details(request: Request) -> bool:
+        client = request.client.host if request.client else ""
+        local = _is_loopback(client) or (allowed is not None and allowed(client))
+        if local and not _relayed(request, client):
+            return True
+        if gw.cookies.read(request.scope["headers"], gw.cookies.session_name) is None:
+            return False
+        try:
+            record, refused = await admin_guard(gw, request, ADMIN_PATH)
+        except GatewayError:  # the store is down: no session can be checked
+            return False
+        return record is not None and refused is None
+
     async def readyz(request: Request) -> Response:
         failed = await gw.telemetry.readiness.failures()
         if failed:
             log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in failed.items()))
-            return JSONResponse({"status": "unavailable", "failed": failed}, 503,
-                                headers=NO_STORE)
+            body: dict[str, object] = {"status": "unavailable"}
+            if await may_see_details(request):
+                body["failed"] = failed
+            return JSONResponse(body, 503, headers=NO_STORE)
         return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
     async def metrics(request: Request) -> Response:
@@ -56,3 +80,19 @@ def routes(gw: Gateway) -> list[Route]:
         return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE})
 
     return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+
+
+#: Headers a proxy adds when it relays someone else's request.
+_RELAY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _relayed(request: Request, client: str) -> bool:
+    """A loopback connection relaying another client's request (a proxy on this host)."""
+    return _is_loopback(client) and any(h in request.headers for h in _RELAY_HEADERS)

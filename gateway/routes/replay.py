@@ -1,7 +1,13 @@
-"""``/_gateway/replay/{id}``: after a sign-in, resend the form that was kept across it."""
+"""``/_gateway/replay/{id}``: after a sign-in, resend the form that was kept across it.
+
+Only a form posted from the gateway's own origin is ever sent again: a kept form whose
+recorded origin is another site's (or unknown) is dropped with a 403, so the replay
+page can never turn a cross-site POST into one from the member's own browser session.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -13,6 +19,8 @@ from gateway.web import error_answer, render, to_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("gateway")
 
 
 def routes(gw: Gateway) -> list[Route]:
@@ -32,6 +40,14 @@ def routes(gw: Gateway) -> list[Route]:
             return to_response(error_answer(
                 404, "Nothing to send", "The kept form was already sent, or it expired.",
                 accept=request.headers.get("accept", "")))
+        if kept.origin != gw.settings.public_url:
+            log.warning("refused to replay a kept form for %s: posted from origin %r",
+                        kept.target.partition("?")[0][:200], kept.origin[:200])
+            response = to_response(error_answer(
+                403, "Not sent", "The kept form did not come from this site, so it was not "
+                "sent.", accept=request.headers.get("accept", "")))
+            response.headers.append("set-cookie", gw.cookies.clear_stash())
+            return response
         response = to_response(render("replay.html", title="Sending your form",
                                       target=kept.target, fields=kept.fields))
         response.headers.append("set-cookie", gw.cookies.clear_stash())

@@ -52,9 +52,13 @@ class SamlProtocol:
         self.sp = ServiceProvider(settings, self.registry, clock)
         self.slo = SingleLogout(self.sp, self.registry, clock)
         self.refresher: MetadataRefresher | None = None
-        #: The SP metadata served at /saml/metadata (built at start, checked by schema).
-        self.metadata_xml = ""
         self._keys: KeyStore | None = None
+
+    @property
+    def metadata_xml(self) -> str:
+        """The SP metadata served at /saml/metadata (checked by schema when built; rebuilt
+        while running when it carries a ``validUntil``)."""
+        return self.sp.metadata()
 
     def routes(self, services: SignInServices) -> Sequence[BaseRoute]:
         """The ``/saml/*`` endpoints; binds the protocol to the gateway's key store."""
@@ -66,7 +70,7 @@ class SamlProtocol:
         self.refresher = MetadataRefresher(self.settings.metadata, self.registry, self.sp,
                                            self.clock)
         await self.refresher.start()
-        self.metadata_xml = self.sp.metadata()
+        self.sp.metadata()  # built and checked now: a bad document fails the start
 
     async def stop(self) -> None:
         if self.refresher is not None:

@@ -21,7 +21,14 @@ from gateway.paths import safe_next
 from gateway.protocol import SignInServices
 from gateway.saml import sign_in
 from gateway.saml.login import SamlLogin
-from gateway.saml.slo import MAX_MESSAGE_AGE, REQUEST, Message, read_post, read_redirect
+from gateway.saml.slo import (
+    MAX_MESSAGE_AGE,
+    REQUEST,
+    Examined,
+    Message,
+    read_post,
+    read_redirect,
+)
 from gateway.sessions import Namespace
 from gateway.web import error_answer, new_reference, render, to_response
 from gateway.web.forms import read_form
@@ -48,6 +55,10 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
     async def login(request: Request) -> Response:
         next_url = safe_next(request.query_params.get("next"))
         chosen = request.query_params.get("idp")
+        if chosen:
+            # Before anything is written: a refused choice is recorded for `explain`, a
+            # known one starts a pending sign-in; both count against the client's limit.
+            await services.rate_limit(request, "logins", settings.limits.logins)
         try:
             idp = flow.choose_idp(chosen)
         except UnknownIdP as exc:
@@ -56,7 +67,8 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
             if settings.idp.discovery_url and "ds" not in request.query_params:
                 return sign_in.discovery(settings, next_url)
             return sign_in.page(cookies, saml.registry, request, next_url)
-        await services.rate_limit(request, "logins", settings.limits.logins)
+        if not chosen:  # the one IdP, straight away: the same limit
+            await services.rate_limit(request, "logins", settings.limits.logins)
         started = await flow.start(idp, next_url)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
@@ -83,7 +95,12 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         return response
 
     async def sls(request: Request) -> Response:
-        """The IdP's LogoutResponse to our LogoutRequest, or the IdP's own LogoutRequest."""
+        """The IdP's LogoutResponse to our LogoutRequest, or the IdP's own LogoutRequest.
+
+        Cheapest checks first: the client's rate limit, the size and shape of the message,
+        its Destination and age (``SingleLogout.examine``), whether its ID was seen or is
+        pending, and only then its signature."""
+        await services.rate_limit(request, "logouts", settings.limits.logouts)
         kind = "unknown"
         try:
             message: Message
@@ -92,11 +109,15 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
             else:
                 message = read_post(await read_form(request, MAX_SLS_BODY))
             kind = message.kind
-            if message.kind == REQUEST:
-                return await idp_logout(request, message)
-            answer = await run_in_threadpool(slo.accept_response, message)
-            pending = await services.keys.take(Namespace.LOGOUT + answer.in_response_to)
-            if pending != answer.idp.entity_id:
+            examined = await run_in_threadpool(slo.examine, message)
+            if examined.kind == REQUEST:
+                return await idp_logout(request, examined)
+            pending_key = Namespace.LOGOUT + examined.in_response_to
+            if await services.keys.get(pending_key) != examined.idp.entity_id:
+                raise LogoutFailed("in_response_to", "The LogoutResponse answers no pending "
+                                   "logout of that IdP (unknown, expired or replayed).")
+            answer = await run_in_threadpool(slo.accept_response, examined)
+            if await services.keys.take(pending_key) != answer.idp.entity_id:
                 raise LogoutFailed("in_response_to", "The LogoutResponse answers no pending "
                                    "logout of that IdP (unknown, expired or replayed).")
         except LogoutFailed as exc:
@@ -105,10 +126,12 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         audit("slo_in", idp=answer.idp.entity_id, result="logout_response")
         return signed_out()
 
-    async def idp_logout(request: Request, message: Message) -> Response:
-        logout = await run_in_threadpool(slo.accept_request, message)
+    async def idp_logout(request: Request, examined: Examined) -> Response:
+        seen = f"{Namespace.LOGOUT_SEEN}{examined.idp.entity_id}:{examined.message_id}"
+        if await services.keys.get(seen) is not None:  # a read: nothing is written yet
+            raise LogoutFailed("replayed", "This LogoutRequest was received before.")
+        logout = await run_in_threadpool(slo.accept_request, examined)
         current = await services.current_session(request)
-        seen = f"{Namespace.LOGOUT_SEEN}{logout.idp.entity_id}:{logout.request_id}"
         if not await services.keys.add_once(seen, "1", MAX_MESSAGE_AGE * 2 + 360):
             raise LogoutFailed("replayed", "This LogoutRequest was received before.")
         log.info("LogoutRequest %s from IdP %s accepted", logout.request_id,

@@ -13,6 +13,12 @@ python3-saml builds and signs the messages; what it leaves open is closed here:
 - it checks NotOnOrAfter against the wall clock and never looks at IssueInstant: here
   both are checked against the gateway's clock.
 
+The checks run cheapest first, so a bogus message costs little: ``examine`` decodes
+(within size limits), parses, and checks Issuer, Destination, IssueInstant and
+NotOnOrAfter; the caller then looks the message's ID up (a replayed LogoutRequest, a
+LogoutResponse that answers nothing pending) and only then does ``accept_request`` /
+``accept_response`` verify the signature and ask the library.
+
 The Redirect signature is checked on the query string exactly as it arrived
 (``validate_signature_from_qs``): re-encoding would break senders that encode
 differently (ADFS's lower-case hex). Every function is synchronous: run it in a thread.
@@ -51,7 +57,7 @@ from gateway.saml.registry import IdP, IdPRegistry
 from gateway.saml.response import clean, kind_for, saml_time
 from gateway.saml.sp import ServiceProvider
 
-__all__ = ["MAX_MESSAGE_AGE", "PENDING_TTL", "REQUEST", "RESPONSE", "IdPLogout",
+__all__ = ["MAX_MESSAGE_AGE", "PENDING_TTL", "REQUEST", "RESPONSE", "Examined", "IdPLogout",
            "LogoutAnswer", "LogoutStart", "Message", "SingleLogout", "read_post", "read_redirect"]
 
 MAX_MESSAGE_AGE = 300.0  # seconds since IssueInstant; the library's clock drift on top
@@ -99,6 +105,26 @@ class IdPLogout:
 
 
 @dataclass(frozen=True)
+class Examined:
+    """A logout message that passed the cheap checks; its signature is not verified yet,
+    so nothing in it is trusted. ``message_id`` is its ``ID``; ``in_response_to`` is a
+    LogoutResponse's ``InResponseTo`` (never empty for one)."""
+
+    message: Message
+    idp: IdP
+    xml: bytes
+    root: Any
+    message_id: str
+    in_response_to: str
+    where: str
+
+    @property
+    def kind(self) -> str:
+        """``SAMLRequest`` or ``SAMLResponse``."""
+        return self.message.kind
+
+
+@dataclass(frozen=True)
 class LogoutAnswer:
     """A validated LogoutResponse: the IdP and the request ID it answers."""
 
@@ -126,17 +152,52 @@ class SingleLogout:
                           name_id_format=data.get("name_id_format") or None)
         return LogoutStart(url=url, request_id=auth.get_last_request_id())
 
-    def accept_request(self, message: Message) -> IdPLogout:
-        """Validate an IdP's LogoutRequest; raise ``LogoutFailed`` if anything is off."""
-        idp, xml, root = self._verified(message, REQUEST)
+    def examine(self, message: Message) -> Examined:
+        """The cheap checks, before anything costly: decode (within the size limits), parse,
+        one known Issuer, Destination, IssueInstant, NotOnOrAfter and, for a
+        LogoutResponse, an InResponseTo. Raises ``LogoutFailed``."""
+        kind = message.kind
+        what = "LogoutRequest" if kind == REQUEST else "LogoutResponse"
+        xml = decode(message.value, inflate=message.binding == "redirect")
+        root = parse(xml, _TAGS[kind], what)
+        issuers = root.findall(_ISSUER)
+        entity_id = (issuers[0].text or "").strip() if len(issuers) == 1 else ""
+        if not entity_id:
+            raise LogoutFailed("issuer", f"The {what} has no single Issuer.")
+        try:
+            idp = self._registry.get(entity_id)
+        except UnknownIdP:
+            raise LogoutFailed("unknown_issuer",
+                               f"The {what} comes from unknown IdP {clean(entity_id)}.") from None
+        where = f"The {what} from IdP {clean(entity_id)}"
+        if root.get("Destination") != self.sls_url:
+            raise LogoutFailed("destination", f"{where} is addressed to "
+                               f"{clean(root.get('Destination'))}, not {self.sls_url}.")
+        issued = saml_time(root.get("IssueInstant"))
+        now = self._clock()
+        if issued is None or not (now - MAX_MESSAGE_AGE - C.ALLOWED_CLOCK_DRIFT <= issued
+                                  <= now + C.ALLOWED_CLOCK_DRIFT):
+            raise LogoutFailed("expired", f"{where} was issued too long ago or in the future.")
+        expires = saml_time(root.get("NotOnOrAfter"))
+        if expires is not None and expires <= now:
+            raise LogoutFailed("expired", f"{where} has expired (NotOnOrAfter).")
+        in_response_to = root.get("InResponseTo") or ""
+        if kind == RESPONSE and not in_response_to:
+            raise LogoutFailed("in_response_to", f"{where} has no InResponseTo.")
+        return Examined(message, idp, xml, root, str(root.get("ID")), in_response_to, where)
+
+    def accept_request(self, examined: Examined) -> IdPLogout:
+        """Verify an examined LogoutRequest (signature, then the library's checks); raise
+        ``LogoutFailed`` if anything is off."""
+        if examined.kind != REQUEST:
+            raise LogoutFailed("malformed", "Expected a LogoutRequest.")
+        self._verify_signature(examined)
+        idp, xml, root, where = examined.idp, examined.xml, examined.root, examined.where
+        message = examined.message
         settings = self._sp.settings_for(idp)
         request = OneLogin_Saml2_Logout_Request(settings, OneLogin_Saml2_Utils.b64encode(xml))
-        where = f"The LogoutRequest from IdP {clean(idp.entity_id)}"
         self._library_verdict(request, xml, where, lambda: request.is_valid(
             _request_data(self.sls_url, message.params), raise_exceptions=True))
-        expires = saml_time(root.get("NotOnOrAfter"))
-        if expires is not None and expires <= self._clock():
-            raise LogoutFailed("expired", f"{where} has expired (NotOnOrAfter).")
         if root.find(f"{{{C.NS_SAML}}}EncryptedID") is not None:
             raise LogoutFailed("malformed", f"{where} has an encrypted NameID.")
         try:
@@ -147,27 +208,27 @@ class SingleLogout:
                 from exc
         if not name_id.get("Value"):
             raise LogoutFailed("malformed", f"{where} has an empty NameID.")
-        return IdPLogout(idp=idp, request_id=str(root.get("ID")), name_id=name_id["Value"],
+        return IdPLogout(idp=idp, request_id=examined.message_id, name_id=name_id["Value"],
                          name_id_format=name_id.get("Format") or "",
                          session_indexes=tuple(str(i) for i in indexes),
                          relay_state=message.relay_state)
 
-    def accept_response(self, message: Message) -> LogoutAnswer:
-        """Validate a LogoutResponse. The caller must still consume its InResponseTo."""
-        idp, xml, root = self._verified(message, RESPONSE)
+    def accept_response(self, examined: Examined) -> LogoutAnswer:
+        """Verify an examined LogoutResponse. The caller must still consume its
+        InResponseTo."""
+        if examined.kind != RESPONSE:
+            raise LogoutFailed("malformed", "Expected a LogoutResponse.")
+        self._verify_signature(examined)
+        idp, xml, where = examined.idp, examined.xml, examined.where
         settings = self._sp.settings_for(idp)
         response = OneLogin_Saml2_Logout_Response(settings, OneLogin_Saml2_Utils.b64encode(xml))
-        where = f"The LogoutResponse from IdP {clean(idp.entity_id)}"
-        in_response_to = root.get("InResponseTo") or ""
-        if not in_response_to:
-            raise LogoutFailed("in_response_to", f"{where} has no InResponseTo.")
         self._library_verdict(response, xml, where, lambda: response.is_valid(
-            _request_data(self.sls_url, message.params), request_id=in_response_to,
-            raise_exceptions=True))
+            _request_data(self.sls_url, examined.message.params),
+            request_id=examined.in_response_to, raise_exceptions=True))
         status = response.get_status()
         if status != C.STATUS_SUCCESS:
             raise LogoutFailed("status", f"{where} has status {clean(status, 120)}.")
-        return LogoutAnswer(idp=idp, in_response_to=in_response_to)
+        return LogoutAnswer(idp=idp, in_response_to=examined.in_response_to)
 
     def answer(self, logout: IdPLogout) -> str | None:
         """The signed LogoutResponse (Success) as a Redirect URL to the IdP, if it has SLO."""
@@ -186,40 +247,18 @@ class SingleLogout:
 
     # Internals -----------------------------------------------------------------------
 
-    def _verified(self, message: Message, kind: str) -> tuple[IdP, bytes, Any]:
-        """Decode, check the shape, find the IdP by Issuer, verify the signature."""
-        what = "LogoutRequest" if kind == REQUEST else "LogoutResponse"
-        if message.kind != kind:
-            raise LogoutFailed("malformed", f"Expected a {what}.")
-        xml = decode(message.value, inflate=message.binding == "redirect")
-        root = parse(xml, _TAGS[kind], what)
-        issuers = root.findall(_ISSUER)
-        entity_id = (issuers[0].text or "").strip() if len(issuers) == 1 else ""
-        if not entity_id:
-            raise LogoutFailed("issuer", f"The {what} has no single Issuer.")
-        try:
-            idp = self._registry.get(entity_id)
-        except UnknownIdP:
-            raise LogoutFailed("unknown_issuer",
-                               f"The {what} comes from unknown IdP {clean(entity_id)}.") from None
-        where = f"The {what} from IdP {clean(entity_id)}"
+    def _verify_signature(self, examined: Examined) -> None:
+        """The signature of the binding the message came by: the query's (Redirect), or
+        the enveloped XML signature (POST)."""
+        message, root, where = examined.message, examined.root, examined.where
         signatures = list(root.iter(SIGNATURE))
         if message.binding == "redirect":
             if signatures:
                 raise LogoutFailed("signature", f"{where} has an XML signature in the Redirect "
                                    "binding, which signs the query instead.")
-            self._check_query_signature(message, idp, where)
+            self._check_query_signature(message, examined.idp, where)
         else:
-            check_enveloped_signature(root, signatures, idp, where)
-        if root.get("Destination") != self.sls_url:
-            raise LogoutFailed("destination", f"{where} is addressed to "
-                               f"{clean(root.get('Destination'))}, not {self.sls_url}.")
-        issued = saml_time(root.get("IssueInstant"))
-        now = self._clock()
-        if issued is None or not (now - MAX_MESSAGE_AGE - C.ALLOWED_CLOCK_DRIFT <= issued
-                                  <= now + C.ALLOWED_CLOCK_DRIFT):
-            raise LogoutFailed("expired", f"{where} was issued too long ago or in the future.")
-        return idp, xml, root
+            check_enveloped_signature(root, signatures, examined.idp, where)
 
     def _check_query_signature(self, message: Message, idp: IdP, where: str) -> None:
         params = message.params

@@ -32,13 +32,15 @@ from gateway.saml.failure_details import add_details
 from gateway.saml.identifiers import PROTOCOL, checked, logout_handle
 from gateway.saml.registry import IdP, IdPRegistry
 from gateway.saml.response import Auth, check_response, clean, kind_for
-from gateway.saml.sp_keys import read_keypairs, sp_metadata
+from gateway.saml.sp_keys import metadata_warnings, read_keypairs, sp_metadata
 from gateway.saml.structure import check_envelope, check_structure, parser
 
 log = logging.getLogger("gateway")
 ACS_PATH = "/saml/acs"
 SLS_PATH = "/saml/sls"
 METADATA_PATH = "/saml/metadata"
+#: Seconds a built SP metadata document with a ``validUntil`` is served before a rebuild.
+METADATA_REBUILD = 3600.0
 # We identify members by an attribute, not by NameID, so we let the IdP pick the format:
 # asking for ``persistent`` makes IdPs that cannot issue one fail with InvalidNameIDPolicy.
 NAMEID_FORMAT = C.NAMEID_UNSPECIFIED
@@ -91,6 +93,7 @@ class ServiceProvider:
         self._keys = read_keypairs(settings)  # current first; the next one during a rollover
         self._lock = threading.Lock()
         self._cache: dict[tuple[IdP, int], OneLogin_Saml2_Settings] = {}
+        self._metadata: tuple[float, str] | None = None  # (built at, XML)
         self._sp_only = self._build(None)
         for idp in registry.all():  # a bad IdP block fails at startup, not at first login
             self.settings_for(idp)
@@ -229,8 +232,28 @@ class ServiceProvider:
 
     def metadata(self) -> str:
         """SP metadata XML (every SP certificate, for signing and encryption), checked
-        against the metadata schema before it is returned."""
-        return sp_metadata(self._sp_only, [pair.cert_pem for pair in self._keys])
+        against the metadata schema when it is built.
+
+        Without ``[sp] metadata_valid_for`` it has no ``validUntil`` and is built once.
+        With it, ``validUntil`` is counted from when the document was built, and the
+        document is rebuilt every ``METADATA_REBUILD`` seconds, so a gateway that runs
+        for months never serves metadata that has expired or is about to."""
+        sp = self._config.sp
+        now = self._clock()
+        with self._lock:
+            if self._metadata is not None and (
+                    sp.metadata_valid_for is None or now - self._metadata[0] < METADATA_REBUILD):
+                return self._metadata[1]
+        valid_until = None if sp.metadata_valid_for is None else now + sp.metadata_valid_for
+        xml = sp_metadata(self._sp_only, [pair.cert_pem for pair in self._keys],
+                          valid_until=valid_until, cache_duration=sp.metadata_cache_duration)
+        with self._lock:
+            self._metadata = (now, xml)
+        return xml
+
+    def metadata_warnings(self) -> list[str]:
+        """Warnings about the SP metadata lifetime settings, for ``sso-gateway check``."""
+        return metadata_warnings(self._config.sp)
 
     def settings_for(self, idp: IdP, key: int = 0) -> OneLogin_Saml2_Settings:
         """The python3-saml settings for one IdP, built once and cached. ``key`` picks the

@@ -20,8 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from onelogin.saml2.metadata import OneLogin_Saml2_Metadata
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 
-from gateway.config import Settings
+from gateway.config import Settings, SPSettings
 from gateway.errors import ConfigError
+
+#: A metadata validity shorter than this (seconds) draws a warning from ``check``.
+SHORT_VALIDITY = 30 * 86400
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,22 @@ def _read(label: str, key_file: Path, cert_file: Path, problems: list[str]) -> K
     return KeyPair(key_pem, cert_pem, label)
 
 
-def sp_metadata(settings: OneLogin_Saml2_Settings, certs: list[str]) -> str:
+def sp_metadata(settings: OneLogin_Saml2_Settings, certs: list[str], *,
+                valid_until: float | None = None, cache_duration: int | None = None) -> str:
     """SP metadata XML with a signing and an encryption KeyDescriptor per certificate
-    (current first), checked against the metadata schema."""
+    (current first), checked against the metadata schema.
+
+    ``validUntil`` (POSIX seconds) and ``cacheDuration`` (seconds) are written only when
+    given: python3-saml's own defaults (two days, one week) would make every IdP that
+    imported the metadata once refuse the gateway two days later."""
     security = settings.get_security_data()
     xml = OneLogin_Saml2_Metadata.builder(
         settings.get_sp_data(),
         authnsign=security["authnRequestsSigned"],
         wsign=security["wantAssertionsSigned"],
+        # "" tells the builder to leave the attribute out (None means its default).
+        valid_until=int(valid_until) if valid_until is not None else "",
+        cache_duration=cache_duration if cache_duration is not None else "",
     )
     # Each call inserts its two KeyDescriptors first: add the current certificate last.
     for cert in reversed(certs):
@@ -89,6 +100,23 @@ def sp_metadata(settings: OneLogin_Saml2_Settings, certs: list[str]) -> str:
     if errors:
         raise ConfigError([f"the generated SP metadata is invalid: {', '.join(errors)}"])
     return text
+
+
+def metadata_warnings(sp: SPSettings) -> list[str]:
+    """What ``check`` says about the SP metadata lifetime settings (``[sp]``)."""
+    warnings = []
+    valid_for, cache = sp.metadata_valid_for, sp.metadata_cache_duration
+    if valid_for is not None and valid_for < SHORT_VALIDITY:
+        warnings.append(
+            f"sp.metadata_valid_for = {valid_for} s ({valid_for / 86400:.1f} days): an IdP that "
+            "imports the SP metadata once refuses this gateway when that time has passed; "
+            f"use {SHORT_VALIDITY // 86400} days or more, or leave it unset (no validUntil), "
+            "unless every IdP refreshes the metadata from /saml/metadata")
+    if valid_for is not None and cache is not None and cache > valid_for:
+        warnings.append(f"sp.metadata_cache_duration ({cache} s) is longer than "
+                        f"sp.metadata_valid_for ({valid_for} s): the metadata expires "
+                        "before an IdP is told to fetch it again")
+    return warnings
 
 
 def fingerprint(cert: str) -> str:

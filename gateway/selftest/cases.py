@@ -30,7 +30,8 @@ from gateway.selftest.flow import (
     post_response,
     sign_out,
 )
-from gateway.selftest.probes import PROBES
+from gateway.selftest.hostile import PROBES as HOSTILE
+from gateway.selftest.probes import probes
 
 REFUSED = "400, no session"
 # A few of the wrapping shapes: each costs a sign-in start and an ACS post, and the
@@ -104,7 +105,9 @@ def _replay(ctx: Context) -> Outcome:
     return _refusal(describe(again), again.status == 400 and not accepted(again))
 
 
-def all_cases() -> list[Case]:
+def all_cases(ctx: Context) -> list[Case]:
+    """Every case for the gateway in ``ctx``, in the order they run (``hostile.RATE_LIMIT``
+    is not among them: it runs after them all)."""
     cases = [
         Case("forged: unsigned response", REFUSED, _forged(_unsigned)),
         Case("forged: self-signed, certificate in KeyInfo", REFUSED, _forged(_self_signed)),
@@ -117,4 +120,5 @@ def all_cases() -> list[Case]:
         Case("off-audience: Audience of another SP", REFUSED, _forged(_off_audience),
              needs_idp_key=True),
     ]
-    return cases + [Case(p.name, p.expected, p.check) for p in PROBES]
+    return cases + [Case(p.name, p.expected, p.check, p.needs_idp_key)
+                    for p in [*probes(ctx), *HOSTILE]]

@@ -11,11 +11,13 @@ followed: every hop is looked at by the case that made it.
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
 TIMEOUT = 15.0
+MAX_HEAD = 64 * 1024  # bytes of an answer's head that ``exchange`` reads
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,60 @@ class Target:
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.netloc}"
 
-    def connection(self) -> http.client.HTTPConnection:
-        parts = urlsplit(self.url)
-        if parts.scheme == "http":
-            return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=TIMEOUT)
+    def context(self) -> ssl.SSLContext:
+        """The TLS context for an https gateway, as ``--ca-file``/``--insecure`` say."""
         context = ssl.create_default_context(cafile=self.ca_file)
         if self.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def connection(self) -> http.client.HTTPConnection:
+        parts = urlsplit(self.url)
+        if parts.scheme == "http":
+            return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=TIMEOUT)
         return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=TIMEOUT,
-                                           context=context)
+                                           context=self.context())
+
+    def exchange(self, head: bytes) -> tuple[int | None, str]:
+        """Send a raw request ``head`` (the whole of it, CRLFs included) and read only the
+        answer's status line: ``(status, what happened)``, status ``None`` when no answer
+        came. For requests a well-behaved client library will not send (oversized or
+        duplicated headers, upgrades): the server may answer and close before all is
+        sent, so a failed send still reads what arrived."""
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        raw = socket.create_connection((parts.hostname or "", port), timeout=TIMEOUT)
+        conn: socket.socket = raw
+        try:
+            if parts.scheme == "https":
+                conn = self.context().wrap_socket(raw, server_hostname=parts.hostname)
+            sent_all = True
+            try:
+                view = memoryview(head)
+                while view:
+                    sent = conn.send(view[:65536])
+                    view = view[sent:]
+            except OSError:
+                sent_all = False  # answered (or dropped) before the whole head was read
+            received = b""
+            try:
+                while b"\r\n\r\n" not in received and len(received) < MAX_HEAD:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+            except OSError as exc:
+                if not received:
+                    how = "before it was all sent" if not sent_all else "after it was sent"
+                    return None, f"connection dropped {how}, no answer ({exc})"
+        finally:
+            conn.close()
+        line = received.split(b"\r\n", 1)[0].decode("latin-1")
+        fields = line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+            return None, f"no HTTP answer ({line[:60]!r})" if line else "closed without answer"
+        return int(fields[1]), line
 
 
 @dataclass

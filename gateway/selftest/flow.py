@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from gateway.devidp.response import new_id
 from gateway.selftest.client import Answer, Browser, Target
+from gateway.selftest.deployment import Deployment
 from gateway.selftest.forge import Forge, encode, parse
 
 _CSRF = re.compile(r'name="csrf"\s+value="([^"]+)"')
@@ -29,7 +31,11 @@ class CaseError(Exception):
 @dataclass(frozen=True)
 class Context:
     """The gateway under test and the forgers: ``attacker`` holds a throwaway key;
-    ``idp`` (only with ``--idp-key``) signs as the real IdP."""
+    ``idp`` (only with ``--idp-key``) signs as the real IdP. ``deployment`` holds the
+    names the deployment uses (its config with ``--config``, else the defaults);
+    ``public_path`` is a path anyone may open, ``echo_path`` (optional) one whose answer
+    shows the request headers the upstream got. ``shared`` is what cases share within
+    one run (the test member's session, the forward-auth headers found)."""
 
     target: Target
     idp_entity_id: str
@@ -38,6 +44,10 @@ class Context:
     gated_path: str
     attacker: Forge
     idp: Forge | None
+    deployment: Deployment = field(default_factory=Deployment)
+    public_path: str = "/"
+    echo_path: str | None = None
+    shared: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def browser(self) -> Browser:
         return Browser(self.target)
@@ -45,6 +55,34 @@ class Context:
     @property
     def acs_path(self) -> str:
         return urlsplit(self.acs_url).path or "/saml/acs"
+
+    @property
+    def session_cookie(self) -> str:
+        """The gateway's session cookie name, as a browser holds it."""
+        return self.deployment.session_cookie(self.target.url.startswith("https:"))
+
+    def member(self) -> Browser:
+        """A browser holding a live session of the test member, signed in once per run
+        with the IdP's key (only with ``--idp-key``); ``end_member`` signs it out."""
+        browser = self.shared.get("member")
+        if isinstance(browser, Browser):
+            return browser
+        if self.idp is None:
+            raise CaseError("needs --idp-key and --idp-cert")
+        browser = self.browser()
+        pending = begin(browser, self)
+        answer = post_response(browser, self, pending,
+                               self.idp.xml(pending.request_id, assertion_id=new_id()))
+        if not accepted(answer):
+            raise CaseError(f"the test member's genuine login was refused: {describe(answer)}")
+        self.shared["member"] = browser
+        return browser
+
+    def end_member(self) -> None:
+        """Sign the shared test member out, if a case signed it in."""
+        browser = self.shared.pop("member", None)
+        if isinstance(browser, Browser):
+            sign_out(browser, self)
 
 
 @dataclass(frozen=True)

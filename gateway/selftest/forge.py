@@ -35,11 +35,26 @@ DS = f"{{{C.NS_DS}}}"
 NAMEID_PERSISTENT = C.NAMEID_PERSISTENT
 ATTACKER = "M1001"  # Alice, a real member, is the attacker …
 VICTIM = "M1004"  # … and wants to be this one
+ATTACKER_EMAIL = "alice@members.example.org"
+VICTIM_EMAIL = "victim@members.example.org"
+#: Alice's values for each of the gateway's own attributes.
+ALICE_VALUES: dict[str, list[str]] = {
+    "member_id": [ATTACKER], "email": [ATTACKER_EMAIL], "display_name": ["Alice Archer"],
+    "status": ["active"], "entitlements": ["urn:mace:example.org:entitlement:member"],
+}
+#: The released names the demo's IdP (and the gateway's defaults) give them.
 ALICE: dict[str, list[str]] = {
-    "memberId": [ATTACKER], "mail": ["alice@members.example.org"],
+    "memberId": [ATTACKER], "mail": [ATTACKER_EMAIL],
     "displayName": ["Alice Archer"], "memberStatus": ["active"],
     "eduPersonEntitlement": ["urn:mace:example.org:entitlement:member"],
 }
+
+
+def alice_as(released: Mapping[str, str]) -> dict[str, list[str]]:
+    """Alice's attributes under a deployment's released names (gateway attribute →
+    released name, e.g. ``member_id`` → ``urn:oid:1.3.6.1.4.1.5923.1.1.1.6``)."""
+    return {released[role]: list(values) for role, values in ALICE_VALUES.items()
+            if role in released}
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
@@ -156,11 +171,13 @@ def unsign(element: Any) -> Any:
 
 
 def make_evil(element: Any) -> Any:
-    """Turn an Assertion (or everything under a Response) into the victim's."""
-    for value in element.iterfind(".//saml:Attribute[@Name='memberId']/saml:AttributeValue", NS):
-        value.text = VICTIM
-    for value in element.iterfind(".//saml:Attribute[@Name='mail']/saml:AttributeValue", NS):
-        value.text = "victim@members.example.org"
+    """Turn an Assertion (or everything under a Response) into the victim's: Alice's
+    member number and address become the victim's, whatever the attributes are called."""
+    for value in element.iterfind(".//saml:Attribute/saml:AttributeValue", NS):
+        if value.text == ATTACKER:
+            value.text = VICTIM
+        elif value.text == ATTACKER_EMAIL:
+            value.text = VICTIM_EMAIL
     for name_id in element.iterfind(".//saml:Subject/saml:NameID", NS):
         name_id.text = "victim-persistent-id"
     return element

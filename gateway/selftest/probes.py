@@ -1,7 +1,8 @@
 """Edge probes: smuggled identity headers, path-encoding bypasses, open redirects.
 
-Identity headers are sent without a session, so whatever the gateway answers, a 200 on
-a gated path means the headers were believed. Paths are sent byte for byte: each is a
+Identity headers (the deployment's own names: ``--config``, else the defaults) are sent
+without a session, so whatever the gateway answers, a 200 on a gated path means the
+headers were believed. Paths are sent byte for byte: each is a
 spelling that two parsers could read two ways, and the gateway must refuse it (400)
 rather than decide on one reading and forward another. Open redirects: the sign-in page
 must carry only ``next=/`` onward, and (with ``--idp-key``) a completed login must land
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from gateway.devidp.response import new_id
+from gateway.selftest.deployment import FRONT_PROXY_HEADERS
 from gateway.selftest.flow import Context, Outcome, describe, login_with
+from gateway.selftest.forward_auth import forward_auth, forward_auth_names
 
 _IDP_LINK = re.compile(r'href="(/saml/login\?[^"]*idp=[^"]*)"')
 SPOOFED_MEMBER = "M1001"
@@ -30,33 +33,57 @@ class Probe:
     name: str
     expected: str
     check: Callable[[Context], Outcome]
+    needs_idp_key: bool = False
 
 
-def _identity(spelling: str) -> list[tuple[str, str]]:
-    prefix = spelling[:-2]  # "X-Member-" or "X_Member_"
-    return [(spelling, SPOOFED_MEMBER), (prefix + "Status", "active"),
-            (prefix + "Entitlements", "urn:mace:example.org:entitlement:member"),
-            ("X-Gateway-Identity", "spoofed")]
+def spelled(header: str, underscores: bool) -> str:
+    """``X-Member-Id`` or, as some servers read it too, ``X_Member_Id``."""
+    return header.replace("-", "_") if underscores else header
 
 
-def _forward_auth(spelling: str) -> Callable[[Context], Outcome]:
+def _identity(ctx: Context, underscores: bool) -> list[tuple[str, str]]:
+    """The deployment's identity headers, forged: Alice's number, active, a member."""
+    headers = ctx.deployment.headers
+    values = {"subject": SPOOFED_MEMBER, "status": "active",
+              "entitlements": "urn:mace:example.org:entitlement:member"}
+    forged = [(spelled(headers[name], underscores), value) for name, value in values.items()
+              if headers.get(name)]
+    return [*forged, (spelled(ctx.deployment.token_header, underscores), "spoofed")]
+
+
+def _subject_header(ctx: Context, underscores: bool) -> str:
+    return spelled(ctx.deployment.headers.get("subject") or "X-Member-Id", underscores)
+
+
+def _forward_auth(underscores: bool) -> Callable[[Context], Outcome]:
     def check(ctx: Context) -> Outcome:
-        answer = ctx.browser().get("/auth/check", [("X-Original-URI", ctx.gated_path),
-                                                   ("X-Forwarded-Method", "GET"),
-                                                   *_identity(spelling)])
+        names = forward_auth_names(ctx) or FRONT_PROXY_HEADERS["nginx"]
+        answer = forward_auth(ctx.browser(), ctx, names, "GET", ctx.gated_path,
+                              _identity(ctx, underscores))
         return Outcome("FAIL" if answer.status == 200 else "PASS", describe(answer))
     return check
 
 
-def _gated_page(headers: list[tuple[str, str]]) -> Callable[[Context], Outcome]:
+def _gated_page(extra: Callable[[Context], list[tuple[str, str]]],
+                underscores: bool) -> Callable[[Context], Outcome]:
     def check(ctx: Context) -> Outcome:
         plain = ctx.browser().get(ctx.gated_path)
         if plain.status == 200:
             return Outcome("SKIP", f"{ctx.gated_path} is served anonymously: "
                                    "choose a gated one with --gated-path")
-        answer = ctx.browser().get(ctx.gated_path, headers)
+        answer = ctx.browser().get(ctx.gated_path, [*_identity(ctx, underscores), *extra(ctx)])
         return Outcome("FAIL" if answer.status == 200 else "PASS", describe(answer))
     return check
+
+
+def _twice_and_in_connection(ctx: Context) -> list[tuple[str, str]]:
+    subject = _subject_header(ctx, False)
+    status = ctx.deployment.headers.get("status") or "X-Member-Status"
+    return [(subject, "M1002"), ("Connection", f"{subject}, {status}")]
+
+
+def _lower_case(ctx: Context) -> list[tuple[str, str]]:
+    return [(_subject_header(ctx, False).lower(), SPOOFED_MEMBER)]
 
 
 def _raw_path(path: str) -> Callable[[Context], Outcome]:
@@ -91,15 +118,24 @@ def _open_redirect(raw_next: str) -> Callable[[Context], Outcome]:
     return check
 
 
-PROBES: list[Probe] = [
-    Probe("spoofed X-Member-Id at /auth/check", "not 200", _forward_auth("X-Member-Id")),
-    Probe("spoofed X_Member_Id at /auth/check", "not 200", _forward_auth("X_Member_Id")),
-    Probe("spoofed X-Member-Id (twice, in Connection) on a gated page", "not 200",
-          _gated_page([*_identity("X-Member-Id"), ("X-Member-Id", "M1002"),
-                       ("Connection", "X-Member-Id, X-Member-Status")])),
-    Probe("spoofed X_Member_Id, x-member-id on a gated page", "not 200",
-          _gated_page([*_identity("X_Member_Id"), ("x-member-id", SPOOFED_MEMBER)])),
-    *(Probe(f"path GET {path}", "400", _raw_path(path)) for path in EVIL_PATHS),
-    *(Probe(f"open redirect next={raw}", "next=/, lands on /", _open_redirect(raw))
-      for raw in EVIL_NEXTS),
-]
+def identity_probes(ctx: Context) -> list[Probe]:
+    """The spoofed-identity probes, named with the deployment's header names."""
+    dashes, underscores = _subject_header(ctx, False), _subject_header(ctx, True)
+    return [
+        Probe(f"spoofed {dashes} at /auth/check", "not 200", _forward_auth(False)),
+        Probe(f"spoofed {underscores} at /auth/check", "not 200", _forward_auth(True)),
+        Probe(f"spoofed {dashes} (twice, in Connection) on a gated page", "not 200",
+              _gated_page(_twice_and_in_connection, False)),
+        Probe(f"spoofed {underscores}, {dashes.lower()} on a gated page", "not 200",
+              _gated_page(_lower_case, True)),
+    ]
+
+
+def probes(ctx: Context) -> list[Probe]:
+    """Every edge probe, for the deployment in ``ctx``."""
+    return [
+        *identity_probes(ctx),
+        *(Probe(f"path GET {path}", "400", _raw_path(path)) for path in EVIL_PATHS),
+        *(Probe(f"open redirect next={raw}", "next=/, lands on /", _open_redirect(raw))
+          for raw in EVIL_NEXTS),
+    ]

@@ -5,6 +5,12 @@ by the IdP's ``SessionNotOnOrAfter``) and idle timeout are checked on every
 resolve; the idle clock is written at most once per ``TOUCH_INTERVAL`` so a
 busy reader does not turn every page view into a store write. Principals are
 parsed from the store's JSON once and cached, for every backend.
+
+A session that ends by idling leaves a small marker in the ``KeyStore``
+(``Namespace.ENDED``) until the session's absolute end, the longest its cookie can
+still be sent: ``recently_ended`` tells a cookie of a real session that just ended
+(a form posted after a pause, worth keeping across the sign-in) from a junk or
+forged one, which never reaches the store.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from dataclasses import dataclass
 
 from gateway.principal import Principal
 from gateway.sessions.cookies import CookieSigner
-from gateway.sessions.store import Clock, SessionStore, StoredSession, session_key
+from gateway.sessions.store import (
+    Clock,
+    KeyStore,
+    Namespace,
+    SessionStore,
+    StoredSession,
+    session_key,
+)
 
 TOUCH_INTERVAL = 60.0
 # Sessions are picked by the first characters of their store key (a hash): enough to tell
@@ -48,8 +61,11 @@ class SessionManager:
     that does)."""
 
     def __init__(self, store: SessionStore, signer: CookieSigner, *, lifetime: float,
-                 idle_timeout: float, clock: Clock) -> None:
+                 idle_timeout: float, clock: Clock, keys: KeyStore | None = None) -> None:
+        """``keys`` holds the markers of sessions that ended by idling (without it, none
+        are kept and ``recently_ended`` is always false)."""
         self.store = store
+        self._keys = keys
         self._signer = signer
         self._lifetime = lifetime
         self._idle = idle_timeout
@@ -89,12 +105,23 @@ class SessionManager:
         if now >= stored.expires:
             return None
         if now - stored.last_seen >= self._idle:
-            await self.store.delete_session(key)
+            if await self.store.delete_session(key) and self._keys is not None:
+                await self._keys.add_once(Namespace.ENDED + key, "idle",
+                                          max(stored.expires - now, 1.0))
             return None
         if now - stored.last_seen >= TOUCH_INTERVAL:
             await self.store.touch_session(key, now)
             stored = stored.touched(now)
         return self._record(stored)
+
+    async def recently_ended(self, cookie: str | None) -> bool:
+        """Whether a cookie (that ``resolve`` found no live session for) belongs to a real
+        session that ended by idling and whose cookie is still within its lifetime. A
+        cookie with a bad signature is answered without asking the store."""
+        session_id = self._signer.unsign(cookie)
+        if session_id is None or self._keys is None:
+            return False
+        return await self._keys.get(Namespace.ENDED + session_key(session_id)) is not None
 
     async def sessions(self, subject: str | None = None) -> list[SessionRecord]:
         """Live sessions, oldest first: all, or one subject's."""

@@ -40,6 +40,7 @@ class Namespace(StrEnum):
     LOGOUT_SEEN = "slo-in:"  # a logout message already received (replay cache)
     RATE = "rate:"  # a rate-limit counter per client and action
     STASH = "stash:"  # a form kept across a sign-in
+    ENDED = "ended:"  # a session that ended by idling, until its cookie's end (kept forms)
     FAILURE = "failure:"  # a refused sign-in, for `sso-gateway explain` (a record)
 
 
