@@ -26,7 +26,7 @@ from onelogin.saml2.utils import OneLogin_Saml2_Utils
 from gateway.devidp.logout import build_logout_request, redirect_query, sign_enveloped
 from gateway.devidp.users import NAMEID_PERSISTENT, persistent_name_id
 from gateway.saml import logout_message
-from tests.browser import client
+from tests.browser import client, login
 from tests.conftest import Stack
 
 FREE = "/issues/free-2024/pages/1"
@@ -211,3 +211,24 @@ def test_two_host_headers_are_refused(stack: Stack) -> None:
     # One Host still works.
     with httpx.Client(verify=stack.tls.client_context()) as http:
         assert http.get(stack.url + "/public/about").status_code == 200
+
+
+def test_one_rule_for_two_session_cookies_on_the_hot_path_and_in_routes(stack: Stack) -> None:
+    """Item 15: with two session cookies the hot path and the gateway's own routes read
+    the same one (the first): a junk cookie first makes both anonymous, alice's first
+    makes both alice — never alice on one path and nobody on the other."""
+    with client(stack) as alice:
+        login(alice, stack, PAGE, "alice")
+        name = "__Host-gw_session"
+        value = alice.cookies.get(name)
+        assert value
+    junk = "junk.signature"
+    with httpx.Client(verify=stack.tls.client_context(), timeout=20) as http:
+        for first, second, member in ((junk, value, False), (value, junk, True)):
+            cookie = {"cookie": f"{name}={first}; {name}={second}"}
+            page = http.get(stack.url + PAGE, headers=cookie)
+            sessions = http.get(stack.url + "/_gateway/sessions", headers=cookie)
+            assert (page.status_code == 200) is member, page.status_code
+            assert (sessions.status_code == 200) is member, sessions.status_code
+            if not member:
+                assert page.status_code == sessions.status_code == 302
