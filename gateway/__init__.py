@@ -1,3 +1,5 @@
 """sso-gateway: a SAML single sign-on gateway for member-only content."""
 
-__version__ = "0.1.0"
+from gateway.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -50,7 +50,8 @@ EVENTS: dict[str, tuple[Fields, Fields]] = {
     "access_denied": ({"subject": str, "session": str, "path": str, "rule": str,
                        "reason": str}, {"member_id": str, "failed": str}),
     "registration": ({"subject": str}, {}),
-    "config_reload": ({"trigger": str, "config": str, "config_sha256": str}, {}),
+    "config_reload": ({"trigger": str, "config": str, "config_sha256": str},
+                      {"version": str}),
     "metadata_change": ({"change": str, "entity_id": str, "source": str}, {"sha256": str}),
 }
 _FORBIDDEN = ("cookie", "samlresponse", "samlrequest", "token", "password", "secret",

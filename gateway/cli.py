@@ -18,12 +18,14 @@ from gateway import cli_admin, cli_explain, cli_idp, cli_selftest
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, StoreError
 from gateway.sessions import Backend
+from gateway.version import VERSION
 
 CONFIG_HELP = "gateway.toml to use (default: $GATEWAY_CONFIG or ./gateway.toml)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sso-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sso-gateway {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -139,8 +141,6 @@ def _store_problem(store: Backend, settings: Settings) -> str | None:
 
 
 def _serve(config: str | None, workers: int) -> int:
-    import uvicorn
-
     settings = load_settings(config)
     from gateway.app import create_app
 
@@ -159,23 +159,34 @@ def _serve(config: str | None, workers: int) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(settings.logging.format or "json")
+    metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Each worker keeps its metrics in files here; a scrape adds them all up.
+        # Each worker keeps its metrics in files here; a scrape adds them all up. Removed
+        # when serve exits (the values are this run's only).
         import tempfile
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sso-gateway-metrics-")
-    from gateway.server import uvicorn_options
+        metrics_dir = tempfile.mkdtemp(prefix="sso-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from gateway.server import run, uvicorn_options
 
-    uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.listen_host,
-                port=settings.listen_port, workers=workers, loop="uvloop",
-                # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
-                # right-most-untrusted-hop logic), so scope["client"] is the real client.
-                proxy_headers=bool(settings.trusted_proxies),
-                forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-                # [server]: httptools with a head limit (431), a head timeout and an idle
-                # cap (gateway.server); keep-alive timeout; no Server header.
-                **uvicorn_options(settings.server),
-                log_level="info", log_config=None, access_log=False)
+    try:
+        run("gateway.app:app_from_env", host=settings.listen_host,
+            port=settings.listen_port, workers=workers, loop="uvloop",
+            # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
+            # right-most-untrusted-hop logic), so scope["client"] is the real client.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+            # [server]: httptools with a head limit (431), a head timeout and an idle
+            # cap (gateway.server); keep-alive and graceful-shutdown timeouts; no
+            # Server header. Workers: a supervisor that refuses new connections on
+            # SIGTERM and bounds the shutdown.
+            **uvicorn_options(settings.server),
+            log_level="info", log_config=None, access_log=False)
+    finally:
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

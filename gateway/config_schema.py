@@ -412,6 +412,9 @@ class ProxySettings(_Model):
 
     strip_headers: list[str] = []  # exact header names
     strip_prefixes: list[str] = []  # name prefixes, e.g. "X-Corp-"
+    # Upstream connections per worker process, all upstreams together; a request that
+    # finds them all in use waits up to its upstream's connect_timeout, then gets 504.
+    max_connections: int = Field(1024, ge=1, le=100_000)
 
     @field_validator("strip_headers", "strip_prefixes")
     @classmethod
@@ -430,6 +433,8 @@ class ServerSettings(_Model):
     header_timeout: float = Field(30.0, gt=0, le=600)  # seconds to send a request head
     keepalive_timeout: int = Field(5, ge=1, le=600)  # idle seconds between requests
     limit_concurrency: int = Field(1000, ge=2)  # open connections per worker process
+    # Seconds requests in progress may take to finish after SIGTERM; then they are cut.
+    shutdown_timeout: float = Field(30.0, ge=0, le=3600)
 
 
 class MetadataSource(_Model):

@@ -38,7 +38,8 @@ from gateway.paths import canonical_path, check_query
 from gateway.policy import Policy
 from gateway.proxy import Proxy
 from gateway.proxy_headers import RequestHead
-from gateway.sessions import CookieSigner, KeyStore, Namespace, SessionManager
+from gateway.rate_limits import over_limit
+from gateway.sessions import CookieSigner, KeyStore, SessionManager
 from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.telemetry import Telemetry
 from gateway.web import error_answer, new_reference, send_answer
@@ -215,13 +216,12 @@ class HotPath:
             return ""
         client = scope.get("client")
         address = client[0] if client else "unknown"
-        if await self._keys.count(f"{Namespace.RATE}kept_forms:{address}",
-                                  KEPT_FORMS_WINDOW) > self._kept_forms:
+        if await over_limit(self._keys, "kept_forms", self._kept_forms, KEPT_FORMS_WINDOW,
+                            client=address):
             log.warning("form not kept: client %s is over %d kept forms a minute", address,
                         self._kept_forms)
             return ""
-        if await self._keys.count(f"{Namespace.RATE}kept_forms", STASH_TTL) \
-                > self._kept_forms_total:
+        if await over_limit(self._keys, "kept_forms", self._kept_forms_total, STASH_TTL):
             log.warning("form not kept: over %d kept forms in %d s (kept_forms_total)",
                         self._kept_forms_total, STASH_TTL)
             return ""

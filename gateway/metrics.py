@@ -30,8 +30,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.errors import StoreError
-from gateway.sessions import Namespace, Stores
+from gateway.sessions import Namespace, Stores, on_best_effort_failure
 from gateway.status import Certificate
+from gateway.version import VERSION
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LOGIN_FAILURE_KINDS = frozenset({
@@ -67,6 +68,13 @@ class Metrics:
         self.store_errors = Counter("gateway_store_errors",
                                     "Session store failures seen while serving requests",
                                     registry=own)
+        self.best_effort = Counter("gateway_best_effort_failures",
+                                   "Best-effort store writes that failed without failing "
+                                   "the request (touch, idle_end, audit)", ["what"],
+                                   registry=own)
+        for what in ("touch", "idle_end"):
+            self.best_effort.labels(what)
+        on_best_effort_failure(self.best_effort_failed)
         # Known IdPs by a membership test, so IdPs that arrive later from metadata URLs
         # get their own label; entity IDs come from admin-controlled metadata only.
         self._known_idp = known_idp or frozenset(idps).__contains__
@@ -97,6 +105,9 @@ class Metrics:
         else:
             kind = kind if kind in LOGIN_FAILURE_KINDS else "other"
             self.logins.labels(label, "failure", kind).inc()
+
+    def best_effort_failed(self, what: str) -> None:
+        self.best_effort.labels(what).inc()
 
     def denied(self, failed: str) -> None:
         self.denials.labels(failed if failed in DENIAL_REASONS else "other").inc()
@@ -132,6 +143,10 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         now = self._clock()
+        build = GaugeMetricFamily("gateway_build_info", "The running sso-gateway's version "
+                                  "(always 1)", labels=["version"])
+        build.add_metric([VERSION], 1)
+        yield build
         if self._sessions is not None:
             yield GaugeMetricFamily("gateway_sessions_active", "Live sessions in the store",
                                     value=self._sessions)

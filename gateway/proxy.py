@@ -36,6 +36,7 @@ from yarl import URL
 from gateway.config import Upstream
 from gateway.errors import BadRequest, BodyTooLarge, ConfigError, UpstreamError, UpstreamTimeout
 from gateway.proxy_headers import HeadReader, RequestHead, ResponseRules, header_text
+from gateway.telemetry import response_cut
 
 log = logging.getLogger("gateway.proxy")
 
@@ -157,6 +158,12 @@ class Proxy:
         if session is not None:
             await session.close()
 
+    def _pool_full(self, session: aiohttp.ClientSession) -> bool:
+        """Every pooled connection is in use: a connect timeout was a wait for the pool."""
+        connector = session.connector
+        acquired = getattr(connector, "_acquired", None)  # aiohttp keeps no public count
+        return acquired is not None and len(acquired) >= self._max_connections
+
     def route(self, path: str) -> Route | None:
         """The route with the longest prefix that matches ``path`` on a segment boundary."""
         for prefix, prefix_slash, route in self._routes:
@@ -200,21 +207,29 @@ class Proxy:
                     log.debug("client left during upload to %s", route.name)
                     return
             if isinstance(exc, TimeoutError):
+                if self._pool_full(session):
+                    raise UpstreamTimeout(
+                        f"{route.name}: no free upstream connection within "
+                        f"{route.timeout.connect:g} s: all {self._max_connections} of this "
+                        "process are in use ([proxy] max_connections)") from None
                 raise UpstreamTimeout(f"{route.name}: {_describe(exc)}") from None
             raise UpstreamError(f"{route.name}: {_describe(exc)}") from None
         except ValueError as exc:  # a header value aiohttp will not write (control character)
             raise BadRequest(f"header refused by the upstream client: {exc}") from None
         try:
-            await self._relay(resp, receive, send, route, gated,
-                              watch=body is None or body.done)
+            complete = await self._relay(resp, receive, send, route, gated,
+                                         watch=body is None or body.done)
         except BaseException:
             resp.close()
             raise
+        if not complete:
+            response_cut(scope)  # its access-log line, which no last body message writes
 
     # -- response ---------------------------------------------------------------------------
 
     async def _relay(self, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
-                     route: Route, gated: bool, watch: bool) -> None:
+                     route: Route, gated: bool, watch: bool) -> bool:
+        """Relay the answer; False if its body was cut (upstream failure, client gone)."""
         headers, length = route.responses.apply(resp.raw_headers, gated)
         watcher = None
         if watch and (length is None or length > _WATCH_ABOVE):
@@ -244,15 +259,16 @@ class Proxy:
             else:
                 log.warning("upstream %s failed mid-response: %s", route.name, _describe(exc))
             resp.close()
-            return
+            return False
         except OSError as exc:  # servers other than uvicorn raise on send to a gone client
             log.debug("client left during response from %s: %s", route.name, _describe(exc))
             resp.close()
-            return
+            return False
         finally:
             if watcher is not None:
                 watcher.cancel()
         resp.release()
+        return True
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -25,20 +25,35 @@ connection that sends nothing, or one byte a second, stays open for good.
 Between requests uvicorn's own keep-alive timeout applies. ``uvicorn_options`` gives
 the uvicorn options for ``[server]``: every server that runs the gateway (``serve``,
 ``demo``, the tests) starts with them.
+
+Shutdown (SIGTERM or SIGINT): ``run`` is ``uvicorn.run`` with a supervisor for
+``--workers N`` that closes the master's copy of the listening socket at once, so new
+connections are refused instead of queueing in a backlog no worker reads (uvicorn's own
+supervisor keeps it open until every worker has exited). Each worker stops accepting,
+marks the process as draining (``telemetry.draining``: ``/readyz`` answers 503), closes
+its idle connections, lets requests in progress finish for up to ``shutdown_timeout``
+seconds, then cancels the rest; the supervisor kills a worker still alive a few seconds
+after that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import sys
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.config import Config
+from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
+from uvicorn.server import Server, ServerState
+from uvicorn.supervisors.multiprocess import Multiprocess
 
+from gateway import telemetry
 from gateway.config import ServerSettings
 
 log = logging.getLogger("gateway.server")
@@ -75,7 +90,65 @@ def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
     return {"http": GuardedProtocols(ServerLimits(server.header_limit, server.header_timeout)),
             "server_header": False,
             "timeout_keep_alive": server.keepalive_timeout,
-            "limit_concurrency": server.limit_concurrency}
+            "limit_concurrency": server.limit_concurrency,
+            "timeout_graceful_shutdown": server.shutdown_timeout}
+
+
+# Seconds the supervisor waits for a worker beyond its graceful-shutdown timeout (the
+# lifespan shutdown: store and pool closing) before it kills the worker.
+KILL_MARGIN = 5.0
+
+
+def run(app: str, **options: Any) -> None:
+    """``uvicorn.run(app, factory=True, **options)``, with ``Supervisor`` for workers."""
+    config = Config(app, factory=True, **options)
+    if config.workers > 1:
+        sock = config.bind_socket()
+        with contextlib.suppress(KeyboardInterrupt):
+            Supervisor(config, sockets=[sock]).run()
+        return
+    server = Server(config=config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's worker supervisor with a bounded, refusing shutdown: on SIGTERM or SIGINT
+    the listening socket closes in this process at once (the workers close theirs as they
+    begin to drain, so the kernel refuses new connections), and a worker that has not
+    exited ``timeout_graceful_shutdown`` + ``KILL_MARGIN`` seconds later is killed."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        # uvicorn queues the signal and looks every 0.5 s; stopping must not wait for that.
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, sig: int, _frame: object) -> None:
+        self.signal_queue.append(sig)
+        self.should_exit.set()
+
+    def terminate_all(self) -> None:
+        telemetry.begin_draining()
+        for sock in self.sockets:
+            sock.close()
+        log.info("shutting down: listening socket closed, %d workers draining (up to %g s)",
+                 len(self.processes), self.config.timeout_graceful_shutdown or 0)
+        super().terminate_all()
+
+    def join_all(self) -> None:
+        deadline = time.monotonic() + (self.config.timeout_graceful_shutdown or 0) + KILL_MARGIN
+        for process in self.processes:
+            process.process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                log.error("worker %s did not exit within the shutdown timeout: killed",
+                          process.pid)
+                process.kill()
+                process.process.join()
 
 
 # Per server: the connections waiting for a request head, oldest first.
@@ -105,6 +178,11 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._make_room()
         self._waiting[self] = None
         self._arm_head_timer()
+
+    def shutdown(self) -> None:
+        """The server begins a graceful shutdown: from now on this process drains."""
+        telemetry.begin_draining()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting.pop(self, None)

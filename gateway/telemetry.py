@@ -43,8 +43,10 @@ from gateway.logs import (
 )
 from gateway.metrics import Metrics
 from gateway.principal import Principal
-from gateway.sessions import Namespace, SessionRecord, Stores
+from gateway.rate_limits import over_limit
+from gateway.sessions import SessionRecord, Stores
 from gateway.status import Certificate, IdPDirectory, Readiness, certificates
+from gateway.version import VERSION
 
 if TYPE_CHECKING:
     from gateway.policy import Decision
@@ -111,10 +113,12 @@ class Telemetry:
                       for entity, until in self.readiness.valid_until.items()]
 
     def started(self) -> None:
-        """Audit what this process serves with: its config and each IdP's metadata."""
+        """Log the version this process runs; audit what it serves with: its config (and the
+        version) and each IdP's metadata."""
         source = Path(self.settings.source)
+        log.info("sso-gateway %s started with %s", VERSION, source)
         audit("config_reload", trigger="startup", config=str(source),
-              config_sha256=_sha256(source))
+              config_sha256=_sha256(source), version=VERSION)
         for idp in self.registry.all():
             audit("metadata_change", change="loaded", entity_id=idp.entity_id,
                   source=str(idp.source), sha256=_sha256(Path(idp.source)))
@@ -210,8 +214,8 @@ class Telemetry:
         of refusals must not fill the store: its log line has the same reference)."""
         cap = self.settings.limits.failure_records
         try:
-            if not cap or await self._stores.keys.count(
-                    f"{Namespace.RATE}failure_records", FAILURE_RECORDS_WINDOW) > cap:
+            if not cap or await over_limit(self._stores.keys, "failure_records", cap,
+                                           FAILURE_RECORDS_WINDOW):
                 log.warning("login failure ref=%s not kept: over %d failure records an hour "
                             "([limits] failure_records); its log line is the record",
                             failure.reference, cap)
@@ -223,7 +227,7 @@ class Telemetry:
         except Exception:
             log.exception("could not store login failure ref=%s", failure.reference)
 
-    def _finished(self, ctx: RequestContext, scope: Scope) -> None:
+    def _finished(self, ctx: RequestContext, scope: Scope, cut: bool = False) -> None:
         latency = ctx.upstream_started if ctx.upstream else 0.0
         if ctx.upstream:
             self.metrics.proxied(ctx.upstream, ctx.status, latency or None)
@@ -237,7 +241,33 @@ class Telemetry:
             fields["session"] = ctx.session
         if self._log_member and ctx.member_id:
             fields["member_id"] = ctx.member_id
+        if cut:
+            fields["cut"] = True
         access_log.info("request", extra={"fields": fields, "request_id": ctx.request_id})
+
+
+def response_cut(scope: Scope) -> None:
+    """The answer to the current request started but its body was cut (the upstream
+    failed or the client left): its access-log line is written now, with ``"cut": true``,
+    since no last body message will write it."""
+    ctx = CURRENT.get()
+    if ctx is not None and isinstance(ctx.owner, Telemetry) and ctx.status:
+        ctx.owner._finished(ctx, scope, cut=True)
+
+
+# Set once this process begins a graceful shutdown (``gateway.server``): ``/readyz``
+# answers 503 from then on, so a balancer that still asks stops sending traffic.
+_draining = False
+
+
+def begin_draining() -> None:
+    global _draining
+    _draining = True
+
+
+def draining() -> bool:
+    """This process is shutting down: it finishes what it has and takes nothing new."""
+    return _draining
 
 
 def note_idp(entity_id: str) -> None:

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from gateway.config import load_settings
 from gateway.demo.stack import prepare
+from gateway.version import VERSION
 from tests.browser import client, login
 from tests.conftest import (
     RedisServer,
@@ -65,7 +66,7 @@ def test_healthz_is_trivial(tmp_path: Path) -> None:
     with gateway(tmp_path) as url:
         answer = httpx.get(url + "/healthz")
         assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
-        assert ready(url).json() == {"status": "ok"}
+        assert ready(url).json() == {"status": "ok", "version": VERSION}
 
 
 def test_store_stopped_and_back(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_store_stopped_and_back(tmp_path: Path) -> None:
             assert str(redis.port) in down.json()["failed"]["store"]
             # Anyone else learns that it is not ready, not why (the store's host and port).
             outside = ready_from(url, "203.0.113.9")
-            assert (outside.status_code, outside.json()) == (503, {"status": "unavailable"})
+            assert (outside.status_code, outside.json()) == (503, {"status": "unavailable", "version": VERSION})
             assert str(redis.port) not in outside.text
             redis.start()  # same port
             assert ready(url).status_code == 200
@@ -168,7 +169,7 @@ def test_readiness_details_only_for_local_clients_and_allow_from(tmp_path: Path)
             for stranger in ("203.0.113.9", "2001:db8::1"):
                 outside = ready_from(url, stranger)
                 assert (outside.status_code, outside.json()) == (
-                    503, {"status": "unavailable"}), stranger
+                    503, {"status": "unavailable", "version": VERSION}), stranger
             assert httpx.get(url + "/healthz", headers={"Host": "10.1.2.3"}).status_code == 200
 
         # No trusted proxy: a proxy on this host relays everyone from 127.0.0.1. What it
@@ -179,7 +180,7 @@ def test_readiness_details_only_for_local_clients_and_allow_from(tmp_path: Path)
                           {"Forwarded": "for=203.0.113.9"}):
                 relayed = httpx.get(url + "/readyz", headers=relay)
                 assert (relayed.status_code, relayed.json()) == (
-                    503, {"status": "unavailable"}), relay
+                    503, {"status": "unavailable", "version": VERSION}), relay
 
 
 @pytest.mark.stack(extra_config=_failing_upstream(9))
@@ -193,4 +194,4 @@ def test_readiness_details_for_admins_from_anywhere(stack: Stack) -> None:
         assert list(answer.json()["failed"]) == ["upstream:search"]
         for who in (bob, nobody):
             answer = who.get(stack.url + "/readyz", headers=far)
-            assert (answer.status_code, answer.json()) == (503, {"status": "unavailable"})
+            assert (answer.status_code, answer.json()) == (503, {"status": "unavailable", "version": VERSION})

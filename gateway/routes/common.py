@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from gateway.errors import CrossSite, TooManyRequests
-from gateway.sessions import KeyStore, Namespace, SessionRecord
+from gateway.rate_limits import over_limit
+from gateway.sessions import KeyStore, SessionRecord
 from gateway.web.forms import client_ip, field, read_form
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ RATE_WINDOW = 60  # seconds: limits are per client and minute
 async def rate_limit(keys: KeyStore, request: Request, what: str, per_minute: int) -> None:
     """Refuse a client address that did ``what`` more than ``per_minute`` times this minute."""
     client = client_ip(request) or "unknown"
-    if await keys.count(f"{Namespace.RATE}{what}:{client}", RATE_WINDOW) > per_minute:
+    if await over_limit(keys, what, per_minute, RATE_WINDOW, client=client):
         raise TooManyRequests(f"{client} exceeded {per_minute} {what} per minute")
 
 

@@ -26,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
 from gateway.routes.admin import ADMIN_PATH, admin_guard
 from gateway.telemetry import address_matcher
+from gateway.version import VERSION
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -58,11 +59,11 @@ def routes(gw: Gateway) -> list[Route]:
         failed = await gw.telemetry.readiness.failures()
         if failed:
             log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in failed.items()))
-            body: dict[str, object] = {"status": "unavailable"}
+            body: dict[str, object] = {"status": "unavailable", "version": VERSION}
             if await may_see_details(request):
                 body["failed"] = failed
             return JSONResponse(body, 503, headers=NO_STORE)
-        return JSONResponse({"status": "ok"}, headers=NO_STORE)
+        return JSONResponse({"status": "ok", "version": VERSION}, headers=NO_STORE)
 
     async def metrics(request: Request) -> Response:
         if by_admin:

@@ -1,7 +1,12 @@
 """Sessions: signed cookies, the store seams and their backends, and the session manager."""
 
 from gateway.sessions.cookies import CookieSigner
-from gateway.sessions.manager import SessionManager, SessionRecord
+from gateway.sessions.manager import (
+    SessionManager,
+    SessionRecord,
+    best_effort_failed,
+    on_best_effort_failure,
+)
 from gateway.sessions.store import (
     Backend,
     KeyStore,
@@ -16,4 +21,4 @@ from gateway.sessions.store import (
 
 __all__ = ["Backend", "CookieSigner", "KeyStore", "Namespace", "RecordStore", "Registration",
            "SessionManager", "SessionRecord", "SessionStore", "StoredSession", "Stores",
-           "open_store"]
+           "best_effort_failed", "on_best_effort_failure", "open_store"]

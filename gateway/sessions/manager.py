@@ -11,14 +11,24 @@ A session that ends by idling leaves a small marker in the ``KeyStore``
 still be sent: ``recently_ended`` tells a cookie of a real session that just ended
 (a form posted after a pause, worth keeping across the sign-in) from a junk or
 forged one, which never reaches the store.
+
+Writes a page view makes on the way (the last-seen touch, the idle marker, deleting an
+idled session) are best-effort: a store that reads but cannot write (full disk,
+read-only file, Redis at ``maxmemory``, a lock held elsewhere) never fails the page.
+Each failure is logged and counted (``best_effort_failed``, the metric
+``gateway_best_effort_failures_total{what}``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from gateway.errors import StoreError
 
 from gateway.principal import Principal
 from gateway.sessions.cookies import CookieSigner
@@ -36,6 +46,25 @@ TOUCH_INTERVAL = 60.0
 # a member's sessions apart, and nothing that works as a cookie.
 HANDLE_LENGTH = 16
 _PRINCIPALS_LIMIT = 10_000
+log = logging.getLogger("gateway.sessions")
+_listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
+
+
+def on_best_effort_failure(listener: Callable[[str], None]) -> None:
+    """Call the bound method ``listener(what)`` on every best-effort write that failed
+    in this process (the metrics counter listens; held weakly)."""
+    _listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+
+
+def best_effort_failed(what: str, exc: StoreError) -> None:
+    """A best-effort store write failed: logged and counted, the request goes on."""
+    log.warning("best-effort store write failed what=%s: %s", what, exc.reason)
+    for ref in list(_listeners):
+        listener = ref()
+        if listener is None:
+            _listeners.remove(ref)
+        else:
+            listener(what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +134,20 @@ class SessionManager:
         if now >= stored.expires:
             return None
         if now - stored.last_seen >= self._idle:
-            if await self.store.delete_session(key) and self._keys is not None:
-                await self._keys.add_once(Namespace.ENDED + key, "idle",
-                                          max(stored.expires - now, 1.0))
+            try:
+                if await self.store.delete_session(key) and self._keys is not None:
+                    await self._keys.add_once(Namespace.ENDED + key, "idle",
+                                              max(stored.expires - now, 1.0))
+            except StoreError as exc:  # it is over either way: the idle clock says so
+                best_effort_failed("idle_end", exc)
             return None
         if now - stored.last_seen >= TOUCH_INTERVAL:
-            await self.store.touch_session(key, now)
-            stored = stored.touched(now)
+            try:
+                await self.store.touch_session(key, now)
+            except StoreError as exc:  # the page is served; the next view tries again
+                best_effort_failed("touch", exc)
+            else:
+                stored = stored.touched(now)
         return self._record(stored)
 
     async def recently_ended(self, cookie: str | None) -> bool:

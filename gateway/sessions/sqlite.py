@@ -1,9 +1,24 @@
 """SQLite store: the default, embedded backend for one gateway host.
 
-Statements run directly on the event loop thread: each is a local B-tree
-lookup or a small WAL append that takes microseconds, cheaper than a thread
-hop per request. WAL mode lets the CLI (``sessions revoke``) and several
-worker processes share the file safely.
+Statements never run on the event loop: each connection lives in its own thread (a
+single-thread executor), so a statement that waits for a lock, a slow disk or a full
+one stalls only the requests that need that connection, never ``/healthz``, proxied
+pages or the rest of the process. WAL mode lets the CLI (``sessions revoke``), backups
+and several worker processes share the file safely.
+
+Three connections, each with its own thread:
+
+* **reads** (session lookups, pending sign-ins, listings): WAL readers never wait for
+  another process's write lock, so pages keep answering while an admin command, a
+  backup or a VACUUM holds it;
+* **writes** on the request path (sign-in, touch, counters): a short busy timeout
+  (``REQUEST_BUSY_TIMEOUT``), so a locked file answers 503 quickly instead of stalling;
+* **background** work (``purge_expired``): a long busy timeout (``BACKGROUND_BUSY_TIMEOUT``).
+
+A connection that fails with anything but a lock (read-only file, disk I/O error, full
+disk, a file replaced under it) is closed and opened again on its next statement, so
+a store that was fixed serves again without a restart. ``ping`` writes a heartbeat
+key (``Namespace.HEARTBEAT``): readiness reports a store that cannot write.
 
 Tables: ``sessions`` (indexed by subject and by logout handle), ``once`` (keys,
 counters and expiring records such as login failures, each with its end) and
@@ -13,12 +28,28 @@ is upgraded in place when it is opened (``gateway.sessions.sqlite_upgrade``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from gateway.errors import StoreError
 from gateway.sessions.sqlite_upgrade import upgrade_sessions
-from gateway.sessions.store import Clock, Registration, StoredSession
+from gateway.sessions.store import Clock, Namespace, Registration, StoredSession
+
+log = logging.getLogger("gateway.store")
+T = TypeVar("T")
+
+#: Seconds a request-path write waits for another process's write lock (then 503).
+REQUEST_BUSY_TIMEOUT = 0.25
+#: Seconds background work (the purge, opening the store) waits for the write lock.
+BACKGROUND_BUSY_TIMEOUT = 10.0
+#: Rows one purge transaction deletes at most, so it never holds the lock for long.
+PURGE_BATCH = 5000
+HEARTBEAT_TTL = 60.0
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
@@ -47,6 +78,82 @@ _INSERT = ("INSERT OR REPLACE INTO sessions (key, subject, logout_handle, princi
 _LIVE = ("SELECT key, subject, logout_handle, principal, created, last_seen, expires,"
          " user_agent, client_ip FROM sessions WHERE expires > ?")
 _ORDER = " ORDER BY created, rowid"
+_Args = tuple[object, ...]
+
+
+def _locked(exc: sqlite3.Error) -> bool:
+    """A lock held by someone else: the connection itself is fine."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class _Connection:
+    """One SQLite connection, used only by its own thread, opened on first use and
+    opened again after an error that was not a lock."""
+
+    def __init__(self, path: str, busy_timeout: float, name: str) -> None:
+        self._path = path
+        self._busy_ms = int(busy_timeout * 1000)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{name}")
+        self._db: sqlite3.Connection | None = None
+        self._name = name
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, work)
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self._db is None:
+                self._db = self._connect()
+            return work(self._db)
+        except sqlite3.Error as exc:
+            if not _locked(exc):  # read-only, I/O error, full disk…: start afresh next time
+                self._drop()
+                log.warning("SQLite %s connection closed after %s; it reopens on next use",
+                            self._name, exc)
+            elif self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"SQLite store error: {exc}") from exc
+        except OSError as exc:
+            self._drop()
+            raise StoreError(f"SQLite store error: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        self._executor.shutdown(wait=True)
+
+
+def _one(sql: str, args: _Args = ()) -> Callable[[sqlite3.Connection], Any]:
+    """A statement and its first row (fetched in the connection's thread, where its
+    errors are mapped like the statement's)."""
+    return lambda db: db.execute(sql, args).fetchone()
+
+
+def _all(sql: str, args: _Args = ()) -> Callable[[sqlite3.Connection], list[Any]]:
+    return lambda db: db.execute(sql, args).fetchall()
+
+
+def _changed(sql: str, args: _Args = ()) -> Callable[[sqlite3.Connection], int]:
+    return lambda db: db.execute(sql, args).rowcount
 
 
 class SQLiteStore:
@@ -55,93 +162,107 @@ class SQLiteStore:
     def __init__(self, path: str, clock: Clock) -> None:
         self.path = path
         self._clock = clock
-        self._db: sqlite3.Connection | None = None
+        self._reads: _Connection | None = None
+        self._writes: _Connection | None = None
+        self._background: _Connection | None = None
 
     async def open(self) -> None:
         """Open the file (creating it), and create or upgrade the tables in one
-        transaction, so several processes opening one file at once stay safe."""
+        transaction, so several processes opening one file at once stay safe. A file
+        that cannot be written now but has its tables opens anyway: reads serve, writes
+        answer 503 and readiness reports it until the file is writable again."""
+        if self._writes is not None:
+            return
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        writes = _Connection(self.path, REQUEST_BUSY_TIMEOUT, "writes")
+        if self.path == ":memory:":  # one database per connection: share the one
+            reads = background = writes
+        else:
+            reads = _Connection(self.path, REQUEST_BUSY_TIMEOUT, "reads")
+            background = _Connection(self.path, BACKGROUND_BUSY_TIMEOUT, "background")
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.execute("BEGIN IMMEDIATE")
+            await background.run(_create_schema)
+        except StoreError as exc:
             try:
-                upgrade_sessions(db, SCHEMA[0])
-                for statement in SCHEMA:
-                    db.execute(statement)
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            db.close()
-            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
-        self._db = db
+                await reads.run(_one("SELECT count(*) FROM sessions, once LIMIT 1"))
+            except StoreError:
+                for connection in {writes, reads, background}:
+                    await connection.close()
+                raise StoreError(f"cannot open SQLite store {self.path}: "
+                                 f"{exc.reason}") from exc
+            log.error("SQLite store %s opened read-only: %s", self.path, exc.reason)
+        self._reads, self._writes, self._background = reads, writes, background
 
     async def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        connections = {self._reads, self._writes, self._background} - {None}
+        self._reads = self._writes = self._background = None
+        for connection in connections:
+            assert connection is not None
+            await connection.close()
 
-    @property
-    def db(self) -> sqlite3.Connection:
-        """The open connection (``StoreError`` if the store is not open)."""
-        if self._db is None:
+    def _connection(self, which: _Connection | None) -> _Connection:
+        if which is None:
             raise StoreError("the SQLite store is not open")
-        return self._db
+        return which
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._connection(self._reads).run(work)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._connection(self._writes).run(work)
 
     async def ping(self) -> None:
-        self._run("SELECT 1")
-
-    def _run(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
-        try:
-            return self.db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store error: {exc}") from exc
+        """A write (the heartbeat key), so readiness sees a store that cannot write."""
+        now = self._clock()
+        await self._write(_changed("INSERT OR REPLACE INTO once (key, value, expires)"
+                                   " VALUES (?, ?, ?)",
+                                   (Namespace.HEARTBEAT + "ping", repr(now),
+                                    now + HEARTBEAT_TTL)))
 
     # -- sessions ------------------------------------------------------------------------
 
     async def put_session(self, session: StoredSession) -> None:
         s = session
-        self._run(_INSERT, (s.key, s.subject, s.logout_handle, s.principal_json, s.created,
-                   s.last_seen, s.expires, s.user_agent, s.client_ip))
+        await self._write(_changed(_INSERT, (s.key, s.subject, s.logout_handle,
+                                             s.principal_json, s.created, s.last_seen,
+                                             s.expires, s.user_agent, s.client_ip)))
 
     async def get_session(self, key: str) -> StoredSession | None:
-        row = self._run(_LIVE + " AND key = ?", (self._clock(), key)).fetchone()
+        row = await self._read(_one(_LIVE + " AND key = ?", (self._clock(), key)))
         return StoredSession(*row) if row else None
 
     async def touch_session(self, key: str, last_seen: float) -> None:
-        self._run("UPDATE sessions SET last_seen = ? WHERE key = ?", (last_seen, key))
+        await self._write(_changed("UPDATE sessions SET last_seen = ? WHERE key = ?",
+                                   (last_seen, key)))
 
     async def delete_session(self, key: str) -> bool:
-        return self._run("DELETE FROM sessions WHERE key = ?", (key,)).rowcount > 0
+        return await self._write(_changed("DELETE FROM sessions WHERE key = ?", (key,))) > 0
 
     async def list_sessions(self, subject: str | None = None) -> list[StoredSession]:
         if subject is None:
-            rows = self._run(_LIVE + _ORDER, (self._clock(),))
+            rows = await self._read(_all(_LIVE + _ORDER, (self._clock(),)))
         else:
-            rows = self._run(_LIVE + " AND subject = ?" + _ORDER, (self._clock(), subject))
+            rows = await self._read(_all(_LIVE + " AND subject = ?" + _ORDER,
+                                         (self._clock(), subject)))
         return [StoredSession(*row) for row in rows]
 
     async def delete_subject_sessions(self, subject: str) -> int:
-        return self._run("DELETE FROM sessions WHERE subject = ?", (subject,)).rowcount
+        return await self._write(_changed("DELETE FROM sessions WHERE subject = ?", (subject,)))
 
     async def sessions_for_logout(self, logout_handle: str) -> list[StoredSession]:
         if not logout_handle:  # no handle names no session
             return []
-        rows = self._run(_LIVE + " AND logout_handle = ?" + _ORDER,
-                         (self._clock(), logout_handle))
+        rows = await self._read(_all(_LIVE + " AND logout_handle = ?" + _ORDER,
+                                     (self._clock(), logout_handle)))
         return [StoredSession(*row) for row in rows]
 
     async def count_sessions(self) -> int:
-        row = self._run("SELECT count(*) FROM sessions WHERE expires > ?",
-                        (self._clock(),)).fetchone()
+        row = await self._read(_one("SELECT count(*) FROM sessions WHERE expires > ?",
+                                    (self._clock(),)))
         return int(row[0])
 
     # -- keys and counters ---------------------------------------------------------------
@@ -149,64 +270,88 @@ class SQLiteStore:
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
         now = self._clock()
         # Insert, or replace a row whose time is up; a live row makes this a no-op.
-        cur = self._run(
+        changed = await self._write(_changed(
             "INSERT INTO once (key, value, expires) VALUES (?, ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = excluded.expires"
             " WHERE once.expires <= ?",
-            (key, value, now + ttl, now),
-        )
-        return cur.rowcount == 1
+            (key, value, now + ttl, now)))
+        return changed == 1
 
     async def take(self, key: str) -> str | None:
-        row = self._run("DELETE FROM once WHERE key = ? AND expires > ? RETURNING value",
-                        (key, self._clock())).fetchone()
+        row = await self._write(_one("DELETE FROM once WHERE key = ? AND expires > ?"
+                                     " RETURNING value", (key, self._clock())))
         return str(row[0]) if row else None
 
     async def get(self, key: str) -> str | None:
-        row = self._run("SELECT value FROM once WHERE key = ? AND expires > ?",
-                        (key, self._clock())).fetchone()
+        row = await self._read(_one("SELECT value FROM once WHERE key = ? AND expires > ?",
+                                    (key, self._clock())))
         return str(row[0]) if row else None
 
     async def count(self, key: str, ttl: float) -> int:
         now = self._clock()
-        row = self._run(
+        row = await self._write(_one(
             "INSERT INTO once (key, value, expires) VALUES (?, '1', ?)"
             " ON CONFLICT(key) DO UPDATE SET"
             "  value = CASE WHEN once.expires <= ? THEN '1'"
             "          ELSE CAST(CAST(once.value AS INTEGER) + 1 AS TEXT) END,"
             "  expires = CASE WHEN once.expires <= ? THEN excluded.expires ELSE once.expires END"
             " RETURNING value",
-            (f"count:{key}", now + ttl, now, now),
-        ).fetchone()
+            (f"count:{key}", now + ttl, now, now)))
         return int(row[0])
 
     async def count_keys(self, prefix: str) -> int:
         # A key range rather than LIKE, so the primary key index answers it.
-        row = self._run("SELECT count(*) FROM once WHERE key >= ? AND key < ? AND expires > ?",
-                        (prefix, prefix + "\uffff", self._clock())).fetchone()
+        row = await self._read(_one(
+            "SELECT count(*) FROM once WHERE key >= ? AND key < ? AND expires > ?",
+            (prefix, prefix + "\uffff", self._clock())))
         return int(row[0])
 
     # -- records ---------------------------------------------------------------------------
 
     async def add_registration(self, registration: Registration) -> None:
-        self._run("INSERT INTO registrations VALUES (?, ?, ?)",
-                  (registration.email, registration.registered_at, registration.consent))
+        await self._write(_changed("INSERT INTO registrations VALUES (?, ?, ?)",
+                                   (registration.email, registration.registered_at,
+                                    registration.consent)))
 
     async def list_registrations(self) -> list[Registration]:
-        rows = self._run("SELECT email, registered_at, consent FROM registrations"
-                         " ORDER BY registered_at, rowid")
+        rows = await self._read(_all("SELECT email, registered_at, consent FROM registrations"
+                                     " ORDER BY registered_at, rowid"))
         return [Registration(*row) for row in rows]
 
     async def put_record(self, key: str, value: str, ttl: float) -> None:
         # Expiring records share the ``once`` table: the key text is the one older
         # versions wrote, so their records stay readable.
-        self._run("INSERT OR REPLACE INTO once (key, value, expires) VALUES (?, ?, ?)",
-                  (key, value, self._clock() + ttl))
+        await self._write(_changed("INSERT OR REPLACE INTO once (key, value, expires)"
+                                   " VALUES (?, ?, ?)", (key, value, self._clock() + ttl)))
 
     async def get_record(self, key: str) -> str | None:
         return await self.get(key)
 
     async def purge_expired(self) -> int:
+        """In batches of ``PURGE_BATCH`` rows on the background connection (long busy
+        timeout), so requests' writes get the lock between two batches."""
         now = self._clock()
-        gone = self._run("DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount
-        return gone + self._run("DELETE FROM once WHERE expires <= ?", (now,)).rowcount
+        background = self._connection(self._background)
+        gone = 0
+        for table in ("sessions", "once"):
+            while True:
+                batch = await background.run(_changed(
+                    f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"  # noqa: S608
+                    " WHERE expires <= ? LIMIT ?)", (now, PURGE_BATCH)))
+                gone += batch
+                if batch < PURGE_BATCH:
+                    break
+        return gone
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        upgrade_sessions(db, SCHEMA[0])
+        for statement in SCHEMA:
+            db.execute(statement)
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")

@@ -42,6 +42,7 @@ class Namespace(StrEnum):
     STASH = "stash:"  # a form kept across a sign-in
     ENDED = "ended:"  # a session that ended by idling, until its cookie's end (kept forms)
     FAILURE = "failure:"  # a refused sign-in, for `sso-gateway explain` (a record)
+    HEARTBEAT = "health:"  # the readiness probe's write (``Backend.ping``)
 
 
 def session_key(session_id: str) -> str:
@@ -154,7 +155,9 @@ class Backend(SessionStore, KeyStore, RecordStore, Protocol):
         """Release the connection; the backend may be opened again."""
 
     async def ping(self) -> None:
-        """Raise ``StoreError`` if the store cannot serve requests."""
+        """Raise ``StoreError`` if the store cannot serve requests: a write (a heartbeat
+        key under ``Namespace.HEARTBEAT``), so a store that reads but cannot take new
+        sessions is reported too."""
 
     async def purge_expired(self) -> int:
         """Delete what has expired; returns how many entries went."""
