@@ -94,6 +94,7 @@ class Gateway:
                            self.cookies.stash_name],
             strip_cookie_prefixes=[self.cookies.login_prefix],
             public_host=public[1], public_scheme=public[0],
+            max_connections=settings.proxy.max_connections,
             max_body_bytes=settings.max_body_bytes)
         self.csrf = CookieSigner(secret_list, "csrf")
         self.stash = PostStash(self.stores.keys, secret_list[0])

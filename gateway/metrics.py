@@ -70,10 +70,9 @@ class Metrics:
                                     registry=own)
         self.best_effort = Counter("gateway_best_effort_failures",
                                    "Best-effort store writes that failed without failing "
-                                   "the request (touch, idle_end, audit)", ["what"],
+                                   "the request (touch)", ["what"],
                                    registry=own)
-        for what in ("touch", "idle_end"):
-            self.best_effort.labels(what)
+        self.best_effort.labels("touch")
         on_best_effort_failure(self.best_effort_failed)
         # Known IdPs by a membership test, so IdPs that arrive later from metadata URLs
         # get their own label; entity IDs come from admin-controlled metadata only.

@@ -219,8 +219,10 @@ class Proxy:
         try:
             complete = await self._relay(resp, receive, send, route, gated,
                                          watch=body is None or body.done)
-        except BaseException:
+        except BaseException as exc:
             resp.close()
+            if isinstance(exc, asyncio.CancelledError):  # the shutdown timeout cut it
+                response_cut(scope)
             raise
         if not complete:
             response_cut(scope)  # its access-log line, which no last body message writes

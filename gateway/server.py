@@ -30,7 +30,7 @@ Shutdown (SIGTERM or SIGINT): ``run`` is ``uvicorn.run`` with a supervisor for
 ``--workers N`` that closes the master's copy of the listening socket at once, so new
 connections are refused instead of queueing in a backlog no worker reads (uvicorn's own
 supervisor keeps it open until every worker has exited). Each worker stops accepting,
-marks the process as draining (``telemetry.draining``: ``/readyz`` answers 503), closes
+marks its requests as draining (``telemetry.draining``: ``/readyz`` answers 503), closes
 its idle connections, lets requests in progress finish for up to ``shutdown_timeout``
 seconds, then cancels the rest; the supervisor kills a worker still alive a few seconds
 after that.
@@ -102,6 +102,7 @@ KILL_MARGIN = 5.0
 def run(app: str, **options: Any) -> None:
     """``uvicorn.run(app, factory=True, **options)``, with ``Supervisor`` for workers."""
     config = Config(app, factory=True, **options)
+    fit_to_file_limit(config)
     if config.workers > 1:
         sock = config.bind_socket()
         with contextlib.suppress(KeyboardInterrupt):
@@ -112,6 +113,39 @@ def run(app: str, **options: Any) -> None:
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+# File descriptors a worker needs besides its client connections: the listening socket,
+# the store, log and metric files, upstream connections in use, the event loop's own.
+FD_RESERVE = 64
+
+
+def fit_to_file_limit(config: Config) -> None:
+    """Keep ``limit_concurrency`` under the open-file limit, so the idle-connection cap
+    acts before ``accept`` fails with EMFILE (clients would see resets, and no line says
+    why): raise the soft limit towards the hard one if needed; if that is not enough,
+    lower ``limit_concurrency`` and say so."""
+    import resource
+
+    limit = config.limit_concurrency
+    if limit is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = limit + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if raised > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+            except (ValueError, OSError):
+                pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fitted = max(2, soft - FD_RESERVE)
+        log.warning("[server] limit_concurrency = %d does not fit the open-file limit "
+                    "(%d): using %d; raise the limit (ulimit -n, LimitNOFILE=) to serve more",
+                    limit, soft, fitted)
+        config.limit_concurrency = fitted
 
 
 class Supervisor(Multiprocess):
@@ -133,7 +167,6 @@ class Supervisor(Multiprocess):
         self.should_exit.set()
 
     def terminate_all(self) -> None:
-        telemetry.begin_draining()
         for sock in self.sockets:
             sock.close()
         log.info("shutting down: listening socket closed, %d workers draining (up to %g s)",
@@ -170,6 +203,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._waiting = _WAITING.setdefault(server_state, {})
+        self._drain = telemetry.drain_of(app_state)
 
     # -- connection -------------------------------------------------------------------
 
@@ -181,7 +215,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """The server begins a graceful shutdown: from now on this process drains."""
-        telemetry.begin_draining()
+        self._drain.active = True  # seen by every request, in progress or still to come
         super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -255,19 +255,34 @@ def response_cut(scope: Scope) -> None:
         ctx.owner._finished(ctx, scope, cut=True)
 
 
-# Set once this process begins a graceful shutdown (``gateway.server``): ``/readyz``
-# answers 503 from then on, so a balancer that still asks stops sending traffic.
-_draining = False
+# Under this key in a server's ASGI state (``scope["state"]``, a shallow copy per
+# request): a ``Drain`` that ``gateway.server`` marks when that server begins a graceful
+# shutdown, so ``/readyz`` answers 503 from then on, requests in progress included. Per
+# server, not per process: tests run several servers in one process.
+DRAINING = "gateway.draining"
 
 
-def begin_draining() -> None:
-    global _draining
-    _draining = True
+class Drain:
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
 
 
-def draining() -> bool:
-    """This process is shutting down: it finishes what it has and takes nothing new."""
-    return _draining
+def drain_of(state: dict[str, object]) -> Drain:
+    """The ``Drain`` of the server whose ASGI state is ``state``."""
+    drain = state.get(DRAINING)
+    if not isinstance(drain, Drain):
+        drain = state[DRAINING] = Drain()
+    return drain
+
+
+def draining(scope: Scope) -> bool:
+    """The server that received this request is shutting down: it finishes what it has
+    and takes nothing new."""
+    state = scope.get("state")
+    drain = state.get(DRAINING) if state else None
+    return isinstance(drain, Drain) and drain.active
 
 
 def note_idp(entity_id: str) -> None:

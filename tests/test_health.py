@@ -58,6 +58,10 @@ def ready_from(url: str, client: str, **headers: str) -> httpx.Response:
                      headers={"X-Forwarded-For": client, "Host": "10.1.2.3:8080", **headers})
 
 
+#: What anyone but a local client or an admin learns from a failing /readyz.
+UNAVAILABLE = {"status": "unavailable", "version": VERSION}
+
+
 def ready(url: str) -> httpx.Response:
     return httpx.get(url + "/readyz", timeout=10)
 
@@ -93,7 +97,7 @@ def test_store_stopped_and_back(tmp_path: Path) -> None:
             assert str(redis.port) in down.json()["failed"]["store"]
             # Anyone else learns that it is not ready, not why (the store's host and port).
             outside = ready_from(url, "203.0.113.9")
-            assert (outside.status_code, outside.json()) == (503, {"status": "unavailable", "version": VERSION})
+            assert (outside.status_code, outside.json()) == (503, UNAVAILABLE)
             assert str(redis.port) not in outside.text
             redis.start()  # same port
             assert ready(url).status_code == 200
@@ -169,7 +173,7 @@ def test_readiness_details_only_for_local_clients_and_allow_from(tmp_path: Path)
             for stranger in ("203.0.113.9", "2001:db8::1"):
                 outside = ready_from(url, stranger)
                 assert (outside.status_code, outside.json()) == (
-                    503, {"status": "unavailable", "version": VERSION}), stranger
+                    503, UNAVAILABLE), stranger
             assert httpx.get(url + "/healthz", headers={"Host": "10.1.2.3"}).status_code == 200
 
         # No trusted proxy: a proxy on this host relays everyone from 127.0.0.1. What it
@@ -180,7 +184,7 @@ def test_readiness_details_only_for_local_clients_and_allow_from(tmp_path: Path)
                           {"Forwarded": "for=203.0.113.9"}):
                 relayed = httpx.get(url + "/readyz", headers=relay)
                 assert (relayed.status_code, relayed.json()) == (
-                    503, {"status": "unavailable", "version": VERSION}), relay
+                    503, UNAVAILABLE), relay
 
 
 @pytest.mark.stack(extra_config=_failing_upstream(9))
@@ -194,4 +198,4 @@ def test_readiness_details_for_admins_from_anywhere(stack: Stack) -> None:
         assert list(answer.json()["failed"]) == ["upstream:search"]
         for who in (bob, nobody):
             answer = who.get(stack.url + "/readyz", headers=far)
-            assert (answer.status_code, answer.json()) == (503, {"status": "unavailable", "version": VERSION})
+            assert (answer.status_code, answer.json()) == (503, UNAVAILABLE)

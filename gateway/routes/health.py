@@ -25,7 +25,7 @@ from starlette.routing import Route
 from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
 from gateway.routes.admin import ADMIN_PATH, admin_guard
-from gateway.telemetry import address_matcher
+from gateway.telemetry import address_matcher, draining
 from gateway.version import VERSION
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def routes(gw: Gateway) -> list[Route]:
         return record is not None and refused is None
 
     async def readyz(request: Request) -> Response:
-        failed = await gw.telemetry.readiness.failures()
+        failed = ({"shutdown": "draining"} if draining(request.scope)
+                  else await gw.telemetry.readiness.failures())
         if failed:
             log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in failed.items()))
             body: dict[str, object] = {"status": "unavailable", "version": VERSION}

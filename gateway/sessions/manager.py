@@ -12,9 +12,10 @@ still be sent: ``recently_ended`` tells a cookie of a real session that just end
 (a form posted after a pause, worth keeping across the sign-in) from a junk or
 forged one, which never reaches the store.
 
-Writes a page view makes on the way (the last-seen touch, the idle marker, deleting an
-idled session) are best-effort: a store that reads but cannot write (full disk,
-read-only file, Redis at ``maxmemory``, a lock held elsewhere) never fails the page.
+The last-seen touch a page view makes on the way is best-effort: a store that reads but
+cannot write (full disk, read-only file, Redis at ``maxmemory``, a lock held elsewhere)
+never fails the page (the idle clock may then run from the previous touch: at most
+``TOUCH_INTERVAL`` early).
 Each failure is logged and counted (``best_effort_failed``, the metric
 ``gateway_best_effort_failures_total{what}``).
 """
@@ -29,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import StoreError
-
 from gateway.principal import Principal
 from gateway.sessions.cookies import CookieSigner
 from gateway.sessions.store import (
@@ -42,6 +42,8 @@ from gateway.sessions.store import (
 )
 
 TOUCH_INTERVAL = 60.0
+#: Seconds touches pause after one failed (the store is locked, full or read-only).
+TOUCH_BACKOFF = 5.0
 # Sessions are picked by the first characters of their store key (a hash): enough to tell
 # a member's sessions apart, and nothing that works as a cookie.
 HANDLE_LENGTH = 16
@@ -53,7 +55,7 @@ _listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
 def on_best_effort_failure(listener: Callable[[str], None]) -> None:
     """Call the bound method ``listener(what)`` on every best-effort write that failed
     in this process (the metrics counter listens; held weakly)."""
-    _listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+    _listeners.append(weakref.WeakMethod(listener))
 
 
 def best_effort_failed(what: str, exc: StoreError) -> None:
@@ -102,6 +104,7 @@ class SessionManager:
         # Parsed principals by their stored text: a Principal is immutable, and parsing the
         # same JSON on every request was a measurable share of the hot path (bench/).
         self._principals: dict[str, Principal] = {}
+        self._touch_paused_until = 0.0
 
     def now(self) -> float:
         return self._clock()
@@ -134,17 +137,19 @@ class SessionManager:
         if now >= stored.expires:
             return None
         if now - stored.last_seen >= self._idle:
-            try:
-                if await self.store.delete_session(key) and self._keys is not None:
-                    await self._keys.add_once(Namespace.ENDED + key, "idle",
-                                              max(stored.expires - now, 1.0))
-            except StoreError as exc:  # it is over either way: the idle clock says so
-                best_effort_failed("idle_end", exc)
+            # Not best-effort: without the marker a form posted now could not be kept,
+            # and a 503 (a store that cannot write cannot sign anyone in either) lets
+            # the member send it again later instead of losing it.
+            if await self.store.delete_session(key) and self._keys is not None:
+                await self._keys.add_once(Namespace.ENDED + key, "idle",
+                                          max(stored.expires - now, 1.0))
             return None
-        if now - stored.last_seen >= TOUCH_INTERVAL:
+        if now - stored.last_seen >= TOUCH_INTERVAL and now >= self._touch_paused_until:
             try:
                 await self.store.touch_session(key, now)
-            except StoreError as exc:  # the page is served; the next view tries again
+            except StoreError as exc:  # the page is served; a later view tries again
+                # Not on every view meanwhile: each would wait for the store's timeout.
+                self._touch_paused_until = now + TOUCH_BACKOFF
                 best_effort_failed("touch", exc)
             else:
                 stored = stored.touched(now)

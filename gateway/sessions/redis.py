@@ -13,6 +13,10 @@ Keys, all under ``key_prefix`` (default ``gw:``), all but the last expiring on t
   without a scan; pruned on every write and expiring with their last member;
 * ``once:<key>``  single-use keys and expiring records (pending sign-ins, the replay
   cache, login failures), ``"<expiry>\\n<value>"``; ``count:<key>:<window>`` counters;
+* ``index:<prefix>``  a sorted set of the live keys of a counted prefix (pending
+  sign-ins, ``COUNTED``), scored by their end: ``count_keys`` is one ``ZCOUNT``, not a
+  scan plus a read per key; pruned on every add and by the purge;
+* ``purge-lock``  held (with a TTL) while one replica purges, so replicas take turns;
 * ``registrations``  a list of e-mail registrations: records, the one key that does not
   expire (persist Redis, or back it up, if you use them).
 
@@ -41,7 +45,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
-from gateway.sessions.store import Clock, Registration, StoredSession
+from gateway.sessions.store import Clock, Namespace, Registration, StoredSession
+
+#: Key prefixes whose live keys are counted (a gauge): each has an index sorted set.
+COUNTED = (str(Namespace.LOGIN_STATE),)
+#: Seconds a purge holds ``purge-lock`` at most (one replica purges at a time).
+PURGE_LOCK_SECONDS = 120
+HEARTBEAT_TTL_MS = 60_000
 
 # KEYS: session, all-index, subject-index[, logout-index]
 # ARGV: session key, expiry score, now, ttl ms, then hash field/value pairs
@@ -82,6 +92,22 @@ if cur then
   if ends and ends > tonumber(ARGV[2]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: once key, index; ARGV: encoded value, now, ttl ms, member, end. As _ADD_ONCE, and
+# the key joins its prefix's index (pruned of what has ended; it lives as long as its
+# longest-lived member).
+_ADD_ONCE_INDEXED = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ends = tonumber(string.match(cur, '^([^\\n]*)'))
+  if ends and ends > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 return 1
 """
 
@@ -134,9 +160,9 @@ class RedisStore:
             except ValueError as exc:
                 raise StoreError(f"bad Redis store URL: {exc}") from exc
             self._client = Redis.from_pool(pool)
-        self._put, self._delete, self._touch, self._add_once, self._drop = (
+        self._put, self._delete, self._touch, self._add_once, self._drop, self._add_indexed = (
             self._client.register_script(lua)
-            for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED))
+            for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED, _ADD_ONCE_INDEXED))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -166,8 +192,11 @@ class RedisStore:
                              f"{type(exc).__name__}: {reason}") from exc
 
     async def ping(self) -> None:
+        """A write (the heartbeat key): a Redis at ``maxmemory`` with ``noeviction``, or a
+        read-only replica, answers PING but cannot take a new session."""
         with self._errors("ping"):
-            await self.redis.ping()
+            await self.redis.set(self._once(Namespace.HEARTBEAT + "ping"), repr(self._clock()),
+                                 px=HEARTBEAT_TTL_MS)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -259,16 +288,32 @@ class RedisStore:
     def _once(self, key: str) -> str:
         return f"{self._p}once:{key}"
 
+    def _counted(self, key: str) -> str | None:
+        """The index key of the counted prefix ``key`` has, if any."""
+        prefix = next((p for p in COUNTED if key.startswith(p)), None)
+        return None if prefix is None else f"{self._p}index:{prefix}"
+
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
         now = self._clock()
         ttl_ms = max(math.ceil(ttl * 1000), 1)
         args: list[str | int] = [f"{now + ttl!r}\n{value}", repr(now), ttl_ms]
+        index = self._counted(key)
         with self._errors("add_once"):
+            if index is not None:
+                return bool(await self._add_indexed(keys=[self._once(key), index],
+                                                    args=[*args, key, repr(now + ttl)]))
             return bool(await self._add_once(keys=[self._once(key)], args=args))
 
     async def take(self, key: str) -> str | None:
+        index = self._counted(key)
         with self._errors("take"):
-            return self._live(await self.redis.getdel(self._once(key)))
+            if index is None:
+                return self._live(await self.redis.getdel(self._once(key)))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.getdel(self._once(key))
+                pipe.zrem(index, key)
+                raw, _ = await pipe.execute()
+            return self._live(raw)
 
     async def get(self, key: str) -> str | None:
         with self._errors("get"):
@@ -294,7 +339,11 @@ class RedisStore:
         return int(value)
 
     async def count_keys(self, prefix: str) -> int:
-        # Scrape-time only: a SCAN over the matching keys, which all expire.
+        if prefix in COUNTED:  # one ZCOUNT over the prefix's index, however many keys
+            with self._errors("count_keys"):
+                return int(await self.redis.zcount(f"{self._p}index:{prefix}",
+                                                   f"({self._clock()!r}", "+inf"))
+        # Any other prefix (not used by the gauges): a SCAN over the matching keys.
         live = 0
         with self._errors("count_keys"):
             async for name in self.redis.scan_iter(match=_glob(self._once(prefix)) + "*",
@@ -328,15 +377,41 @@ class RedisStore:
         return await self.get(key)
 
     async def purge_expired(self) -> int:
-        """Redis expires keys itself; this drops what the gateway's clock says is over."""
+        """Redis expires keys itself; this drops what the gateway's clock says is over.
+        One replica at a time (``purge-lock``); the others skip this round."""
         now = self._clock()
+        lock = f"{self._p}purge-lock"
         with self._errors("purge_expired"):
+            if not await self.redis.set(lock, repr(now), nx=True, ex=PURGE_LOCK_SECONDS):
+                return 0
+            try:
+                return await self._purge(now)
+            finally:
+                await self.redis.delete(lock)
+
+    async def _purge(self, now: float) -> int:
+        with self._errors("purge_expired"):
+            for prefix in COUNTED:
+                await self.redis.zremrangebyscore(f"{self._p}index:{prefix}", "-inf", repr(now))
             over = await self.redis.zrangebyscore(f"{self._p}sessions", "-inf", repr(now))
             gone = sum([await self.delete_session(str(key)) for key in over])
+            batch: list[str] = []
             async for name in self.redis.scan_iter(match=_glob(self._once("")) + "*",
                                                    count=500):
-                gone += int(await self._drop(keys=[name], args=[repr(now)]))
+                batch.append(name)
+                if len(batch) >= 500:
+                    gone += await self._drop_batch(batch, now)
+                    batch = []
+            if batch:
+                gone += await self._drop_batch(batch, now)
         return gone
+
+    async def _drop_batch(self, names: list[str], now: float) -> int:
+        """Drop the ended ones of ``names``: one round trip for the lot (a pipeline)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._drop(keys=[name], args=[repr(now)], client=pipe)
+            return sum(int(x) for x in await pipe.execute())
 
 
 def _glob(text: str) -> str:

@@ -29,6 +29,7 @@ is upgraded in place when it is opened (``gateway.sessions.sqlite_upgrade``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -131,10 +132,8 @@ class _Connection:
 
     def _drop(self) -> None:
         if self._db is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._db.close()
-            except sqlite3.Error:
-                pass
             self._db = None
 
     async def close(self) -> None:
@@ -188,6 +187,8 @@ class SQLiteStore:
             await background.run(_create_schema)
         except StoreError as exc:
             try:
+                if "readonly" not in exc.reason:  # only a read-only file opens degraded
+                    raise
                 await reads.run(_one("SELECT count(*) FROM sessions, once LIMIT 1"))
             except StoreError:
                 for connection in {writes, reads, background}:
