@@ -261,6 +261,15 @@ class TestKeyStore:
         clock.advance(60)
         assert await keys.count("rate:client-a", 60) == 1  # a new window starts over
 
+    async def test_a_backward_clock_step_does_not_stretch_a_window(
+            self, stores: Stores, clock: FakeClock) -> None:
+        keys = stores.keys
+        assert [await keys.count("rate:client-a", 60) for _ in range(3)] == [1, 2, 3]
+        clock.advance(-1800)  # the clock steps back half an hour
+        assert await keys.count("rate:client-a", 60) == 1  # a new window, not 30 min more
+        clock.advance(60)
+        assert await keys.count("rate:client-a", 60) == 1
+
     async def test_counters_are_shared_by_instances(self, stores: Stores,
                                                     twin: Stores) -> None:
         counts = await asyncio.gather(*(
@@ -342,6 +351,26 @@ async def test_sqlite_sessions_survive_a_reopen(tmp_path: Path, clock: FakeClock
     await second.backend.open()
     assert await second.sessions.get_session("k") == session("k")
     await second.backend.close()
+
+
+
+async def test_sqlite_workers_on_one_file_take_turns_to_purge(tmp_path: Path,
+                                                             clock: FakeClock) -> None:
+    first = open_store(f"sqlite:///{tmp_path}/p.db", clock)
+    second = open_store(f"sqlite:///{tmp_path}/p.db", clock)
+    await first.backend.open()
+    await second.backend.open()
+    try:
+        await first.keys.add_once("gone-soon", "x", 10)
+        clock.advance(11)
+        assert await second.keys.add_once("purge-lock", "another worker", 120)
+        assert await first.backend.purge_expired() == 0  # the other worker is purging
+        assert await second.keys.take("purge-lock") == "another worker"
+        assert await first.backend.purge_expired() == 1
+        assert await first.keys.get("purge-lock") is None  # released after the purge
+    finally:
+        await first.backend.close()
+        await second.backend.close()
 
 
 _OLD_SCHEMA = """

@@ -290,14 +290,18 @@ class SQLiteStore:
 
     async def count(self, key: str, ttl: float) -> int:
         now = self._clock()
+        # A window ends at its first hit + ttl. One that ends later than a window started
+        # now could means the clock stepped back: start a new window rather than let a
+        # backward step stretch this one.
         row = await self._write(_one(
             "INSERT INTO once (key, value, expires) VALUES (?, '1', ?)"
             " ON CONFLICT(key) DO UPDATE SET"
-            "  value = CASE WHEN once.expires <= ? THEN '1'"
+            "  value = CASE WHEN (once.expires <= ? OR once.expires > ?) THEN '1'"
             "          ELSE CAST(CAST(once.value AS INTEGER) + 1 AS TEXT) END,"
-            "  expires = CASE WHEN once.expires <= ? THEN excluded.expires ELSE once.expires END"
+            "  expires = CASE WHEN (once.expires <= ? OR once.expires > ?)"
+            "            THEN excluded.expires ELSE once.expires END"
             " RETURNING value",
-            (f"count:{key}", now + ttl, now, now)))
+            (f"count:{key}", now + ttl, now, now + ttl, now, now + ttl)))
         return int(row[0])
 
     async def count_keys(self, prefix: str) -> int:
@@ -330,19 +334,30 @@ class SQLiteStore:
 
     async def purge_expired(self) -> int:
         """In batches of ``PURGE_BATCH`` rows on the background connection (long busy
-        timeout), so requests' writes get the lock between two batches."""
+        timeout), so requests' writes get the lock between two batches. One process at a
+        time (``purge-lock``, as on Redis); the others skip this round."""
         now = self._clock()
+        if not await self.add_once(PURGE_LOCK, repr(now), PURGE_LOCK_SECONDS):
+            return 0
         background = self._connection(self._background)
         gone = 0
-        for table in ("sessions", "once"):
-            while True:
-                batch = await background.run(_changed(
-                    f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"  # noqa: S608
-                    " WHERE expires <= ? LIMIT ?)", (now, PURGE_BATCH)))
-                gone += batch
-                if batch < PURGE_BATCH:
-                    break
+        try:
+            for table in ("sessions", "once"):
+                while True:
+                    batch = await background.run(_changed(
+                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"  # noqa: S608
+                        " WHERE expires <= ? LIMIT ?)", (now, PURGE_BATCH)))
+                    gone += batch
+                    if batch < PURGE_BATCH:
+                        break
+        finally:
+            await self.take(PURGE_LOCK)
         return gone
+
+
+#: Held (with an expiry) while one process purges, so the workers on one file take turns.
+PURGE_LOCK = "purge-lock"
+PURGE_LOCK_SECONDS = 120
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
