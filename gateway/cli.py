@@ -20,17 +20,23 @@ from gateway.errors import ConfigError, StoreError
 from gateway.sessions import Backend
 from gateway.version import VERSION
 
+DESCRIPTION = """sso-gateway: sign members in through their organisation's SAML IdP and
+proxy what the access rules allow.
+
+Exit codes: 0 success, 1 operation failed, 2 bad configuration or usage."""
 CONFIG_HELP = "gateway.toml to use (default: $GATEWAY_CONFIG or ./gateway.toml)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sso-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sso-gateway", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"sso-gateway {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help=CONFIG_HELP)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--host", help="address to listen on (overrides [server] listen)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides [server] listen)")
 
     check = sub.add_parser("check", help="validate the configuration, keys and IdP metadata")
     check.add_argument("--config", help=CONFIG_HELP)
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "explain":
             return cli_explain.run(args)
         if args.command == "serve":
-            return _serve(args.config, args.workers)
+            return _serve(args.config, args.workers, args.host, args.port)
         if args.command == "check":
             return _check(args.config)
         if args.command == "demo":
@@ -140,8 +146,20 @@ def _store_problem(store: Backend, settings: Settings) -> str | None:
     return None
 
 
-def _serve(config: str | None, workers: int) -> int:
+def listen_address(settings: Settings, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where ``serve`` listens: ``listen`` from the configuration, with ``--host`` and
+    ``--port`` taking precedence."""
+    return (host or settings.listen_host,
+            port if port is not None else settings.listen_port)
+
+
+def _serve(config: str | None, workers: int, host: str | None = None,
+           port: int | None = None) -> int:
     settings = load_settings(config)
+    if port is not None and not 0 < port < 65536:
+        print(f"error: --port {port} is not a TCP port (1-65535)", file=sys.stderr)
+        return 2
+    listen_host, listen_port = listen_address(settings, host, port)
     from gateway.app import create_app
 
     gateway = create_app(settings)  # fail fast, with exit 2, before uvicorn starts workers
@@ -170,8 +188,8 @@ def _serve(config: str | None, workers: int) -> int:
     from gateway.server import run, uvicorn_options
 
     try:
-        run("gateway.app:app_from_env", host=settings.listen_host,
-            port=settings.listen_port, workers=workers, loop="uvloop",
+        run("gateway.app:app_from_env", host=listen_host,
+            port=listen_port, workers=workers, loop="uvloop",
             # X-Forwarded-For/-Proto only from configured proxies (uvicorn's own
             # right-most-untrusted-hop logic), so scope["client"] is the real client.
             proxy_headers=bool(settings.trusted_proxies),

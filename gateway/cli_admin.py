@@ -3,7 +3,10 @@
 Part of the CLI (it prints); they work while the gateway runs, because the gateway
 reads the store on every request: a revoked session's next request is anonymous.
 Sessions are picked by subject (``--member`` is kept as another name for ``--subject``)
-or by the handle ``sessions list`` shows, and ended through the ``SessionManager``.
+or by the session tag ``sessions list`` shows — the same 12-hex tag the logs, the audit
+log and the admin console use (``logs.session_hash``) — and ended through the
+``SessionManager``. Every change and every export is written to the audit log like the
+console's, with ``by="cli:<operating-system user>"``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import getpass
+import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+from gateway.audit import audit, configure_audit
+from gateway.audit import log as audit_log
 from gateway.config import Settings, load_settings
 from gateway.errors import StoreError
+from gateway.logs import StdStream, session_hash
 from gateway.sessions import (
     Backend,
     CookieSigner,
@@ -40,7 +50,9 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
                          help="only this subject's sessions (as `sessions list` shows it)")
     revoke = verbs.add_parser("revoke", parents=[common], help="end sessions now")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("session", nargs="?", help="a session handle as `sessions list` shows it")
+    which.add_argument("session", nargs="?",
+                       help="a session tag (12 hex digits) as `sessions list`, the logs and "
+                            "the admin console show it")
     which.add_argument("--subject", "--member", dest="subject", metavar="SUBJECT",
                        help="every session of this subject")
     which.add_argument("--all", action="store_true", help="every session")
@@ -55,6 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
 def run(args: argparse.Namespace) -> int:
     """Run one ``sessions`` or ``registrations`` command; the exit status."""
     settings = load_settings(args.config)
+    _audit_to(settings)
     stores = open_store(settings.store.url, _now, **settings.store.options())
     if args.command == "registrations":
         return _with_store(stores.backend, lambda: _export(stores.records))
@@ -66,6 +79,27 @@ def run(args: argparse.Namespace) -> int:
         return _with_store(stores.backend, lambda: _list(sessions, args.subject))
     return _with_store(stores.backend,
                        lambda: _revoke(sessions, args.session, args.subject, args.all))
+
+
+def operator() -> str:
+    """Who ran the command, for the audit log's ``by``: ``cli:<operating-system user>``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return f"cli:{user}"
+
+
+def _audit_to(settings: Settings) -> None:
+    """Audit lines go where the gateway writes them; to stderr when that is stdout, so
+    they never mix with a command's own output (the CSV of ``registrations export``)."""
+    configure_audit(settings.logging.audit, Path(settings.source).parent)
+    if settings.logging.audit == "stdout":
+        for old in list(audit_log.handlers):
+            audit_log.removeHandler(old)
+        handler = StdStream("stderr")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        audit_log.addHandler(handler)
 
 
 def _now() -> float:
@@ -101,8 +135,19 @@ def _when(ts: float) -> str:
 
 def _row(record: SessionRecord) -> str:
     p = record.principal
-    return (f"{record.handle}  {p.subject:<12}  {p.idp or '-'}  {p.display_name or '-'}"
+    return (f"{session_hash(record.key)}  {p.subject:<12}  idp {p.idp or '-'}"
+            f"  name {p.display_name or '-'}  address {record.client_ip or '-'}"
             f"  started {_when(record.created)}  last seen {_when(record.last_seen)}")
+
+
+def _picks(record: SessionRecord, reference: str) -> bool:
+    """Whether ``reference`` names this session: its tag (12 hex digits, as the logs,
+    audit log and console show it) or, from older versions' listings, its 16-character
+    handle."""
+    reference = reference.strip().lower()
+    if len(reference) == HANDLE_LENGTH:
+        return record.handle == reference
+    return session_hash(record.key) == reference
 
 
 async def _list(sessions: SessionManager, subject: str | None) -> int:
@@ -115,20 +160,27 @@ async def _list(sessions: SessionManager, subject: str | None) -> int:
 
 async def _revoke(sessions: SessionManager, handle: str | None, subject: str | None,
                   everyone: bool) -> int:
+    by = operator()
     if subject is not None:
         ended = await sessions.end_subject_sessions(subject)
+        audit("session_revoked", by=by, subject=subject, sessions_ended=ended, scope="all")
         print(f"revoked {ended} session(s) of {subject}")
         return 0
     records = await sessions.sessions()
     if not everyone:
         assert handle is not None
-        records = [r for r in records
-                   if len(handle) >= HANDLE_LENGTH and r.key.startswith(handle)]
+        records = [r for r in records if _picks(r, handle)]
         if not records:
             print(f"error: no active session {handle!r}", file=sys.stderr)
             return 1
-    ended = sum([await sessions.end(record.key) for record in records])
-    print(f"revoked {ended} session(s)")
+    total = 0
+    for record in records:
+        ended = int(await sessions.end(record.key))
+        total += ended
+        audit("session_revoked", by=by, subject=record.principal.subject,
+              sessions_ended=ended, scope="everyone" if everyone else "one",
+              session=session_hash(record.key))
+    print(f"revoked {total} session(s)")
     return 0
 
 
@@ -138,5 +190,7 @@ async def _purge(backend: Backend) -> int:
 
 
 async def _export(records: RecordStore) -> int:
-    sys.stdout.write(registrations_csv(await records.list_registrations()))
+    registrations = await records.list_registrations()
+    sys.stdout.write(registrations_csv(registrations))
+    audit("registrations_exported", by=operator(), count=len(registrations))
     return 0

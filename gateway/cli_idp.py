@@ -166,8 +166,10 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
         if root is None:
             continue
         modified = report.when(path.stat().st_mtime)
-        for idp in idps_from_tree(root, path, notes):
+        skipped: list[str] = []
+        for idp in idps_from_tree(root, path, notes, skipped=skipped):
             rows.append(Row(idp, f"file modified {modified}", _status(idp, now, ""), root, ""))
+        notes += [f"skipped: {reason}" for reason in skipped]
     for config in settings.metadata:
         source = Source.open(config)
         state = source.state
@@ -185,6 +187,7 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
             continue
         for idp in accepted.idps:
             rows.append(Row(idp, fetched, _status(idp, now, failing), accepted.root, failing))
+        notes += [f"skipped: {reason}" for reason in accepted.skipped]
     return rows, notes
 
 

@@ -89,6 +89,7 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
                 "csrf": csrf_of(page), "subject": "M1001", "end": "all"},
                 headers={"origin": stack.url})
             assert done.status_code == 303
+            assert carol.get(stack.url + "/_gateway/admin/registrations.csv").status_code == 200
             bye = carol.get(stack.url + "/saml/logout")
             out_to_idp = carol.post(stack.url + "/saml/logout", data={"csrf": csrf_of(bye)},
                                     headers={"origin": stack.url})

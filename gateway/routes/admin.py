@@ -130,18 +130,32 @@ def routes(gw: Gateway) -> list[Route]:
             check_csrf(gw, record, field(form, "csrf"))
             # ``member`` is the field's old name (bookmarks, scripts): read as ``subject``.
             subject = field(form, "subject") or field(form, "member")
-            handle = field(form, "end")
-            ended = await gw.sessions.end_subject_sessions(subject, handle) if subject else 0
+            # ``end``: "all", or the session tag the page shows (the logs' and CLI's
+            # reference); a 16-character handle from a page served before still works.
+            reference = field(form, "end").strip().lower()
+            tag: str | None = None
+            ended = 0
+            if subject and reference == "all":
+                ended = await gw.sessions.end_subject_sessions(subject, "all")
+            elif subject:
+                for s in await gw.sessions.sessions(subject):
+                    if reference in (session_hash(s.key), s.handle):
+                        tag = session_hash(s.key)
+                        ended += await gw.sessions.end(s.key)
             audit("session_revoked", by=record.principal.subject, subject=subject,
-                  sessions_ended=ended, scope="all" if handle == "all" else "one")
+                  sessions_ended=ended, scope="all" if reference == "all" else "one",
+                  session=tag)
             return RedirectResponse(f"{ADMIN_PATH}/sessions?subject={quote(subject, safe='')}"
                                     f"&ended={ended}", 303)
         query = request.query_params
         subject = (query.get("subject") or query.get("member", "")).strip()[:1200]
         found = await gw.sessions.sessions(subject) if subject else []
+        # One reference for a session everywhere: its tag (logs, audit log, CLI); the
+        # revoke form posts it too.
         rows = [{**describe(s, record), "subject": s.principal.subject,
                  "member_id": s.principal.member_id, "name": s.principal.display_name,
-                 "idp": s.principal.idp, "tag": session_hash(s.key)} for s in found]
+                 "idp": s.principal.idp, "tag": session_hash(s.key),
+                 "handle": session_hash(s.key)} for s in found]
         return to_response(render(
             "admin_sessions.html", title="Sessions", section="sessions", subject=subject,
             sessions=rows, csrf=csrf_token(gw, record),
@@ -164,10 +178,13 @@ def routes(gw: Gateway) -> list[Route]:
                                   section="failures", failures=rows, reference=wanted))
 
     async def registrations(request: Request) -> Response:
-        refused = await guard(request)
+        record, refused = await admin_guard(gw, request)
         if refused is not None:
             return refused
-        body = registrations_csv(await gw.stores.records.list_registrations())
+        assert record is not None
+        found = await gw.stores.records.list_registrations()
+        body = registrations_csv(found)
+        audit("registrations_exported", by=record.principal.subject, count=len(found))
         return Response(body, media_type="text/csv; charset=utf-8", headers={
             "content-disposition": 'attachment; filename="registrations.csv"',
             "cache-control": "no-store"})

@@ -61,6 +61,7 @@ class SourceState:
     fetched_at: float | None = None  # last good download (verified and in use)
     checked_at: float | None = None  # last attempt
     error: str = ""  # why the last attempt failed; "" when it succeeded
+    skipped: list[str] = field(default_factory=list)  # unusable entities of the copy in use
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Accepted:
     interval: float  # seconds until the next refresh
     sha256: str
     root: Any = field(repr=False)  # the verified document
+    skipped: list[str] = field(default_factory=list)  # entities left out, with the reason
 
 
 @dataclass
@@ -102,17 +104,21 @@ class Source:
         if until is not None and until <= now:
             raise MetadataRefused(f"{self.url}: expired (validUntil {report.when(until)})")
         problems: list[str] = []
+        skipped: list[str] = []
         idps = idps_from_tree(root, self.cache_file, problems, url=self.url,
                               entities=self.config.entities,
-                              registration_authority=self.config.registration_authority)
+                              registration_authority=self.config.registration_authority,
+                              skipped=skipped)
         fresh = [i for i in idps if i.valid_until is None or i.valid_until > now]
         if problems or not fresh:
-            raise MetadataRefused("; ".join(problems) or f"{self.url}: every IdP has expired")
+            why = f"{self.url}: every IdP has expired" if idps else \
+                f"{self.url}: no IdP the gateway can use ({len(skipped)} skipped)"
+            raise MetadataRefused("; ".join(problems) or why)
         interval = float(self.config.refresh)
         cache = duration(root.get("cacheDuration"))
         if cache is not None:
             interval = min(interval, max(cache, MIN_INTERVAL))
-        return Accepted(fresh, interval, hashlib.sha256(data).hexdigest(), root)
+        return Accepted(fresh, interval, hashlib.sha256(data).hexdigest(), root, skipped)
 
     async def fetch(self) -> bytes:
         return await download(self.url, self.config.timeout, self.config.max_bytes)
@@ -252,7 +258,12 @@ class MetadataRefresher:
         if data is not None:  # the cache file is the IdP's source: write it before use
             source.cache_file.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(source.cache_file, data)
-        self._registry.replace_source(source.url, accepted.idps)
+        self._registry.replace_source(source.url, accepted.idps, accepted.skipped)
+        source.state.skipped = list(accepted.skipped)
+        if accepted.skipped:
+            log.warning("metadata of %s: %d IdP%s in use, %d skipped as unusable "
+                        "(sso-gateway idp list shows why)", source.url, len(accepted.idps),
+                        "s" if len(accepted.idps) != 1 else "", len(accepted.skipped))
         for entity_id in sorted(before.keys() | after.keys()):
             old, new = before.get(entity_id), after.get(entity_id)
             if self._sp is not None and old is not None and old != new:

@@ -12,6 +12,12 @@ Metadata fetched from URLs (``gateway.saml.metadata_source``) arrives as named
 *sources*: ``replace_source`` swaps one source's IdPs in a single assignment, so
 readers (the login flow, python3-saml threads) see either the old set or the new one.
 The IdPs from files come first; an entity ID a later source repeats is skipped.
+
+An aggregate (``md:EntitiesDescriptor``) never fails because of one entity: an IdP the
+gateway cannot use (no HTTP-Redirect SingleSignOnService, no usable signing
+certificate, a bad entityID) is skipped, its reason logged, counted in ``skipped`` and
+shown by ``sso-gateway idp list``. A single ``md:EntityDescriptor`` with such a problem
+is still refused, since it can only be a mistake.
 """
 
 from __future__ import annotations
@@ -83,9 +89,19 @@ class IdPRegistry:
         self._sources: dict[str, tuple[IdP, ...]] = {"": tuple(base.values())}
         self._idps: dict[str, IdP] = base
         self.generation = 0  # bumped by every replace_source
+        # Per source ("" for the files): the aggregate entities skipped, with the reason.
+        self.skipped: dict[str, tuple[str, ...]] = {}
 
-    def replace_source(self, name: str, idps: Iterable[IdP]) -> None:
-        """Set the IdPs of one named source (a metadata URL); an empty list removes it."""
+    def replace_source(self, name: str, idps: Iterable[IdP],
+                       skipped: Iterable[str] | None = None) -> None:
+        """Set the IdPs of one named source (a metadata URL); an empty list removes it.
+        ``skipped`` (when given) replaces the source's list of skipped entities."""
+        if skipped is not None:
+            reasons = dict(self.skipped)
+            reasons[name] = tuple(skipped)
+            if not reasons[name]:
+                del reasons[name]
+            self.skipped = reasons
         sources = dict(self._sources)
         sources[name] = tuple(idps)
         if not sources[name]:
@@ -114,9 +130,10 @@ class IdPRegistry:
         if not directory.is_dir():
             raise ConfigError([f"{directory}: IdP metadata directory does not exist"])
         problems: list[str] = []
+        skipped: list[str] = []
         idps: dict[str, IdP] = {}
         for path in sorted(directory.glob("*.xml")):
-            for idp in _load_file(path, problems):
+            for idp in _load_file(path, problems, skipped):
                 other = idps.get(idp.entity_id)
                 if other is not None:
                     problems.append(
@@ -126,7 +143,10 @@ class IdPRegistry:
                 idps[idp.entity_id] = idp
         if problems:
             raise ConfigError(problems)
-        return cls(idps.values())
+        registry = cls(idps.values())
+        if skipped:
+            registry.skipped = {"": tuple(skipped)}
+        return registry
 
     def get(self, entity_id: str) -> IdP:
         try:
@@ -144,6 +164,10 @@ class IdPRegistry:
             return next(iter(self._idps.values()))
         return None
 
+    def skipped_count(self) -> int:
+        """How many aggregate entities are skipped as unusable, over all sources."""
+        return sum(len(reasons) for reasons in self.skipped.values())
+
     def __len__(self) -> int:
         return len(self._idps)
 
@@ -151,14 +175,14 @@ class IdPRegistry:
         return entity_id in self._idps
 
 
-def _load_file(path: Path, problems: list[str]) -> list[IdP]:
+def _load_file(path: Path, problems: list[str], skipped: list[str] | None = None) -> list[IdP]:
     try:
         data = path.read_bytes()
     except OSError as exc:
         problems.append(f"{path}: cannot read ({exc.strerror or exc})")
         return []
     root = parse_xml(data, str(path), problems)
-    return [] if root is None else idps_from_tree(root, path, problems)
+    return [] if root is None else idps_from_tree(root, path, problems, skipped=skipped)
 
 
 def parse_xml(data: bytes, where: str, problems: list[str]) -> Any | None:
@@ -174,9 +198,13 @@ def parse_xml(data: bytes, where: str, problems: list[str]) -> Any | None:
 
 
 def idps_from_tree(root: Any, path: Path, problems: list[str], *, url: str = "",
-                   entities: Iterable[str] = (), registration_authority: str = "") -> list[IdP]:
+                   entities: Iterable[str] = (), registration_authority: str = "",
+                   skipped: list[str] | None = None) -> list[IdP]:
     """The IdPs of a parsed metadata document, optionally only the listed ``entities``
-    and/or those registered by ``registration_authority`` (mdrpi:RegistrationInfo)."""
+    and/or those registered by ``registration_authority`` (mdrpi:RegistrationInfo).
+
+    With ``skipped`` given, an entity of an aggregate the gateway cannot use is left
+    out, its reason appended to ``skipped`` and logged, instead of to ``problems``."""
     where = url or str(path)
     if root.tag == f"{_MD}EntityDescriptor":
         nodes = [root]
@@ -200,13 +228,31 @@ def idps_from_tree(root: Any, path: Path, problems: list[str], *, url: str = "",
 
     idps: list[IdP] = []
     seen_idp_descriptor = False
+    tolerant = skipped is not None and root.tag == f"{_MD}EntitiesDescriptor"
     for entity in nodes:
         if entity.find("md:IDPSSODescriptor", _NS) is None:
             continue  # aggregates also carry SPs; a lone SP is reported below
         seen_idp_descriptor = True
-        idp = _load_entity(path, entity, problems, url)
+        if not tolerant:
+            idp = _load_entity(path, entity, problems, url)
+            if idp is not None:
+                idps.append(idp)
+            continue
+        found: list[str] = []
+        try:
+            idp = _load_entity(path, entity, found, url)
+        except Exception as exc:  # one odd entity must not fail the aggregate
+            idp = None
+            found.append(f"{where}: IdP {(entity.get('entityID') or '').strip()[:200]!r}: "
+                         f"cannot be read ({_short(exc)})")
         if idp is not None:
             idps.append(idp)
+        elif found and skipped is not None:
+            prefix = found[0].split(": ", 2)
+            lead = ": ".join(prefix[:2]) + ": " if len(prefix) == 3 else ""
+            reason = "; ".join([found[0]] + [r.removeprefix(lead) for r in found[1:]])
+            log.warning("IdP skipped (the gateway cannot use it): %s", reason)
+            skipped.append(reason)
     if not seen_idp_descriptor:
         hint = " or the filter keeps none" if wanted or registration_authority else ""
         problems.append(f"{where}: no md:IDPSSODescriptor (this is not IdP metadata{hint})")

@@ -1,0 +1,158 @@
+"""Aggregates that never fall over: an entity the gateway cannot use is skipped with a
+logged, counted and ``idp list``-visible reason; the rest of the document is used.
+
+The aggregate is served over a real HTTP server (``tests.test_metadata_sources``) and,
+in the last test, a member signs in through one of its IdPs in the full stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
+
+from gateway.cli import main
+from gateway.demo.stack import DemoStack
+from gateway.devidp.metadata import idp_metadata
+from gateway.errors import ConfigError
+from gateway.saml import IdPRegistry
+from gateway.saml.metadata_source import MetadataRefresher, Source
+from gateway.saml.registry import idps_from_tree, parse_xml
+from tests.browser import client, login
+from tests.conftest import TLSFiles, bound_socket, port_of, run_stack, serving
+from tests.test_metadata_sources import FED, MetadataServer, _entity, sign, source
+
+_SSO_REDIRECT = f'Binding="{C.BINDING_HTTP_REDIRECT}" Location="https://idp.example/sso"'
+_CERT = re.compile(r"<ds:X509Certificate>[^<]+</ds:X509Certificate>")
+_KEY = re.compile(r"<md:KeyDescriptor use=\"signing\">.*?</md:KeyDescriptor>", re.S)
+_SP = (f'<md:EntityDescriptor xmlns:md="{C.NS_MD}" entityID="https://sp.example/sp">'
+       '<md:SPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol">'
+       f'<md:AssertionConsumerService Binding="{C.BINDING_HTTP_POST}" '
+       'Location="https://sp.example/acs" index="0"/></md:SPSSODescriptor>'
+       '</md:EntityDescriptor>')
+
+
+def broken_entities() -> dict[str, str]:
+    """Entity ID → an IdP entity the gateway cannot use, and why (a word of the reason)."""
+    post_only = _entity("https://post-only.example/idp").replace(
+        _SSO_REDIRECT, f'Binding="{C.BINDING_HTTP_POST}" Location="https://idp.example/sso"')
+    no_cert = _KEY.sub("", _entity("https://fingerprint-only.example/idp"))
+    bad_cert = _CERT.sub("<ds:X509Certificate>AAAA</ds:X509Certificate>",
+                         _entity("https://bad-cert.example/idp"))
+    encryption_only = _entity("https://encryption-only.example/idp").replace(
+        'use="signing"', 'use="encryption"')
+    return {"https://post-only.example/idp": post_only,
+            "https://fingerprint-only.example/idp": no_cert,
+            "https://bad-cert.example/idp": bad_cert,
+            "https://encryption-only.example/idp": encryption_only}
+
+
+def aggregate(*entities: str) -> str:
+    return (f'<md:EntitiesDescriptor xmlns:md="{C.NS_MD}" Name="https://fed.example">'
+            + "".join(entities) + "</md:EntitiesDescriptor>")
+
+
+REASONS = {
+    "https://post-only.example/idp": "no SingleSignOnService with the HTTP-Redirect binding",
+    "https://fingerprint-only.example/idp": "no signing certificate",
+    "https://bad-cert.example/idp": "not a valid certificate",
+    "https://encryption-only.example/idp": "no signing certificate",
+}
+
+
+@pytest.fixture
+def server() -> Iterator[MetadataServer]:
+    metadata = MetadataServer()
+    sock = bound_socket()
+    metadata.url = f"http://127.0.0.1:{port_of(sock)}"
+    with serving(metadata.app(), sock):
+        yield metadata
+
+
+def _good(n: int) -> list[str]:
+    return [_entity(f"https://good{i}.example/idp") for i in range(n)]
+
+
+async def test_aggregate_with_broken_entities_loads_and_skips_exactly_those(
+        tmp_path: Path, server: MetadataServer, caplog: pytest.LogCaptureFixture) -> None:
+    broken = broken_entities()
+    good = _good(3)
+    server.docs["/agg.xml"] = sign(aggregate(good[0], *broken.values(), _SP, *good[1:]))
+    config = source(tmp_path, server.url + "/agg.xml")
+    registry = IdPRegistry()
+    refresher = MetadataRefresher([config], registry)
+    caplog.set_level(logging.WARNING, "gateway.metadata")
+    assert await refresher.refresh(refresher.sources[0])
+
+    assert {i.entity_id for i in registry.all()} == {
+        f"https://good{i}.example/idp" for i in range(3)}
+    skipped = registry.skipped[config.url]
+    assert len(skipped) == registry.skipped_count() == len(broken)  # the SP is not counted
+    for entity_id, reason in REASONS.items():
+        [line] = [s for s in skipped if repr(entity_id) in s]
+        assert reason in line and config.url in line
+        assert line in caplog.text
+    assert "3 IdPs in use, 4 skipped as unusable" in caplog.text
+    # Kept with the cached copy's state, so a restart and `idp list` know it too.
+    assert Source.open(config).state.skipped == list(skipped)
+
+    # A corrected copy clears the list; the next refresh counts again.
+    server.docs["/agg.xml"] = sign(aggregate(*good))
+    assert await refresher.refresh(refresher.sources[0])
+    assert registry.skipped_count() == 0 and len(registry) == 3
+
+
+async def test_an_aggregate_of_only_unusable_idps_is_refused(
+        tmp_path: Path, server: MetadataServer) -> None:
+    server.docs["/agg.xml"] = sign(aggregate(*broken_entities().values()))
+    registry = IdPRegistry()
+    refresher = MetadataRefresher([source(tmp_path, server.url + "/agg.xml")], registry)
+    assert not await refresher.refresh(refresher.sources[0])
+    assert "no IdP the gateway can use (4 skipped)" in refresher.sources[0].state.error
+
+
+def test_files_aggregate_skips_but_a_single_broken_entity_is_still_refused(
+        tmp_path: Path) -> None:
+    broken = broken_entities()
+    (tmp_path / "fed.xml").write_text(aggregate(*_good(2), *broken.values()))
+    registry = IdPRegistry.load_dir(tmp_path)
+    assert len(registry) == 2 and registry.skipped_count() == 4
+    assert all(str(tmp_path / "fed.xml") in line for line in registry.skipped[""])
+
+    # One EntityDescriptor on its own can only be a mistake: refused as before.
+    (tmp_path / "post.xml").write_text(broken["https://post-only.example/idp"])
+    with pytest.raises(ConfigError, match="HTTP-Redirect binding"):
+        IdPRegistry.load_dir(tmp_path)
+    # Without a list for skipped entities (the callers that want every problem).
+    problems: list[str] = []
+    root = parse_xml(aggregate(*broken.values()).encode(), "x", problems)
+    assert idps_from_tree(root, Path("x.xml"), problems) == [] and len(problems) == 5
+
+
+def test_a_member_signs_in_through_an_aggregate_with_unusable_entities(
+        tmp_path: Path, tls: TLSFiles, server: MetadataServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def setup(demo: DemoStack) -> None:
+        (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
+        dev = re.sub(r"<\?xml[^>]*\?>", "", idp_metadata(demo.idp))
+        server.docs["/fed.xml"] = sign(aggregate(*broken_entities().values(), dev, *_good(2)))
+        (demo.workdir / "fed.pem").write_text(FED[1])
+        with (demo.workdir / "gateway.toml").open("a") as toml:
+            toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\n'
+                       'signing_cert = "fed.pem"\n')
+
+    with run_stack(tmp_path, tls, setup=setup) as stack, client(stack) as http:
+        done = login(http, stack, "/issues/2023-03/pages/14", "alice")
+        assert done.headers["location"] == "/issues/2023-03/pages/14"
+
+    # `idp list` shows the IdPs in use and every skipped entity with its reason.
+    assert main(["idp", "list", "--config", str(tmp_path / "gateway.toml")]) == 0
+    out = capsys.readouterr().out
+    assert stack.demo.idp.entity_id in out and "https://good1.example/idp" in out
+    for entity_id, reason in REASONS.items():
+        [line] = [x for x in out.splitlines() if repr(entity_id) in x]
+        assert line.startswith("note: skipped: ") and reason in line
