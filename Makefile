@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Each creates .venv and installs what it needs; `make test` also installs the
-# Debian packages the tests drive (xmlsec1 for pysaml2, chromium) when missing.
+# Debian packages the tests drive (xmlsec1 for pysaml2, chromium, systemd for
+# systemd-analyze) when missing.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := xmlsec1 chromium nginx redis-server docker-compose
+APT_PACKAGES := xmlsec1 chromium nginx redis-server docker-compose systemd
 AXE    := .cache/npm/node_modules/axe-core/axe.min.js
 
 .PHONY: demo test lint system-packages clean bench

@@ -53,7 +53,8 @@ EVENTS: dict[str, tuple[Fields, Fields]] = {
     "registrations_exported": ({"by": str, "count": int}, {}),
     "config_reload": ({"trigger": str, "config": str, "config_sha256": str},
                       {"version": str}),
-    "metadata_change": ({"change": str, "entity_id": str, "source": str}, {"sha256": str}),
+    "metadata_change": ({"change": str, "entity_id": str, "source": str},
+                        {"sha256": str, "idps": int}),
 }
 _FORBIDDEN = ("cookie", "samlresponse", "samlrequest", "token", "password", "secret",
               "assertion")

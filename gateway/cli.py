@@ -34,12 +34,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help=CONFIG_HELP)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--host", help="address to listen on (overrides [server] listen)")
-    serve.add_argument("--port", type=int, help="port to listen on (overrides [server] listen)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (default: 1)")
+    serve.add_argument("--host", help="address to listen on (overrides the configuration's "
+                                      "listen)")
+    serve.add_argument("--port", type=int,
+                       help="port to listen on (overrides the configuration's listen)")
 
     check = sub.add_parser("check", help="validate the configuration, keys and IdP metadata")
     check.add_argument("--config", help=CONFIG_HELP)
+
+    metadata = sub.add_parser("metadata", help="print the SP metadata (/saml/metadata)")
+    metadata.add_argument("--config", help=CONFIG_HELP)
+    metadata.add_argument("--out", type=Path, help="write it to this file instead")
 
     demo = sub.add_parser("demo", help="gateway + development IdP + sample reader on loopback")
     demo.add_argument("--dir", default=".demo", help="work directory (default: .demo)")
@@ -79,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args.config, args.workers, args.host, args.port)
         if args.command == "check":
             return _check(args.config)
+        if args.command == "metadata":
+            return cli_idp.sp_metadata(args.config, args.out)
         if args.command == "demo":
             return _demo(Path(args.dir), args.port)
         if args.certs_command == "rotate-identity":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings, load_settings
-from gateway.saml import IdP, IdPRegistry
+from gateway.saml import IdP, IdPRegistry, ServiceProvider
 from gateway.saml import metadata_report as report
 from gateway.saml.metadata_signature import MetadataRefused, verify_signed_metadata
 from gateway.saml.metadata_source import Source, download
@@ -28,6 +28,7 @@ from gateway.saml.registry import idps_from_tree, parse_xml
 
 ADD_TIMEOUT = 30.0
 ADD_MAX_BYTES = 50 * 1024 * 1024
+SKIPPED = "skipped: "  # the note of an aggregate entity left out as unusable
 
 
 def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # type: ignore[type-arg]
@@ -56,6 +57,22 @@ def run(args: argparse.Namespace) -> int:
     if args.idp_command == "list":
         return _list(rows, notes)
     return _check(rows, notes)
+
+
+# -- the SP's own metadata (``sso-gateway metadata``) --------------------------------------
+
+
+def sp_metadata(config: str | None, out: Path | None) -> int:
+    """Print (or write to ``out``) the SP metadata the gateway serves at /saml/metadata,
+    for registering the gateway with a federation or an IdP."""
+    settings = load_settings(config)
+    xml = ServiceProvider(settings, IdPRegistry()).metadata()
+    if out is None:
+        print(xml)
+    else:
+        out.write_text(xml + "\n")
+        print(f"SP metadata of {settings.sp_entity_id} written to {out}")
+    return 0
 
 
 # -- add ---------------------------------------------------------------------------------
@@ -169,7 +186,7 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
         skipped: list[str] = []
         for idp in idps_from_tree(root, path, notes, skipped=skipped):
             rows.append(Row(idp, f"file modified {modified}", _status(idp, now, ""), root, ""))
-        notes += [f"skipped: {reason}" for reason in skipped]
+        notes += [f"{SKIPPED}{reason}" for reason in skipped]
     for config in settings.metadata:
         source = Source.open(config)
         state = source.state
@@ -187,7 +204,7 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
             continue
         for idp in accepted.idps:
             rows.append(Row(idp, fetched, _status(idp, now, failing), accepted.root, failing))
-        notes += [f"skipped: {reason}" for reason in accepted.skipped]
+        notes += [f"{SKIPPED}{reason}" for reason in accepted.skipped]
     return rows, notes
 
 
@@ -221,7 +238,12 @@ def _list(rows: list[Row], notes: list[str]) -> int:
 
 def _check(rows: list[Row], notes: list[str]) -> int:
     now = time.time()
-    warnings = [f"{note}" for note in notes]
+    # Skipped aggregate entities are the normal state of a federation feed: shown, but
+    # not warnings (a cron job would alert for ever on entities no one here controls).
+    for note in notes:
+        if note.startswith(SKIPPED):
+            print(f"note: {note}")
+    warnings = [note for note in notes if not note.startswith(SKIPPED)]
     seen_documents: set[int] = set()
     for row in rows:
         warnings += [f"{row.idp.entity_id}: {w}" for w in report.idp_warnings(row.idp, now)]

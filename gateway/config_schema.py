@@ -33,6 +33,67 @@ class _Model(BaseModel):
 MemberIds = Literal["organisation", "scoped"]
 
 
+#: A language tag → text (or URL) map, as ``{ en = "…", de = "…" }``.
+Localized = dict[str, str]
+
+
+class SPLogo(_Model):
+    url: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    lang: str = ""
+
+    _url = field_validator("url")(_http_url)
+
+
+class SPContact(_Model):
+    # SAML's contact types, plus REFEDS SIRTFI's security contact.
+    type: Literal["technical", "support", "administrative", "billing", "other", "security"]
+    email: list[str] = Field(min_length=1)  # "mailto:" is added when missing
+    given_name: str = ""
+    surname: str = ""
+    company: str = ""
+    telephone: list[str] = []
+
+
+class SPMetadataSettings(_Model):
+    """``[sp.metadata]``: what federations ask of SP metadata (docs/idp-admin.md)."""
+
+    display_name: Localized = {}  # mdui:DisplayName; also the AttributeConsumingService name
+    description: Localized = {}  # mdui:Description
+    information_url: Localized = {}  # mdui:InformationURL
+    privacy_url: Localized = {}  # mdui:PrivacyStatementURL
+    logos: list[SPLogo] = []  # mdui:Logo
+    organization_name: Localized = {}  # md:Organization (all three or none)
+    organization_display_name: Localized = {}
+    organization_url: Localized = {}
+    contacts: list[SPContact] = []
+    entity_categories: list[str] = []  # e.g. http://refeds.org/category/research-and-scholarship
+    # assurance-certification https://refeds.org/sirtfi (needs a security contact)
+    sirtfi: bool = False
+    # RequestedAttribute: every released name of [attributes]; these gateway attributes
+    # are marked isRequired.
+    required_attributes: list[str] = ["member_id"]
+    request_attributes: bool = True  # False: no AttributeConsumingService
+
+    @field_validator("information_url", "privacy_url", "organization_url")
+    @classmethod
+    def _urls(cls, value: Localized) -> Localized:
+        for url in value.values():
+            _http_url(url)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SPMetadataSettings:
+        org = [self.organization_name, self.organization_display_name, self.organization_url]
+        if any(org) and not all(org):
+            raise ValueError("organization_name, organization_display_name and "
+                             "organization_url go together (all or none)")
+        if self.sirtfi and not any(c.type == "security" for c in self.contacts):
+            raise ValueError("sirtfi = true needs a contact of type \"security\"")
+        return self
+
+
 class SPSettings(_Model):
     entity_id: str = ""  # defaults to public_url + /saml/metadata
     key_file: Path = Path("certs/sp.key")
@@ -47,6 +108,8 @@ class SPSettings(_Model):
     # "now + metadata_valid_for" each time the metadata is built (at least hourly).
     metadata_valid_for: int | None = Field(None, ge=3600)
     metadata_cache_duration: int | None = Field(None, ge=60)
+    sign_metadata: bool = False  # sign /saml/metadata with the SP key
+    metadata: SPMetadataSettings = SPMetadataSettings()
 
     @model_validator(mode="after")
     def _next_pair(self) -> SPSettings:
@@ -311,6 +374,25 @@ class Rule(_Model):
     # Owner rules: the {parameter} that must equal the member's subject (optional when the
     # path has only one).
     owner: str = ""
+    # Public rules only: the Cache-Control sent with an anonymous answer whose upstream set
+    # none (e.g. "public, max-age=300"); "" = relay the upstream's headers as they are.
+    # Gated answers, and any answer to a signed-in member, stay private.
+    cache: str = ""
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, value: str) -> str:
+        value = value.strip()
+        if value and not all(" " <= ch <= "~" for ch in value):
+            raise ValueError("must be a Cache-Control value of printable ASCII characters")
+        return value
+
+    @model_validator(mode="after")
+    def _cache_only_public(self) -> Rule:
+        if self.cache and self.access != "public":
+            raise ValueError('cache is only for access = "public" rules: gated answers are '
+                             "always private to the member")
+        return self
 
     @field_validator("path")
     @classmethod

@@ -71,6 +71,35 @@ ADVICE: dict[str, tuple[str, str]] = {
     "too_large": ("The answer was larger than the gateway accepts.", "See the technical reason."),
 }
 
+#: Failures of a kind whose reason says more: (kind, words in the reason) → what failed,
+#: and what to do, instead of the kind's general advice.
+SPECIFIC: list[tuple[str, tuple[str, ...], tuple[str, str]]] = [
+    ("signature", ("assertion", "not signed"),
+     ("Assertion not signed: the IdP signed the Response but not the Assertion in it; the "
+      "gateway requires a signed Assertion (a signed Response alone is not accepted, for "
+      "any IdP).",
+      "The IdP must sign its assertions for this SP. Shibboleth IdP: signAssertions=\"true\" "
+      "in the relying-party override for the gateway's entity ID; SimpleSAMLphp: "
+      "'saml20.sign.assertion' => true in saml20-sp-remote for it; ADFS, Entra ID and "
+      "others: sign the assertion (or 'response and assertion'). The certificate "
+      "fingerprints below are only informative here.")),
+    ("attributes", ("no member id",),
+     ("No usable member ID: none of the attributes the gateway maps to the member ID "
+      "arrived with a value.",
+      "Compare the attribute names that arrived (released, below; names only, values are "
+      "never kept) with the names the gateway expects (in the reason). Either ask the IdP "
+      "to release the member ID attribute to this SP, or map the name it does send: "
+      "[[idps]] attributes = { member_id = \"<released name>\" }.")),
+]
+
+
+def _specific(kind: str, reason: str) -> tuple[str, str] | None:
+    reason = reason.lower()
+    for known, words, texts in SPECIFIC:
+        if known == kind and all(word in reason for word in words):
+            return texts
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:
@@ -99,11 +128,14 @@ class Failure:
 
     @property
     def summary(self) -> str:
-        return ADVICE.get(self.kind, ("Login refused.", ""))[0]
+        specific = _specific(self.kind, self.reason)
+        return specific[0] if specific else ADVICE.get(self.kind, ("Login refused.", ""))[0]
 
     @property
     def advice(self) -> str:
-        return ADVICE.get(self.kind, ("", "See the technical reason."))[1]
+        specific = _specific(self.kind, self.reason)
+        return (specific[1] if specific
+                else ADVICE.get(self.kind, ("", "See the technical reason."))[1])
 
 
 def failure_key(reference: str) -> str:

@@ -91,6 +91,11 @@ class HotPath:
         self._hosts = frozenset(h.encode("latin-1") for h in settings.hosts)
         self._origin = settings.public_url.encode("latin-1")
         self._hsts = [HSTS] if cookies.secure else []
+        # Public rules' Cache-Control ([[rules]] cache), by the rule a decision names.
+        self._cache: dict[str, bytes] = {}
+        for rule in settings.rules:
+            if rule.cache:
+                self._cache.setdefault(rule.path, rule.cache.encode("ascii"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -192,10 +197,11 @@ class HotPath:
         request_id = self._telemetry.proxying(route.name, record, path)  # X-Request-Id
         extra = ([*self._identity.headers(record.key, record.principal, route.name),
                   request_id] if record is not None else [request_id])
+        gated = decision.gated or record is not None
         try:
             await self._proxy.forward(scope, head, receive, send, route=route, target=target,
-                                      add_headers=extra,
-                                      gated=decision.gated or record is not None)
+                                      add_headers=extra, gated=gated,
+                                      cache=b"" if gated else self._cache.get(decision.rule, b""))
         except GatewayError as exc:
             await self._fail(send, exc, head.accept, f" upstream={route.name}")
 

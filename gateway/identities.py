@@ -51,7 +51,7 @@ class IdentityRules:
             return self._principal(signed_in)
         except LoginFailed as exc:
             raise LoginFailed(exc.kind, f"The assertion from IdP {signed_in.idp!r}: "
-                                        f"{exc.reason}") from None
+                                        f"{exc.reason}", exc.details) from None
 
     def warnings(self, entity_ids: Sequence[str]) -> list[str]:
         """What an admin should know about the identity rules for these IdPs (the
@@ -117,7 +117,9 @@ def _member_id(released: Mapping[str, Sequence[str]], names: Sequence[str]) -> s
     member_ids = set(_first_present(released, names))
     if not member_ids:
         raise LoginFailed("attributes", f"no member ID (none of the attributes "
-                                        f"{list(names)} has a value).")
+                                        f"{list(names)} has a value).",
+                          # names only, never values: for ``sso-gateway explain``
+                          details={"released": ", ".join(sorted(released))[:2000] or "(none)"})
     if len(member_ids) > 1:
         raise LoginFailed("attributes", f"{len(member_ids)} different member IDs; "
                                         "refusing to pick one.")

@@ -173,7 +173,7 @@ class Proxy:
 
     async def forward(self, scope: Scope, head: RequestHead, receive: Receive, send: Send,
                       *, route: Route, target: str, add_headers: Sequence[tuple[bytes, bytes]],
-                      gated: bool) -> None:
+                      gated: bool, cache: bytes = b"") -> None:
         """Send the request to ``route`` and relay the answer.
 
         ``head`` is the request's headers as ``head_reader`` read them; ``target`` is the
@@ -218,7 +218,7 @@ class Proxy:
             raise BadRequest(f"header refused by the upstream client: {exc}") from None
         try:
             complete = await self._relay(resp, receive, send, route, gated,
-                                         watch=body is None or body.done)
+                                         watch=body is None or body.done, cache=cache)
         except BaseException as exc:
             resp.close()
             if isinstance(exc, asyncio.CancelledError):  # the shutdown timeout cut it
@@ -230,9 +230,10 @@ class Proxy:
     # -- response ---------------------------------------------------------------------------
 
     async def _relay(self, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
-                     route: Route, gated: bool, watch: bool) -> bool:
-        """Relay the answer; False if its body was cut (upstream failure, client gone)."""
-        headers, length = route.responses.apply(resp.raw_headers, gated)
+                     route: Route, gated: bool, watch: bool, cache: bytes = b"") -> bool:
+        """Relay the answer; False if its body was cut (upstream failure, client gone).
+        ``cache``: a public rule's Cache-Control (``ResponseHeaders.apply``)."""
+        headers, length = route.responses.apply(resp.raw_headers, gated, cache)
         watcher = None
         if watch and (length is None or length > _WATCH_ABOVE):
             watcher = asyncio.create_task(_watch_disconnect(receive, resp))

@@ -261,9 +261,12 @@ class ResponseRules:
         self._public = public_url.rstrip("/").encode("latin-1")
         self._bases = _upstream_bases(upstream_url)
 
-    def apply(self, raw: Sequence[tuple[bytes, bytes]], gated: bool
+    def apply(self, raw: Sequence[tuple[bytes, bytes]], gated: bool,
+              public_cache: bytes = b""
               ) -> tuple[list[tuple[bytes, bytes]], int | None]:
-        """Upstream headers to relay (lower-cased for ASGI), and the body length if known."""
+        """Upstream headers to relay (lower-cased for ASGI), and the body length if known.
+        ``public_cache``: the Cache-Control of a public rule, added to an answer that is not
+        gated when the upstream set none."""
         out: list[tuple[bytes, bytes]] = []
         connection: list[bytes] = []
         cache: list[bytes] = []
@@ -297,6 +300,8 @@ class ResponseRules:
                 if name == b"vary":
                     vary.append(value)
                     continue
+            elif name == b"cache-control":
+                public_cache = b""  # the upstream's own wins
             out.append((name, value))
         if connection:
             named = {t.strip().lower() for v in connection for t in v.split(b",")}
@@ -307,6 +312,8 @@ class ResponseRules:
             out.append((b"cache-control", _private_cache_control(cache))
                        if cache else PRIVATE_NO_STORE)
             out.append((b"vary", _vary_with_cookie(vary)) if vary else VARY_COOKIE)
+        elif public_cache:
+            out.append((b"cache-control", public_cache))
         return out, length
 
     def _own_cookie(self, value: bytes) -> bytes | None:

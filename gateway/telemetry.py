@@ -119,9 +119,15 @@ class Telemetry:
         log.info("sso-gateway %s started with %s", VERSION, source)
         audit("config_reload", trigger="startup", config=str(source),
               config_sha256=_sha256(source), version=VERSION)
+        # One line per metadata source, each hashed once: an aggregate of thousands of IdPs
+        # is one document, not thousands of lines (and reads).
+        by_source: dict[str, list[str]] = {}
         for idp in self.registry.all():
-            audit("metadata_change", change="loaded", entity_id=idp.entity_id,
-                  source=str(idp.source), sha256=_sha256(Path(idp.source)))
+            by_source.setdefault(str(idp.source), []).append(idp.entity_id)
+        for name, entities in by_source.items():
+            audit("metadata_change", change="loaded", source=name, sha256=_sha256(Path(name)),
+                  entity_id=entities[0] if len(entities) == 1 else f"{len(entities)} IdPs",
+                  idps=len(entities))
 
     # -- per request ----------------------------------------------------------------------
 

@@ -156,3 +156,8 @@ def test_a_member_signs_in_through_an_aggregate_with_unusable_entities(
     for entity_id, reason in REASONS.items():
         [line] = [x for x in out.splitlines() if repr(entity_id) in x]
         assert line.startswith("note: skipped: ") and reason in line
+    # `idp check` shows them too, but they are not warnings (nothing here can fix them).
+    main(["idp", "check", "--config", str(tmp_path / "gateway.toml")])
+    out = capsys.readouterr().out
+    assert out.count("note: skipped: ") == len(REASONS)
+    assert not [x for x in out.splitlines() if x.startswith("warning:") and "skipped" in x]

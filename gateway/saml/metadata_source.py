@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -40,6 +42,8 @@ from gateway.saml.registry import IdP, IdPRegistry, idps_from_tree, parse_instan
 
 log = logging.getLogger("gateway.metadata")
 RETRY_SECONDS = 300
+#: After installing a document at least this large, freed memory is handed back to the OS.
+TRIM_AFTER_BYTES = 1 << 20
 MIN_INTERVAL = 60
 EXPIRY_LOG_EVERY = 86400
 _DURATION = re.compile(r"P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
@@ -171,6 +175,25 @@ def duration(value: str | None) -> float | None:
     return (((y * 365 + mo * 30 + w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, else None. A federation aggregate is parsed in a worker
+    thread; the tens of MB its tree took stay in that thread's malloc arena (counted in
+    RSS) after they are freed, unless the arena is trimmed."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+        return trim
+    return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory(size: int) -> None:
+    """Hand freed memory back to the OS after a large metadata document was processed."""
+    if _TRIM is not None and size >= TRIM_AFTER_BYTES:
+        _TRIM(0)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -193,11 +216,14 @@ class MetadataRefresher:
         """Install the cached copies, download what has none, then refresh in background."""
         now = self._clock()
         missing = []
+        loaded = 0
         for source in self.sources:
             try:
                 data = source.cache_file.read_bytes()
                 accepted = await asyncio.to_thread(source.accept, data, now)
                 self._install(source, accepted, None, initial=True)
+                accepted.root = None  # the parsed document is not needed any more
+                loaded += len(data)
                 source.next_at = now  # refresh soon, in the background
             except FileNotFoundError:
                 missing.append(source)
@@ -206,6 +232,7 @@ class MetadataRefresher:
                 missing.append(source)
         # Startup loads are audited as "loaded" by the app (telemetry), not as changes.
         await asyncio.gather(*(self.refresh(s, initial=True) for s in missing))
+        release_memory(loaded)
         self.flag_expiring()
         if self.sources:
             self._task = asyncio.create_task(self._run(), name="metadata-refresh")
@@ -225,6 +252,8 @@ class MetadataRefresher:
             data = await source.fetch()
             accepted = await asyncio.to_thread(source.accept, data, now)
             self._install(source, accepted, data, initial)
+            accepted.root = None  # the parsed document is not needed any more
+            release_memory(len(data))
         except (MetadataRefused, ConfigError, OSError) as exc:
             reason = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
             if isinstance(exc, OSError):
@@ -250,11 +279,26 @@ class MetadataRefresher:
     def _install(self, source: Source, accepted: Accepted, data: bytes | None,
                  initial: bool = False) -> None:
         before = {i.entity_id: i for i in self._registry.source(source.url)}
-        after = {i.entity_id: i for i in accepted.idps}
-        if self._sp is not None:  # python3-saml must accept the new settings first
+        if self._sp is not None and not initial:
+            # python3-saml must accept a changed IdP's settings before it is used; one it
+            # refuses is skipped like any other unusable entity. At start-up the settings
+            # are built on first use instead: the registry already checks what python3-saml
+            # checks, and building thousands up front costs seconds and tens of MB.
+            usable = []
             for idp in accepted.idps:
-                if before.get(idp.entity_id) != idp:
-                    self._sp.settings_for(idp)
+                try:
+                    if before.get(idp.entity_id) != idp:
+                        self._sp.settings_for(idp)
+                except ConfigError as exc:
+                    reason = "; ".join(exc.problems)
+                    log.warning("IdP skipped (the gateway cannot use it): %s", reason)
+                    accepted.skipped.append(reason)
+                    continue
+                usable.append(idp)
+            if not usable:
+                raise MetadataRefused(f"{source.url}: python3-saml refuses every IdP")
+            accepted.idps = usable
+        after = {i.entity_id: i for i in accepted.idps}
         if data is not None:  # the cache file is the IdP's source: write it before use
             source.cache_file.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(source.cache_file, data)

@@ -246,7 +246,8 @@ class ServiceProvider:
                 return self._metadata[1]
         valid_until = None if sp.metadata_valid_for is None else now + sp.metadata_valid_for
         xml = sp_metadata(self._sp_only, [pair.cert_pem for pair in self._keys],
-                          valid_until=valid_until, cache_duration=sp.metadata_cache_duration)
+                          valid_until=valid_until, cache_duration=sp.metadata_cache_duration,
+                          config=self._config, key_pem=self._keys[0].key_pem)
         with self._lock:
             self._metadata = (now, xml)
         return xml
