@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from cryptography import x509
@@ -92,6 +93,22 @@ def serving(app: Any, sock: socket.socket, **config: Any) -> Iterator[ThreadServ
         yield server
     finally:
         server.stop()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path,
+                       timeout: float = 60) -> None:
+    """Wait until a gateway started as a process answers ``/healthz``; fail the test with
+    its log if it exits or does not answer in ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the gateway process did not start:\n{log.read_text()}")
+        time.sleep(0.1)
 
 
 def port_of(sock: socket.socket) -> int:

@@ -35,7 +35,7 @@ from gateway.demo.stack import MEMBER, DemoStack
 from gateway.devidp.users import persistent_name_id
 from gateway.version import VERSION
 from tests.browser import client, login
-from tests.conftest import Stack, TLSFiles, run_stack
+from tests.conftest import Stack, TLSFiles, run_stack, wait_until_healthy
 from tests.test_metrics import scrape, value
 from tests.test_selftest import three_free_ports
 
@@ -204,17 +204,7 @@ def demo_running(sso_gateway: Path, workdir: Path) -> Iterator[str]:
                                    stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the installed sso-gateway demo did not start:\n"
-                            f"{log_path.read_text()}")
-            time.sleep(0.2)
+        wait_until_healthy(url, process, log_path)
         yield url
     finally:
         process.terminate()

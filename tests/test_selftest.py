@@ -18,12 +18,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from gateway.app import Gateway
@@ -45,7 +43,16 @@ from gateway.keys import generate_self_signed
 from gateway.selftest import deployment as selftest_defaults
 from gateway.sessions.store import Namespace
 from tests.browser import client, post_to_acs, sign_in_at_idp
-from tests.conftest import Stack, TLSFiles, bound_socket, port_of, run_stack, serve_gateway, serving
+from tests.conftest import (
+    Stack,
+    TLSFiles,
+    bound_socket,
+    port_of,
+    run_stack,
+    serve_gateway,
+    serving,
+    wait_until_healthy,
+)
 
 #: What no probe can observe from outside: reported as SKIP, never as PASS.
 NOT_OBSERVABLE = {"upstream Set-Cookie of the gateway's cookies"}
@@ -328,17 +335,7 @@ def test_selftest_passes_against_sso_gateway_demo(tmp_path: Path,
              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("sso-gateway demo did not start:\n"
-                            + (tmp_path / "demo.log").read_text())
-            time.sleep(0.1)
+        wait_until_healthy(url, process, tmp_path / "demo.log", timeout=30)
         code = main(selftest_args(url, None, work / "certs",
                                   "--config", str(work / "gateway.toml")))
     finally:
