@@ -111,6 +111,29 @@ def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path,
         time.sleep(0.1)
 
 
+@contextmanager
+def nginx_process(directory: Path, probe_url: str) -> Iterator[None]:
+    """Debian's nginx on ``directory/nginx.conf`` (``-p directory``), until ``probe_url``
+    answers; stopped afterwards. Fails with nginx's error log if it does not start."""
+    nginx = "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "Debian's nginx is required (`make test` installs it)"
+    proc = subprocess.Popen([nginx, "-c", str(directory / "nginx.conf"), "-p", str(directory)])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(probe_url, timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, (directory / "error.log").read_text()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 

@@ -9,7 +9,6 @@ import asyncio
 import getpass
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,13 +22,11 @@ from gateway.audit import log as audit_log
 from gateway.audit import validate
 from gateway.cli import main
 from gateway.config import load_settings
-from gateway.devidp import DevIdPSettings
-from gateway.devidp.metadata import idp_metadata
-from gateway.keys import generate_self_signed
 from gateway.logs import session_hash
 from gateway.principal import Principal
 from gateway.sessions import open_store
 from gateway.sessions.store import Registration
+from tests.test_cli import example_site
 
 ROOT = Path(__file__).resolve().parent.parent
 IDP = "https://idp.example.org/metadata"
@@ -51,15 +48,7 @@ def _audit_handlers_restored() -> Iterator[None]:
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The example config with keys, its audit log in a file."""
-    shutil.copy(ROOT / "gateway.example.toml", tmp_path / "gateway.toml")
-    assert main(["certs", "generate", "--dir", str(tmp_path / "certs")]) == 0
-    key, cert = generate_self_signed("idp")
-    idp = DevIdPSettings(base_url="https://idp.example.org", key_pem=key, cert_pem=cert,
-                         sp_entity_id="https://reader.example.org/saml/metadata",
-                         sp_acs_url="https://reader.example.org/saml/acs",
-                         require_signed_requests=False)
-    (tmp_path / "idp_metadata").mkdir()
-    (tmp_path / "idp_metadata" / "idp.xml").write_text(idp_metadata(idp))
+    example_site(tmp_path)
     monkeypatch.setenv("GATEWAY_LOGGING__AUDIT", str(tmp_path / "audit.log"))
     return tmp_path
 

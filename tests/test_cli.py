@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
+    return example_site(tmp_path)
+
+
+def example_site(tmp_path: Path) -> Path:
     """The example config, with keys generated and one IdP's metadata, as an admin sets it up."""
     shutil.copy(ROOT / "gateway.example.toml", tmp_path / "gateway.toml")
     assert main(["certs", "generate", "--dir", str(tmp_path / "certs")]) == 0

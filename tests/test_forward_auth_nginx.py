@@ -9,9 +9,6 @@ their own run against the shared demo stack.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,11 +20,10 @@ import pytest
 
 from gateway.identity import verify_token
 from tests.browser import client, login
-from tests.conftest import Stack, TLSFiles, bound_socket, port_of, run_stack
+from tests.conftest import Stack, TLSFiles, bound_socket, nginx_process, port_of, run_stack
 
 pytestmark = pytest.mark.stack(shared=True)
 
-NGINX = "/usr/sbin/nginx"
 PAGE = "/issues/2023-03/pages/14"
 IDENTITY = ["X-Member-Id", "X-Member-Email", "X-Member-Name", "X-Member-Entitlements",
             "X-Member-Status", "X-Member-Idp", "X-Gateway-Identity"]
@@ -118,7 +114,6 @@ class NginxStack:
 @contextmanager
 def running_nginx(tmp_path: Path, tls: TLSFiles, convention: Convention) -> Iterator[Stack]:
     """The demo stack behind nginx: ``url`` is nginx's, ``direct_url`` the gateway's own."""
-    assert shutil.which(NGINX) or Path(NGINX).exists(), "Debian's nginx is required"
     probe = bound_socket()
     nginx_port = port_of(probe)  # free now; released for nginx to bind
     probe.close()
@@ -129,22 +124,9 @@ def running_nginx(tmp_path: Path, tls: TLSFiles, convention: Convention) -> Iter
         assert gateway and upstream
         (tmp_path / "nginx.conf").write_text(
             nginx_config(tmp_path, nginx_port, gateway, upstream, convention))
-        proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)])
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{nginx_port}/public/", timeout=1)
-                    break
-                except httpx.TransportError:
-                    assert proc.poll() is None, (tmp_path / "error.log").read_text()
-                    assert time.monotonic() < deadline, "nginx did not start"
-                    time.sleep(0.05)
+        with nginx_process(tmp_path, f"http://127.0.0.1:{nginx_port}/public/"):
             stack.upstream.requests.clear()
             yield stack
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture

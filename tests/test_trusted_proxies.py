@@ -10,9 +10,7 @@ which sets X-Forwarded-For to the address it saw) and with nginx's address in
 from __future__ import annotations
 
 import re
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 import tomllib
@@ -26,10 +24,9 @@ import httpx
 from gateway.config import load_settings
 from gateway.demo.stack import DemoStack, prepare, servers
 from gateway.errors import ConfigError
-from tests.conftest import TLSFiles, bound_socket, port_of, run_stack
+from tests.conftest import TLSFiles, bound_socket, nginx_process, port_of, run_stack
 
 ROOT = Path(__file__).resolve().parent.parent
-NGINX = "/usr/sbin/nginx"
 FIVE = "\n[limits]\nlogins = 5\n"
 
 
@@ -131,7 +128,6 @@ def test_deploy_files_agree() -> None:
 
 @contextmanager
 def reference_nginx(tmp: Path, port: int, gateway: int) -> Iterator[None]:
-    assert shutil.which(NGINX) or Path(NGINX).exists(), "Debian's nginx is required"
     (tmp / "nginx.conf").write_text(f"""
 daemon off; master_process off; worker_processes 1;
 pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
@@ -147,21 +143,8 @@ http {{
   }}
 }}
 """)
-    proc = subprocess.Popen([NGINX, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, (tmp / "error.log").read_text()
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.05)
+    with nginx_process(tmp, f"http://127.0.0.1:{port}/healthz"):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_behind_the_reference_nginx_each_client_has_its_own_limit(

@@ -83,8 +83,10 @@ _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_seen', ARGV[1]) end
 """
 
-# KEYS: once key; ARGV: encoded value, now, ttl ms. SET NX PX, with the expiry the
-# gateway's clock decides (a value whose end has passed is replaced).
+# KEYS: once key[, index]; ARGV: encoded value, now, ttl ms[, member, end]. SET NX PX, with
+# the expiry the gateway's clock decides (a value whose end has passed is replaced). With an
+# index, the key also joins its prefix's index (pruned of what has ended; the index lives as
+# long as its longest-lived member).
 _ADD_ONCE = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -92,22 +94,13 @@ if cur then
   if ends and ends > tonumber(ARGV[2]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
-"""
-
-# KEYS: once key, index; ARGV: encoded value, now, ttl ms, member, end. As _ADD_ONCE, and
-# the key joins its prefix's index (pruned of what has ended; it lives as long as its
-# longest-lived member).
-_ADD_ONCE_INDEXED = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ends = tonumber(string.match(cur, '^([^\\n]*)'))
-  if ends and ends > tonumber(ARGV[2]) then return 0 end
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 return 1
 """
 
@@ -160,9 +153,9 @@ class RedisStore:
             except ValueError as exc:
                 raise StoreError(f"bad Redis store URL: {exc}") from exc
             self._client = Redis.from_pool(pool)
-        self._put, self._delete, self._touch, self._add_once, self._drop, self._add_indexed = (
+        self._put, self._delete, self._touch, self._add_once, self._drop = (
             self._client.register_script(lua)
-            for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED, _ADD_ONCE_INDEXED))
+            for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -300,8 +293,8 @@ class RedisStore:
         index = self._counted(key)
         with self._errors("add_once"):
             if index is not None:
-                return bool(await self._add_indexed(keys=[self._once(key), index],
-                                                    args=[*args, key, repr(now + ttl)]))
+                return bool(await self._add_once(keys=[self._once(key), index],
+                                                 args=[*args, key, repr(now + ttl)]))
             return bool(await self._add_once(keys=[self._once(key)], args=args))
 
     async def take(self, key: str) -> str | None:
