@@ -37,9 +37,10 @@ test: $(STAMP) system-packages $(AXE)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/python -m pytest -q
 
-# Benchmark against a direct upstream (nginx) and Apache's mod_proxy_http, on loopback;
+# Benchmark against a direct upstream (nginx), Apache's mod_proxy_http and Apache with
+# mod_auth_mellon, on loopback;
 # prints a table and writes bench/results/latest.json (see docs/performance.md).
-BENCH_PACKAGES := wrk apache2 nginx
+BENCH_PACKAGES := wrk apache2 libapache2-mod-auth-mellon nginx
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(BENCH_PACKAGES)"

@@ -56,6 +56,28 @@ def real_login(stack: DemoStack, path: str) -> str:
         return f"{name}={http.cookies[name]}"
 
 
+def mellon_login(base: str, path: str) -> str:
+    """Sign ``alice`` in at Apache with mod_auth_mellon through its dev IdP; returns the
+    mellon session cookie (``name=value``)."""
+    with httpx.Client(timeout=20) as http:
+        first = http.get(base + path)
+        assert first.status_code in (302, 303), first.status_code
+        page = http.get(first.headers["location"], follow_redirects=True)  # via /mellon/login
+        assert page.status_code == 200, (page.status_code, page.text[:500])
+        fields = _fields(page.text)
+        fields.update(username=MEMBER.username, password="demo")
+        fields.pop("use_session", None)
+        posted = http.post(urljoin(str(page.url), _action(page.text)), data=fields)
+        answer = _fields(posted.text)
+        done = http.post(_action(posted.text), data={"SAMLResponse": answer["SAMLResponse"],
+                                                     "RelayState": answer["RelayState"]})
+        assert done.status_code in (302, 303), done.text
+        cookie = "mellon-cookie"
+        ok = http.get(base + path, cookies={cookie: http.cookies[cookie]})
+        assert ok.status_code == 200, ok.status_code
+        return f"{cookie}={http.cookies[cookie]}"
+
+
 @dataclass
 class Pending:
     relay_state: str

@@ -1,9 +1,11 @@
-"""``make bench``: the gateway against a direct upstream and Apache httpd, in one run.
+"""``make bench``: the gateway against a direct upstream, Apache httpd and Apache with
+mod_auth_mellon, in one run.
 
 Usage: ``python -m bench.run [--seconds 5] [--workers N]``. Everything runs on loopback
-in a temporary directory: nginx serves the pages, Apache (mod_proxy_http) and the
-gateway (``sso-gateway serve``) proxy to it, wrk drives the load. Prints a table and
-writes ``bench/results/latest.json``.
+in a temporary directory: nginx serves the pages; Apache (mod_proxy_http), Apache with
+mod_auth_mellon (signed in through a dev IdP of its own) and the gateway
+(``sso-gateway serve``) proxy to it; wrk drives the load. Prints a table and writes
+``bench/results/latest.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,15 @@ from bench.servers import (
     BENCH_LIMITS,
     Proc,
     free_port,
+    prepare_mellon,
     start_apache,
     start_gateway,
+    start_mellon,
     start_upstream,
 )
 from gateway.demo.stack import prepare
 from gateway.devidp import create_app as create_idp_app
+from gateway.devidp.metadata import idp_metadata
 
 PAGES = {"20k": ("/issues/page-20k.html", 20 * 1024), "1m": ("/issues/page-1m.html", 1 << 20)}
 SMALL = ("/issues/small.html", 1024)
@@ -113,9 +119,21 @@ def main() -> None:
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         apache = start_apache(workdir, upstream.port)
         procs.append(apache)
+        # Apache with mod_auth_mellon, and a dev IdP of its own that knows it as its SP.
+        mellon_sp = prepare_mellon(workdir)
+        mellon_idp_port = free_port()
+        mellon_idp = replace(stack.idp, base_url=f"http://127.0.0.1:{mellon_idp_port}",
+                             entity_id="", sp_entity_id=mellon_sp.entity_id,
+                             sp_acs_url=mellon_sp.acs_url, sp_sls_url="",
+                             sp_cert_pem=mellon_sp.cert_pem, require_signed_requests=False)
+        idp_for_mellon = serve_idp(create_idp_app(mellon_idp), mellon_idp_port)
+        mellon = start_mellon(workdir, mellon_sp, upstream.port, idp_metadata(mellon_idp))
+        procs.append(mellon)
         base = {"direct": f"http://127.0.0.1:{upstream.port}",
-                "apache": f"http://127.0.0.1:{apache.port}", "gateway": stack.gateway_url}
+                "apache": f"http://127.0.0.1:{apache.port}",
+                "mellon": f"http://127.0.0.1:{mellon.port}", "gateway": stack.gateway_url}
         page20 = PAGES["20k"][0]
+        mellon_cookie = login.mellon_login(base["mellon"], page20)
 
         # Workers: 1 against 2 on the case the target is about, then keep the faster.
         cookie = ""
@@ -141,6 +159,7 @@ def main() -> None:
         rss_idle = gateway.rss_bytes()
 
         targets = {"direct": (upstream, {}), "apache": (apache, {}),
+                   "mellon": (mellon, {"Cookie": mellon_cookie}),
                    "gateway": (gateway, {"Cookie": cookie}), "anonymous": (gateway, {})}
         for name, (_, headers) in targets.items():  # warm up every path
             base_url = base["gateway" if name == "anonymous" else name]
@@ -164,8 +183,11 @@ def main() -> None:
         c32 = {r["case"]: r for r in rows if r["page"] == "20k" and r["c"] == 32}
         report["ratio_gateway_apache_c32"] = c32["gateway"]["ratio_apache"]
         report["ratio_gateway_direct_c32"] = c32["gateway"]["ratio_direct"]
+        report["ratio_gateway_mellon_c32"] = c32["gateway"]["ratio_mellon"]
+        report["ratio_mellon_apache_c32"] = c32["mellon"]["ratio_apache"]
         if args.quick:
-            print(f"gateway/apache at c=32: {report['ratio_gateway_apache_c32']:.2f}")
+            print(f"gateway/apache at c=32: {report['ratio_gateway_apache_c32']:.2f}, "
+                  f"gateway/mellon: {report['ratio_gateway_mellon_c32']:.2f}")
             return
 
         report["login"] = login.acs_throughput(stack, gateway, LOGINS, page20)
@@ -177,9 +199,11 @@ def main() -> None:
         report["memory"] = mem
         report["targets"] = {
             "ratio_gateway_apache_c32": {"want": 0.75, "got": report["ratio_gateway_apache_c32"]},
+            "ratio_gateway_mellon_c32": {"want": 1.0, "got": report["ratio_gateway_mellon_c32"]},
             "acs_per_s": {"want": 300, "got": report["login"]["acs_per_s"]},
         }
         idp.should_exit = True
+        idp_for_mellon.should_exit = True
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -195,7 +219,7 @@ def main() -> None:
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     ref = {(r["page"], r["c"], r["case"]): float(r["rps"]) for r in rows}
     for r in rows:
-        for other in ("direct", "apache"):
+        for other in ("direct", "apache", "mellon"):
             r[f"ratio_{other}"] = round(float(r["rps"]) / ref[(r["page"], r["c"], other)], 3)
 
 
@@ -207,18 +231,21 @@ def _line(row: dict[str, Any]) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     head = (f"{'page':>4} {'c':>3}  {'case':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'cpu us/req':>10} {'/direct':>8} {'/apache':>8}")
+            f"{'cpu us/req':>10} {'/direct':>8} {'/apache':>8} {'/mellon':>8}")
     lines = ["", head, "-" * len(head)]
     for r in report["results"]:
         lines.append(f"{r['page']:>4} {r['c']:>3}  {r['case']:<10} {r['rps']:>8.0f} "
                      f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['cpu_us_per_req']:>10.0f} "
-                     f"{r['ratio_direct']:>8.2f} {r['ratio_apache']:>8.2f}")
+                     f"{r['ratio_direct']:>8.2f} {r['ratio_apache']:>8.2f} "
+                     f"{r['ratio_mellon']:>8.2f}")
     w = report["workers"]
     lines.append("")
     tried = ", ".join(f"{k}: {v['rps']:.0f}" for k, v in w["auth_20k_c32_by_workers"].items())
     lines.append(f"gateway workers: {w['used']} (auth 20k c=32 req/s by workers: {tried})")
     lines.append(f"ratio gateway/apache at c=32 (20 KB, authenticated): "
                  f"{report['ratio_gateway_apache_c32']:.2f}  (target >= 0.75)")
+    lines.append(f"ratio gateway/mellon at c=32 (Apache + mod_auth_mellon, both signed in): "
+                 f"{report['ratio_gateway_mellon_c32']:.2f}  (target >= 1.0)")
     lg = report["login"]
     lines.append(f"logins: {lg['acs_per_s']:.0f} ACS posts/s (target >= 300), "
                  f"CPU {lg['acs_cpu_ms']:.1f} ms per ACS + {lg['start_cpu_ms']:.1f} ms per "

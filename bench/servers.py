@@ -1,4 +1,5 @@
-"""The processes a benchmark run starts: nginx (upstream), Apache httpd, the gateway.
+"""The processes a benchmark run starts: nginx (upstream), Apache httpd (plain and with
+mod_auth_mellon), the gateway.
 
 Each runs in the foreground as a child process with a config written into the run's
 work directory, on a free loopback port; ``Proc`` reads CPU time and RSS of the
@@ -14,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.keys import pem_body, write_keypair
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -189,6 +192,81 @@ def start_apache(workdir: Path, upstream: int) -> Proc:
     conf = workdir / "apache2.conf"
     conf.write_text(APACHE_CONF.format(dir=workdir, port=port, upstream=upstream, user=user))
     return _start("apache", ["apache2", "-DFOREGROUND", "-f", str(conf)], port, workdir)
+
+
+MELLON_CONF = APACHE_CONF.replace(
+    "<Location \"/\">\n    Require all granted\n</Location>\n", """\
+LoadModule authn_core_module /usr/lib/apache2/modules/mod_authn_core.so
+LoadModule authz_user_module /usr/lib/apache2/modules/mod_authz_user.so
+LoadModule headers_module /usr/lib/apache2/modules/mod_headers.so
+LoadModule auth_mellon_module /usr/lib/apache2/modules/mod_auth_mellon.so
+MellonCacheSize 20000
+<Location "/">
+    AuthType Mellon
+    MellonEnable auth
+    MellonEndpointPath /mellon
+    MellonSPentityId "{entity_id}"
+    MellonSPPrivateKeyFile {dir}/mellon-sp.key
+    MellonSPCertFile {dir}/mellon-sp.crt
+    MellonSPMetadataFile {dir}/mellon-sp.xml
+    MellonIdPMetadataFile {dir}/mellon-idp.xml
+    MellonSecureCookie Off
+    MellonSessionLength 28800
+    MellonUser NAME_ID
+    Require valid-user
+    # What the gateway does too: the identity goes upstream in a header.
+    RequestHeader set X-Remote-User "%{{MELLON_NAME_ID}}e"
+</Location>
+""")
+
+MELLON_SP_METADATA = """\
+<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata"
+    xmlns:ds="http://www.w3.org/2000/09/xmldsig#" entityID="{entity_id}">
+  <md:SPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol"
+      AuthnRequestsSigned="true" WantAssertionsSigned="true">
+    <md:KeyDescriptor use="signing"><ds:KeyInfo><ds:X509Data>
+      <ds:X509Certificate>{cert}</ds:X509Certificate>
+    </ds:X509Data></ds:KeyInfo></md:KeyDescriptor>
+    <md:AssertionConsumerService index="0" isDefault="true"
+        Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST"
+        Location="{base}/mellon/postResponse"/>
+  </md:SPSSODescriptor>
+</md:EntityDescriptor>
+"""
+
+
+@dataclass(frozen=True)
+class MellonSP:
+    """What the dev IdP must know of the mod_auth_mellon service provider."""
+
+    port: int
+    entity_id: str
+    acs_url: str
+    cert_pem: str
+
+
+def prepare_mellon(workdir: Path) -> MellonSP:
+    """Keys and SP metadata for Apache with mod_auth_mellon, on a port chosen now."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    entity_id = base + "/mellon/metadata"
+    write_keypair(workdir / "mellon-sp.key", workdir / "mellon-sp.crt", "bench mellon SP")
+    cert = (workdir / "mellon-sp.crt").read_text()
+    (workdir / "mellon-sp.xml").write_text(
+        MELLON_SP_METADATA.format(entity_id=entity_id, cert=pem_body(cert), base=base))
+    return MellonSP(port, entity_id, base + "/mellon/postResponse", cert)
+
+
+def start_mellon(workdir: Path, sp: MellonSP, upstream: int, idp_metadata: str) -> Proc:
+    """Apache httpd with mod_auth_mellon in front of mod_proxy_http: the product a
+    membership IT team would otherwise run (a SAML session check in C, then the proxy)."""
+    (workdir / "mellon-idp.xml").write_text(idp_metadata)
+    user = "User www-data\nGroup www-data" if os.getuid() == 0 else ""
+    conf = workdir / "mellon.conf"
+    text = MELLON_CONF.format(dir=workdir, port=sp.port, upstream=upstream, user=user,
+                              entity_id=sp.entity_id)
+    conf.write_text(text.replace("/apache-", "/mellon-").replace("/httpd.pid", "/mellon.pid"))
+    return _start("mellon", ["apache2", "-DFOREGROUND", "-f", str(conf)], sp.port, workdir)
 
 
 def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
