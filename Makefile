@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := xmlsec1 chromium nginx redis-server docker-compose systemd
+APT_PACKAGES := xmlsec1 chromium nginx libnginx-mod-http-headers-more-filter redis-server docker-compose systemd
 AXE    := .cache/npm/node_modules/axe-core/axe.min.js
 
 .PHONY: demo test lint system-packages clean bench
@@ -40,7 +40,7 @@ test: $(STAMP) system-packages $(AXE)
 # Benchmark against a direct upstream (nginx), Apache's mod_proxy_http and Apache with
 # mod_auth_mellon, on loopback;
 # prints a table and writes bench/results/latest.json (see docs/performance.md).
-BENCH_PACKAGES := wrk apache2 libapache2-mod-auth-mellon nginx
+BENCH_PACKAGES := wrk apache2 libapache2-mod-auth-mellon nginx libnginx-mod-http-headers-more-filter
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(BENCH_PACKAGES)"

@@ -43,14 +43,7 @@ def real_login(stack: DemoStack, path: str) -> str:
         start = http.get(f"{base}/saml/login?idp={quote(stack.idp.entity_id, safe='')}"
                          f"&next={quote(path, safe='')}")
         assert start.status_code == 302, start.text
-        page = http.get(start.headers["location"])
-        fields = _fields(page.text)
-        fields.update(username=MEMBER.username, password="demo")
-        fields.pop("use_session", None)
-        posted = http.post(urljoin(str(page.url), _action(page.text)), data=fields)
-        answer = _fields(posted.text)
-        done = http.post(_action(posted.text), data={"SAMLResponse": answer["SAMLResponse"],
-                                                     "RelayState": answer["RelayState"]})
+        done = _at_idp(http, http.get(start.headers["location"]))
         assert done.status_code == 302, done.text
         name = stack.settings.session.cookie_name
         return f"{name}={http.cookies[name]}"
@@ -63,19 +56,24 @@ def mellon_login(base: str, path: str) -> str:
         first = http.get(base + path)
         assert first.status_code in (302, 303), first.status_code
         page = http.get(first.headers["location"], follow_redirects=True)  # via /mellon/login
-        assert page.status_code == 200, (page.status_code, page.text[:500])
-        fields = _fields(page.text)
-        fields.update(username=MEMBER.username, password="demo")
-        fields.pop("use_session", None)
-        posted = http.post(urljoin(str(page.url), _action(page.text)), data=fields)
-        answer = _fields(posted.text)
-        done = http.post(_action(posted.text), data={"SAMLResponse": answer["SAMLResponse"],
-                                                     "RelayState": answer["RelayState"]})
+        done = _at_idp(http, page)
         assert done.status_code in (302, 303), done.text
         cookie = "mellon-cookie"
         ok = http.get(base + path, cookies={cookie: http.cookies[cookie]})
         assert ok.status_code == 200, ok.status_code
         return f"{cookie}={http.cookies[cookie]}"
+
+
+def _at_idp(http: httpx.Client, page: httpx.Response) -> httpx.Response:
+    """``alice`` signs in on the dev IdP's page; its Response is posted to the SP."""
+    assert page.status_code == 200, (page.status_code, page.text[:500])
+    fields = _fields(page.text)
+    fields.update(username=MEMBER.username, password="demo")
+    fields.pop("use_session", None)
+    posted = http.post(urljoin(str(page.url), _action(page.text)), data=fields)
+    answer = _fields(posted.text)
+    return http.post(_action(posted.text), data={"SAMLResponse": answer["SAMLResponse"],
+                                                 "RelayState": answer["RelayState"]})
 
 
 @dataclass

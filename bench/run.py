@@ -32,6 +32,7 @@ from bench.servers import (
     free_port,
     prepare_mellon,
     start_apache,
+    start_edge,
     start_gateway,
     start_mellon,
     start_upstream,
@@ -65,7 +66,17 @@ class PeakRSS:
         return self.peak
 
 
-def measure(proc: Proc, url: str, c: int, seconds: float,
+class Group:
+    """Processes measured as one (the edge mode: nginx and the gateway it asks)."""
+
+    def __init__(self, *procs: Proc) -> None:
+        self.procs = procs
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.procs)
+
+
+def measure(proc: Proc | Group, url: str, c: int, seconds: float,
             headers: dict[str, str] | None = None) -> dict[str, float | int]:
     """One wrk run, plus the server's CPU time per request over the run."""
     cpu = proc.cpu_seconds()
@@ -116,6 +127,9 @@ def main() -> None:
                         idp_url=f"http://127.0.0.1:{idp_port}",
                         reader_url=f"http://127.0.0.1:{upstream.port}",
                         extra_config=BENCH_LIMITS)
+        edge_port = free_port()
+        config = workdir / "gateway.toml"  # the edge mode's nginx is one more public host
+        config.write_text(f'allowed_hosts = ["127.0.0.1:{edge_port}"]\n' + config.read_text())
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         apache = start_apache(workdir, upstream.port)
         procs.append(apache)
@@ -148,6 +162,9 @@ def main() -> None:
             wrk(base["gateway"] + page20, 16, 1, {"Cookie": cookie})  # warm up
             by_workers[workers] = measure(gateway, base["gateway"] + page20, 32, args.seconds,
                                           {"Cookie": cookie})
+            if workers == 1 and not args.quick:  # logins on one core: the baseline
+                report["login_one_process"] = login.acs_throughput(stack, gateway, LOGINS,
+                                                                   page20)
         best = max(by_workers, key=lambda w: by_workers[w]["rps"])
         assert gateway is not None
         if len(by_workers) > 1 and best != 2:
@@ -157,10 +174,14 @@ def main() -> None:
         report["workers"] = {"used": best, "auth_20k_c32_by_workers": by_workers}
         time.sleep(1)
         rss_idle = gateway.rss_bytes()
+        edge = start_edge(workdir, edge_port, gw_port)
+        procs.append(edge)
+        base["edge"] = f"http://127.0.0.1:{edge_port}"
 
         targets = {"direct": (upstream, {}), "apache": (apache, {}),
                    "mellon": (mellon, {"Cookie": mellon_cookie}),
-                   "gateway": (gateway, {"Cookie": cookie}), "anonymous": (gateway, {})}
+                   "gateway": (gateway, {"Cookie": cookie}), "anonymous": (gateway, {}),
+                   "edge": (Group(edge, gateway), {"Cookie": cookie})}
         for name, (_, headers) in targets.items():  # warm up every path
             base_url = base["gateway" if name == "anonymous" else name]
             wrk(base_url + page20, 16, 1, headers)
@@ -185,12 +206,17 @@ def main() -> None:
         report["ratio_gateway_direct_c32"] = c32["gateway"]["ratio_direct"]
         report["ratio_gateway_mellon_c32"] = c32["gateway"]["ratio_mellon"]
         report["ratio_mellon_apache_c32"] = c32["mellon"]["ratio_apache"]
+        report["ratio_edge_mellon_c32"] = c32["edge"]["ratio_mellon"]
         if args.quick:
             print(f"gateway/apache at c=32: {report['ratio_gateway_apache_c32']:.2f}, "
-                  f"gateway/mellon: {report['ratio_gateway_mellon_c32']:.2f}")
+                  f"gateway/mellon: {report['ratio_gateway_mellon_c32']:.2f}, "
+                  f"edge/mellon: {report['ratio_edge_mellon_c32']:.2f}")
             return
 
         report["login"] = login.acs_throughput(stack, gateway, LOGINS, page20)
+        if "login_one_process" in report:
+            report["ratio_acs_workers_one_process"] = round(
+                report["login"]["acs_per_s"] / report["login_one_process"]["acs_per_s"], 2)
         mem: dict[str, Any] = {"gateway_rss_idle_bytes": rss_idle,
                                   "gateway_rss_load_peak_bytes": rss_load}
         mem["gateway_rss_growth_per_10k_used_sessions_bytes"] = memory.gateway_sessions_rss(
@@ -200,7 +226,10 @@ def main() -> None:
         report["targets"] = {
             "ratio_gateway_apache_c32": {"want": 0.75, "got": report["ratio_gateway_apache_c32"]},
             "ratio_gateway_mellon_c32": {"want": 1.0, "got": report["ratio_gateway_mellon_c32"]},
+            "ratio_edge_mellon_c32": {"want": 1.5, "got": report["ratio_edge_mellon_c32"]},
             "acs_per_s": {"want": 300, "got": report["login"]["acs_per_s"]},
+            "ratio_acs_workers_one_process": {
+                "want": 1.8, "got": report.get("ratio_acs_workers_one_process")},
         }
         idp.should_exit = True
         idp_for_mellon.should_exit = True
@@ -246,7 +275,14 @@ def summary(report: dict[str, Any]) -> str:
                  f"{report['ratio_gateway_apache_c32']:.2f}  (target >= 0.75)")
     lines.append(f"ratio gateway/mellon at c=32 (Apache + mod_auth_mellon, both signed in): "
                  f"{report['ratio_gateway_mellon_c32']:.2f}  (target >= 1.0)")
+    lines.append(f"ratio edge/mellon at c=32 (nginx asks the gateway, answers cached 1 s): "
+                 f"{report['ratio_edge_mellon_c32']:.2f}  (target >= 1.5)")
     lg = report["login"]
+    if "ratio_acs_workers_one_process" in report:
+        one = report["login_one_process"]["acs_per_s"]
+        lines.append(f"logins on {report['workers']['used']} worker(s) against one process: "
+                     f"{report['ratio_acs_workers_one_process']:.2f} x ({one:.0f} ACS posts/s "
+                     f"in one process; target >= 1.8)")
     lines.append(f"logins: {lg['acs_per_s']:.0f} ACS posts/s (target >= 300), "
                  f"CPU {lg['acs_cpu_ms']:.1f} ms per ACS + {lg['start_cpu_ms']:.1f} ms per "
                  f"AuthnRequest, {lg['logins']} logins at c={lg['concurrency']}")

@@ -269,6 +269,22 @@ def start_mellon(workdir: Path, sp: MellonSP, upstream: int, idp_metadata: str) 
     return _start("mellon", ["apache2", "-DFOREGROUND", "-f", str(conf)], sp.port, workdir)
 
 
+def start_edge(workdir: Path, port: int, gateway_port: int) -> Proc:
+    """nginx in the gateway's edge mode, its configuration from ``sso-gateway nginx-config``."""
+    exe = Path(sys.executable).with_name("sso-gateway")
+    conf = workdir / "edge.conf"
+    subprocess.run([str(exe), "nginx-config", "--config", str(workdir / "gateway.toml"),
+                    "--full", "--listen", f"127.0.0.1:{port}",
+                    "--gateway", f"127.0.0.1:{gateway_port}",
+                    "--cache-dir", str(workdir / "edge-cache"), "--out", str(conf)],
+                   check=True, capture_output=True)
+    edge = workdir / "edge"
+    edge.mkdir(exist_ok=True)
+    # In the foreground (measured as our child); the run's directory, not /var/lib/nginx.
+    conf.write_text("daemon off;\n" + conf.read_text().replace("/var/lib/nginx", str(edge)))
+    return _start("edge", ["nginx", "-p", str(edge), "-c", str(conf)], port, workdir)
+
+
 def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
     """``sso-gateway serve`` exactly as in production (uvicorn, uvloop, httptools)."""
     exe = Path(sys.executable).with_name("sso-gateway")

@@ -7,6 +7,8 @@ and every ``next`` is URL-quoted the same way (``paths.with_next``):
 * ``allow`` → ``None`` (the caller goes on);
 * ``login`` / ``register`` → a 302 to the sign-in (or registration) page for a top-level
   navigation, else a 401 that names that page (HTML or JSON by ``Accept``);
+* ``step_up`` → the same, to a sign-in that asks the IdP for what the rule needs (the
+  authentication context classes, a fresh authentication: ``protocol.SignInOptions``);
 * ``deny`` → a 403 page (the "membership has lapsed" page when the status failed).
 
 Forward-auth answers a proxy rather than a browser: its 401 is JSON with the sign-in
@@ -20,18 +22,26 @@ telemetry stay with the callers.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import N_, GatewayError
 from gateway.paths import with_next
 from gateway.policy import Decision
+from gateway.protocol import SignInOptions
 from gateway.sessions import SessionRecord
 from gateway.web import Answer, error_answer, wants_json
 
 REGISTER_PATH = "/_gateway/register"
-SIGN_IN_TITLE = "Sign-in required"
-SIGN_IN_MESSAGE = "Sign in to reach this page."
+SIGN_IN_TITLE = N_("Sign-in required")
+SIGN_IN_MESSAGE = N_("Sign in to reach this page.")
+STEP_UP_TITLE = N_("Sign in again")
+STEP_UP_MESSAGE = {
+    "authn_context": N_("This page needs a stronger sign-in (for example with a second "
+                        "factor). Sign in again to reach it."),
+    "max_auth_age": N_("This page needs a recent sign-in. Sign in again to reach it."),
+}
 NO_STORE = (b"cache-control", b"no-store")
 _JSON = (b"content-type", b"application/json")
 
@@ -49,25 +59,57 @@ def decision_answer(decision: Decision, record: SessionRecord | None, *, target:
     """
     if decision.kind == "allow":
         return None
-    if decision.kind in ("login", "register"):
-        page = (with_next(REGISTER_PATH, target) if decision.kind == "register"
-                else sign_in_url(target))
-        location = origin + page
+    if decision.kind in ("login", "register", "step_up"):
+        location = origin + sign_in_location(decision, target, sign_in_url)
         if navigation and (forward_auth or not wants_json(accept)):
             return 302, [(b"location", location.encode()), NO_STORE], b""
+        title, message = SIGN_IN_TITLE, SIGN_IN_MESSAGE
+        if decision.kind == "step_up":
+            title, message = STEP_UP_TITLE, STEP_UP_MESSAGE[decision.failed]
         if forward_auth:
-            body = {"error": SIGN_IN_TITLE, "message": SIGN_IN_MESSAGE, "login": location}
+            body = {"error": title, "message": message, "login": location}
             return 401, [_JSON, NO_STORE, (b"location", location.encode())], _dumps(body)
-        return error_answer(401, SIGN_IN_TITLE, SIGN_IN_MESSAGE, accept=accept,
-                            retry_url=location)
+        return error_answer(401, title, message, accept=accept, retry_url=location)
     if forward_auth:
         return forward_auth_refusal(decision.reason)
     lapsed = decision.failed == "status"
     return error_answer(
-        403, "Your membership has lapsed" if lapsed else "Access denied",
+        403, N_("Your membership has lapsed") if lapsed else N_("Access denied"),
         decision.message or decision.reason, accept=accept,
         template="lapsed.html" if lapsed else "error.html",
         display_name=record.principal.display_name if record else "", reason=decision.reason)
+
+
+def sign_in_location(decision: Decision, target: str,
+                     sign_in_url: Callable[[str], str]) -> str:
+    """Where a ``login``, ``register`` or ``step_up`` decision sends the client to reach
+    ``target``: the registration page, or the sign-in with what a step-up must ask for."""
+    if decision.kind == "register":
+        return with_next(REGISTER_PATH, target)
+    if decision.kind == "step_up":
+        options = SignInOptions(decision.authn_context, force=decision.force)
+        return sign_in_url(target) + options.query()
+    return sign_in_url(target)
+
+
+def step_up_refusal(authn_context: Sequence[str], *, fresh: bool, accept: str,
+                    reference: str = "") -> Answer:
+    """The 403 when a step-up sign-in could not give what the page needs (the IdP
+    refused, or signed the member in without it): it names what was missing."""
+    if authn_context:
+        needed = " or ".join(authn_context)
+        message = (f"This page needs a sign-in with {needed}, and your identity provider "
+                   "could not sign you in that way. Ask your organisation's IT support "
+                   "about setting up a second factor, then try again.")
+    else:
+        message = N_("This page needs a fresh sign-in, and your identity provider did not "
+                     "ask you to sign in again. Sign out, then try again.")
+    needs = [f"authentication context {' or '.join(authn_context)}"] if authn_context else []
+    if fresh:
+        needs.append("a fresh authentication")
+    reason = "needs " + " and ".join(needs)
+    return error_answer(403, N_("A stronger sign-in is needed"), message, accept=accept,
+                        reference=reference, reason=reason)
 
 
 def forward_auth_refusal(reason: str) -> Answer:
@@ -95,6 +137,26 @@ def navigable(fetch_mode: str, accept: str) -> bool:
     """A top-level browser request of any method (``Sec-Fetch-Mode`` absent or navigate,
     and not an API client)."""
     return fetch_mode in ("", "navigate") and not wants_json(accept)
+
+
+def passive_sign_in(target: str, sign_in_url: Callable[[str], str]) -> str:
+    """The passive sign-in URL for an anonymous visitor of ``target``."""
+    return sign_in_url(target) + SignInOptions(passive=True).query()
+
+
+# User agents that say they are robots: a passive sign-in is for people's browsers.
+_ROBOT = re.compile(r"bot\b|crawl|spider|slurp|facebookexternalhit|preview", re.IGNORECASE)
+
+
+def passive_candidate(method: str, fetch_mode: str, accept: str, user_agent: str,
+                      purpose: str, dest: str = "document") -> bool:
+    """Whether a request may be sent on a passive sign-in: a browser's own top-level GET
+    (``Sec-Fetch-Mode: navigate``, which browsers send and robots rarely do; not into a
+    frame: ``Sec-Fetch-Dest``), not a prefetch (``Sec-Purpose``/``Purpose``), not an API
+    client, not a self-declared robot. Everyone else just gets the public page."""
+    return (method == "GET" and fetch_mode == "navigate" and dest in ("", "document")
+            and not wants_json(accept) and "prefetch" not in purpose.lower()
+            and _ROBOT.search(user_agent) is None)
 
 
 def _dumps(payload: dict[str, str]) -> bytes:

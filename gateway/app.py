@@ -24,10 +24,12 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from gateway import i18n
 from gateway.answers import exception_answer
 from gateway.config import Settings
+from gateway.config_state import ConfigState, fingerprint
 from gateway.cookies import Cookies
-from gateway.errors import ConfigError, GatewayError, LoginFailed
+from gateway.errors import N_, ConfigError, GatewayError, LoginFailed
 from gateway.flows import Flows, RegistrationFlow, SignInFlow, SignOutFlow
 from gateway.hot_path import HotPath
 from gateway.identities import IdentityRules
@@ -54,13 +56,21 @@ class Gateway:
     Routes use exactly these: ``settings``, ``clock``, ``cookies``, ``stores``,
     ``sessions``, ``policy``, ``proxy``, ``upstream_identity``, ``telemetry``, ``stash``,
     ``csrf``, ``protocols``, ``registry`` (the SAML IdPs, for the admin console), ``flows``,
+    ``config_state`` (the served configuration's fingerprint and last reload, for
+    ``/readyz``), ``languages`` (the pages' languages, ``i18n.Languages``),
     ``sign_in_url`` and ``authorize``.
+
+    ``running()`` is its lifespan (store, upstream pool, login protocols, purge timer):
+    ``gateway.reload`` starts a new gateway with it before it takes over from the old.
     """
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
-                 protocols: Sequence[LoginProtocol] | None = None) -> None:
+                 protocols: Sequence[LoginProtocol] | None = None,
+                 config_state: ConfigState | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.config_sha256 = fingerprint(settings)  # of the files this gateway is built from
+        self.config_state = config_state or ConfigState(self.config_sha256, clock())
         if protocols is None:
             protocols = [SamlProtocol(settings, clock)]
         if not protocols:
@@ -77,8 +87,8 @@ class Gateway:
         self.sessions = SessionManager(
             self.stores.sessions, CookieSigner(secret_list, "session"),
             lifetime=settings.session.lifetime, idle_timeout=settings.session.idle_timeout,
-            clock=clock, keys=self.stores.keys)
-        self.policy = Policy.from_settings(settings)
+            clock=clock, keys=self.stores.keys, memory=settings.session.memory)
+        self.policy = Policy.from_settings(settings, clock)
         try:
             identity_keys = load_identity_keys(settings.identity.keys_dir)
         except (OSError, ValueError) as exc:
@@ -91,18 +101,23 @@ class Gateway:
                            *settings.proxy.strip_headers],
             strip_prefixes=settings.proxy.strip_prefixes,
             strip_cookies=[self.cookies.session_name, self.cookies.idp_name,
-                           self.cookies.stash_name],
+                           self.cookies.stash_name, self.cookies.lang_name,
+                           self.cookies.passive_name],
             strip_cookie_prefixes=[self.cookies.login_prefix],
             public_host=public[1], public_scheme=public[0],
-            max_connections=settings.proxy.max_connections,
+            max_connections=settings.proxy.max_connections, client=settings.proxy.client,
             max_body_bytes=settings.max_body_bytes)
         self.csrf = CookieSigner(secret_list, "csrf")
+        self.languages = i18n.Languages(settings.ui.languages, settings.ui.default,
+                                        cookie_name=self.cookies.lang_name)
         self.stash = PostStash(self.stores.keys, secret_list[0])
         self.telemetry = Telemetry(settings, self.registry, self.stores, clock)
+        self.sessions.report = self.telemetry.metrics.sessions_resolved
         self.flows = Flows(
             sign_in=SignInFlow(IdentityRules(settings), self.sessions),
             sign_out=SignOutFlow(self.sessions, self.protocols),
-            registration=RegistrationFlow(self.stores.records, self.sessions, clock))
+            registration=RegistrationFlow(settings, self.stores.records, self.stores.keys,
+                                          self.sessions, clock))
         services = GatewayServices(self)
         protocol_routes: list[BaseRoute] = []
         for protocol in self.protocols:
@@ -121,24 +136,35 @@ class Gateway:
             own_prefixes=_prefixes(protocol_routes, self.protocols))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._hot_path(scope, receive, send)
+        token = i18n.bind(self.languages, scope)  # the language its pages are rendered in
+        try:
+            await self._hot_path(scope, receive, send)
+        finally:
+            i18n.unbind(token)
 
     def sign_in_url(self, next_url: str) -> str:
         """Where a visitor signs in to reach ``next_url``: the first protocol's page."""
         return with_next(self.protocols[0].sign_in_path, next_url)
 
-    async def authorize(self, path: str, cookie: str | None, *,
-                        upstream: str | None = None) -> tuple[SessionRecord | None, Decision]:
+    async def authorize(self, path: str, cookie: str | None, *, upstream: str | None = None,
+                        fresh: bool = False) -> tuple[SessionRecord | None, Decision]:
         """The session for a cookie (if any) and the policy's decision for ``path`` going to
-        ``upstream`` (the name of its route; None for the gateway's own pages)."""
-        record = await self.sessions.resolve(cookie)
+        ``upstream`` (the name of its route; None for the gateway's own pages). ``fresh``:
+        the session as the store has it now, not from memory (an answer others cache)."""
+        record = await self.sessions.resolve(cookie, fresh=fresh)
         return record, self.policy.decide(path, record.principal if record else None,
                                           upstream=upstream)
 
     # -- lifespan and the error handlers of the gateway's own endpoints ------------------
 
+    def _lifespan(self, app: Starlette) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.running()
+
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def running(self, trigger: str = "startup") -> AsyncIterator[None]:
+        """Open the store and the upstream pool, start the login protocols and the purge
+        timer; on exit stop them all. ``trigger`` is what the audit line says: "startup",
+        or "reload" for a gateway built by a reload."""
         await self.stores.backend.open()
         started: list[LoginProtocol] = []
         purge: asyncio.Task[None] | None = None
@@ -149,7 +175,7 @@ class Gateway:
                 started.append(protocol)
             purge = asyncio.get_running_loop().create_task(
                 self._purge_every(self.settings.store.purge_interval))
-            self.telemetry.started()
+            self.telemetry.started(trigger, self.config_sha256)
             yield
         finally:
             if purge is not None:
@@ -163,13 +189,16 @@ class Gateway:
 
     async def _purge_every(self, interval: float) -> None:
         """Delete what has expired in the store (pending sign-ins, the replay cache, rate
-        counters, kept forms, failure records, sessions past their end) every
-        ``interval`` seconds while the gateway runs. Each process runs its own timer;
-        several processes on one store purge the same rows, which costs only a repeat."""
+        counters, kept forms, failure records, sessions past their end, registrations
+        past their retention with their sessions) every ``interval`` seconds while the
+        gateway runs. Each process runs its own timer; several processes on one store
+        purge the same rows, which costs only a repeat (a registration is deleted, its
+        sessions ended and audited by one of them)."""
         while True:
             await asyncio.sleep(interval)
             try:
                 gone = await self.stores.backend.purge_expired()
+                gone += await self.flows.registration.purge_expired()  # past retention
             except GatewayError as exc:
                 log.warning("store purge failed: %s", exc.reason)
                 continue
@@ -195,15 +224,16 @@ class Gateway:
 
     async def _on_http_error(self, request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        title = "Not found" if status == 404 else "Method not allowed"
-        return to_response(error_answer(status, title, "There is nothing here for that request.",
+        title = N_("Not found") if status == 404 else N_("Method not allowed")
+        return to_response(error_answer(status, title,
+                                        N_("There is nothing here for that request."),
                                         accept=request.headers.get("accept", "")))
 
     async def _on_crash(self, request: Request, exc: Exception) -> Response:
         ref = new_reference()
         log.exception("internal error ref=%s", ref)
-        return to_response(error_answer(500, "Something went wrong",
-                                        "The gateway hit an unexpected problem.",
+        return to_response(error_answer(500, N_("Something went wrong"),
+                                        N_("The gateway hit an unexpected problem."),
                                         accept=request.headers.get("accept", ""),
                                         reference=ref))
 
@@ -222,12 +252,3 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     """The gateway for ``settings``; ``protocols`` defaults to SAML from the config."""
     return Gateway(settings, clock=clock, protocols=protocols)
 
-
-def app_from_env() -> Gateway:
-    """The uvicorn factory for ``serve``: config from ``$GATEWAY_CONFIG``."""
-    from gateway.config import load_settings
-    from gateway.logs import configure_logging
-
-    settings = load_settings()
-    configure_logging(settings.logging.format or "json")  # in every worker process
-    return Gateway(settings)

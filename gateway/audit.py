@@ -49,12 +49,17 @@ EVENTS: dict[str, tuple[Fields, Fields]] = {
                         {"session": str}),
     "access_denied": ({"subject": str, "session": str, "path": str, "rule": str,
                        "reason": str}, {"member_id": str, "failed": str}),
-    "registration": ({"subject": str}, {}),
+    "registration": ({"subject": str}, {"mail_sent": bool, "consent": str}),
     "registrations_exported": ({"by": str, "count": int}, {}),
+    "registration_verified": ({"subject": str}, {"session": str}),
+    "registration_deleted": ({"by": str, "subject": str, "sessions_ended": int}, {}),
+    "registration_purged": ({"subject": str, "sessions_ended": int}, {}),
     "config_reload": ({"trigger": str, "config": str, "config_sha256": str},
-                      {"version": str}),
+                      {"version": str, "result": str, "reason": str}),
     "metadata_change": ({"change": str, "entity_id": str, "source": str},
-                        {"sha256": str, "idps": int}),
+                        {"sha256": str, "idps": int, "added": int, "removed": int,
+                         "updated": int}),
+    "step_up": ({"subject": str, "session": str, "replaced": str}, {"authn_context": str}),
 }
 _FORBIDDEN = ("cookie", "samlresponse", "samlrequest", "token", "password", "secret",
               "assertion")
@@ -132,18 +137,27 @@ def json_schema() -> dict[str, Any]:
 
 
 def configure_audit(destination: str, base: Path | None = None) -> None:
-    """Send audit lines to ``stdout`` or append them to a file (relative to ``base``)."""
-    for old in list(log.handlers):
-        log.removeHandler(old)
-        old.close()
+    """Send audit lines to ``stdout`` or append them to a file (relative to ``base``).
+    The same destination again (a reload) keeps its handler: a line written meanwhile,
+    from another thread, never meets a closed file."""
+    target = destination
+    if destination != "stdout":
+        path = Path(destination).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        target = str(path)
+    if getattr(log, "audit_target", None) == target and log.handlers:
+        return
     handler: logging.Handler
     if destination == "stdout":
         handler = StdStream("stdout")
     else:
-        path = Path(destination).expanduser()
-        if not path.is_absolute() and base is not None:
-            path = base / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(target, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
+    old_handlers = list(log.handlers)
     log.addHandler(handler)
+    for old in old_handlers:  # the new one is in place before the old ones go
+        log.removeHandler(old)
+        old.close()
+    log.audit_target = target  # type: ignore[attr-defined]

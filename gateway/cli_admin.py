@@ -1,5 +1,8 @@
 """``sso-gateway sessions …`` and ``registrations …``: admin commands on the store.
 
+``registrations delete EMAIL`` erases an address's registrations and ends their
+sessions through the registration flow, exactly as the console's action does.
+
 Part of the CLI (it prints); they work while the gateway runs, because the gateway
 reads the store on every request: a revoked session's next request is anonymous.
 Sessions are picked by subject (``--member`` is kept as another name for ``--subject``)
@@ -25,6 +28,7 @@ from gateway.audit import audit, configure_audit
 from gateway.audit import log as audit_log
 from gateway.config import Settings, load_settings
 from gateway.errors import StoreError
+from gateway.flows.registration import RegistrationFlow
 from gateway.logs import StdStream, session_hash
 from gateway.sessions import (
     Backend,
@@ -62,6 +66,13 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
     reg_verbs = registrations.add_subparsers(dest="registrations_command", required=True)
     reg_verbs.add_parser("export", parents=[common],
                          help="write every registration as CSV to stdout")
+    delete = reg_verbs.add_parser("delete", parents=[common],
+                                  help="erase every registration of an e-mail address and "
+                                       "end its sessions")
+    delete.add_argument("email", metavar="EMAIL", help="the address (compared in any case)")
+    reg_verbs.add_parser("purge-expired", parents=[common],
+                         help="delete the registrations older than [registration] "
+                              "retention_days, ending their sessions")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     _audit_to(settings)
     stores = open_store(settings.store.url, _now, **settings.store.options())
     if args.command == "registrations":
+        flow = RegistrationFlow(settings, stores.records, stores.keys,
+                                _manager(settings, stores), _now)
+        if args.registrations_command == "delete":
+            return _with_store(stores.backend, lambda: _delete(flow, args.email))
+        if args.registrations_command == "purge-expired":
+            return _with_store(stores.backend, lambda: _purge_registrations(flow))
         return _with_store(stores.backend, lambda: _export(stores.records))
     verb = args.sessions_command
     if verb == "purge-expired":
@@ -186,6 +203,21 @@ async def _revoke(sessions: SessionManager, handle: str | None, subject: str | N
 
 async def _purge(backend: Backend) -> int:
     print(f"purged {await backend.purge_expired()} expired entries")
+    return 0
+
+
+async def _delete(flow: RegistrationFlow, email: str) -> int:
+    erased = await flow.erase(email, by=operator())
+    if not erased.registrations and not erased.sessions_ended:
+        print(f"error: no registration of {email!r}", file=sys.stderr)
+        return 1
+    print(f"deleted {erased.registrations} registration(s) of {email}, "
+          f"ended {erased.sessions_ended} session(s)")
+    return 0
+
+
+async def _purge_registrations(flow: RegistrationFlow) -> int:
+    print(f"deleted {await flow.purge_expired()} registration(s) past their retention")
     return 0
 
 

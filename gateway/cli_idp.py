@@ -2,7 +2,8 @@
 
 Part of the CLI (it prints). ``list`` and ``check`` read what a (re)starting gateway
 would use: the files in ``idp_metadata/`` and, for each ``[[metadata]]`` URL, the copy
-the gateway cached on disk (they never download). ``add`` downloads when given a URL.
+the gateway cached on disk, and the IdPs each MDQ service gave it so far (they never
+download). ``add`` downloads when given a URL.
 
 Exit codes: ``add`` 0 written, 1 refused or not confirmed; ``check`` 0 no warnings,
 1 warnings (so a cron job or CI step can alert on it); 2 bad configuration.
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings, load_settings
-from gateway.saml import IdP, IdPRegistry, ServiceProvider
+from gateway.config import MetadataSource, Settings, load_settings
+from gateway.saml import IdP, IdPRegistry, ServiceProvider, mdq
 from gateway.saml import metadata_report as report
 from gateway.saml.metadata_signature import MetadataRefused, verify_signed_metadata
 from gateway.saml.metadata_source import Source, download
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                     signing_cert=args.signing_cert)
     rows, notes = _inventory(settings, time.time())
     if args.idp_command == "list":
-        return _list(rows, notes)
+        return _list(rows, notes, settings)
     return _check(rows, notes)
 
 
@@ -154,7 +155,9 @@ def _describe(idp: IdP, now: float) -> None:
     print(f"  entity ID    {idp.entity_id}")
     print(f"  name         {idp.display_name}")
     print(f"  SSO          {idp.sso_url}")
-    print(f"  SLO          {idp.slo_url or '(none)'}")
+    post = f"{idp.slo_post_url} (HTTP-POST)" if idp.slo_post_url else ""
+    print(f"  SLO          {idp.slo_url or post or '(none)'}")
+    print(f"  scopes       {_scopes(idp)}")
     for cert in map(report.cert_info, idp.signing_certs):
         print(f"  signing cert {cert.describe(now)}")
         print(f"               {cert.subject}")
@@ -188,6 +191,9 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
             rows.append(Row(idp, f"file modified {modified}", _status(idp, now, ""), root, ""))
         notes += [f"{SKIPPED}{reason}" for reason in skipped]
     for config in settings.metadata:
+        if config.mdq:
+            rows += _mdq_rows(config, now)
+            continue
         source = Source.open(config)
         state = source.state
         fetched = report.when(state.fetched_at) if state.fetched_at else "never"
@@ -208,6 +214,22 @@ def _inventory(settings: Settings, now: float) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+def _mdq_rows(config: MetadataSource, now: float) -> list[Row]:
+    """The IdPs an MDQ service gave the gateway, as kept on disk (verified again)."""
+    rows = []
+    cert = config.signing_cert.read_text()
+    for path in sorted(mdq.cache_dir(config).glob("*.xml")):
+        try:
+            data = path.read_bytes()
+            root = verify_signed_metadata(data, cert, str(path))
+            idp = mdq.accept(config, cert, data, (root.get("entityID") or "").strip(), now)[0]
+        except (OSError, MetadataRefused):
+            continue  # the gateway removes such a file when it starts
+        fetched = f"fetched {report.when(path.stat().st_mtime)} (MDQ, on first use)"
+        rows.append(Row(idp, fetched, _status(idp, now, ""), root, ""))
+    return rows
+
+
 def _status(idp: IdP, now: float, failing: str) -> str:
     if idp.valid_until is not None and idp.valid_until <= now:
         return "expired"
@@ -218,13 +240,22 @@ def _status(idp: IdP, now: float, failing: str) -> str:
     return "; ".join(states) or "ok"
 
 
-def _list(rows: list[Row], notes: list[str]) -> int:
+def _scopes(idp: IdP, vouched: list[str] | None = None) -> str:
+    """The scopes an IdP may assert: its metadata's, then those of ``[[idps]] scopes``."""
+    shown = [f"{scope} (unusable: {scope.problem})" if scope.problem else str(scope)
+             for scope in idp.scopes]
+    shown += [f"{scope} ([[idps]] scopes)" for scope in vouched or ()]
+    return ", ".join(shown) or "(none: every scoped attribute value it asserts is dropped)"
+
+
+def _list(rows: list[Row], notes: list[str], settings: Settings) -> int:
     now = time.time()
     for row in sorted(rows, key=lambda r: (r.idp.display_name.casefold(), r.idp.entity_id)):
         idp = row.idp
         print(idp.entity_id)
         print(f"  name         {idp.display_name}")
         print(f"  source       {idp.origin}")
+        print(f"  scopes       {_scopes(idp, settings.idp_options(idp.entity_id).scopes)}")
         for cert in map(report.cert_info, idp.signing_certs):
             print(f"  signing cert {cert.describe(now)}")
         print(f"  last refresh {row.last_refresh}")

@@ -234,9 +234,9 @@ def _check_semantics(settings: Settings, source: Path) -> list[str]:
         except (OSError, ValueError):
             problems.append(f"{source}: key metadata[{i}].signing_cert: "
                             f"{str(entry.signing_cert)!r} is not a PEM certificate")
-    urls = [m.url for m in settings.metadata]
+    urls = [m.url or m.mdq for m in settings.metadata]
     for url in sorted({u for u in urls if urls.count(u) > 1}):
-        problems.append(f"{source}: key metadata: url {url!r} is listed twice")
+        problems.append(f"{source}: key metadata: {url!r} is listed twice")
     if settings.session.idle_timeout > settings.session.lifetime:
         problems.append(f"{source}: key session.idle_timeout: must not exceed session.lifetime")
     return problems

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.i18n import shipped
 from gateway.principal import DISPLAY_NAME, EMAIL, ENTITLEMENTS, MEMBER_ID, STATUS
 
 
@@ -31,6 +32,40 @@ class _Model(BaseModel):
 # Whose member numbers an IdP asserts: "organisation" (the organisation's own: the member
 # is the number) or "scoped" (the member is "<entity ID>!<number>").
 MemberIds = Literal["organisation", "scoped"]
+# Where an IdP's member (the subject) comes from: its member number, the SAML subject-id
+# or pairwise-id attribute (scoped, checked against its metadata), or a persistent NameID.
+SubjectSource = Literal["member_id", "subject-id", "pairwise-id", "persistent"]
+_NAMEID = "urn:oasis:names:tc:SAML:{}:nameid-format:{}"
+#: The NameID formats an AuthnRequest asks for, by the short names the config takes.
+NAMEID_FORMATS = {"unspecified": _NAMEID.format("1.1", "unspecified"),
+                  "emailAddress": _NAMEID.format("1.1", "emailAddress"),
+                  "persistent": _NAMEID.format("2.0", "persistent"),
+                  "transient": _NAMEID.format("2.0", "transient")}
+_NAMEID_URN = re.compile(r"urn:oasis:names:tc:SAML:(1\.1|2\.0):nameid-format:[A-Za-z]{1,64}")
+#: The released names of scoped attributes (eduPersonPrincipalName,
+#: eduPersonScopedAffiliation, subject-id, pairwise-id): values must end in "@<scope>"
+#: with a scope the IdP's metadata lists, or they are dropped.
+DEFAULT_SCOPED_ATTRIBUTES = [
+    "eduPersonPrincipalName", "urn:oid:1.3.6.1.4.1.5923.1.1.1.6",
+    "eduPersonScopedAffiliation", "urn:oid:1.3.6.1.4.1.5923.1.1.1.9",
+    "subject-id", "urn:oasis:names:tc:SAML:attribute:subject-id",
+    "pairwise-id", "urn:oasis:names:tc:SAML:attribute:pairwise-id",
+]
+_SCOPE = re.compile(r"[0-9A-Za-z][-.0-9A-Za-z]{0,252}")
+
+
+def _name_id_format(value: str | None) -> str | None:
+    """A NameID format by short name or URN → its URN."""
+    if value is None or _NAMEID_URN.fullmatch(value):
+        return value
+    if value in NAMEID_FORMATS:
+        return NAMEID_FORMATS[value]
+    raise ValueError(f"must be one of {', '.join(NAMEID_FORMATS)} or a "
+                     "urn:oasis:names:tc:SAML:…:nameid-format:… URN")
+# A Response whose signature covers an unsigned Assertion (Keycloak's default): "accept"
+# it (the Response signature must verify and cover the one Assertion used) or "refuse"
+# it (the Assertion itself must be signed).
+SignedResponse = Literal["accept", "refuse"]
 
 
 #: A language tag → text (or URL) map, as ``{ en = "…", de = "…" }``.
@@ -131,6 +166,8 @@ class LimitSettings(_Model):
     # Not per client: refused sign-ins kept in the store for `sso-gateway explain`, per
     # hour; past it a refusal is only logged (its log line carries the same reference).
     failure_records: int = Field(100, ge=0)
+    # Per e-mail address and hour: confirmation mails of the registration gate.
+    verification_mails: int = Field(3, ge=1)
 
 
 class IdPSettings(_Model):
@@ -144,9 +181,27 @@ class IdPSettings(_Model):
     clock_skew: int = Field(120, ge=0, le=300)
     # An external discovery service (SAML IdP Discovery protocol); "" = our own list.
     discovery_url: str = ""
+    # The sign-in page lists every IdP up to this many; with more it shows a search box,
+    # the remembered IdP and at most `search_results` matches, never the whole list.
+    list_all_up_to: int = Field(20, ge=1, le=500)
+    search_results: int = Field(20, ge=1, le=100)
+    logos: bool = True  # show mdui:Logo images (https only, loaded by the browser)
+    discofeed: bool = True  # publish /saml/discofeed (the IdP list as Shibboleth's JSON)
     # Defaults for every IdP without its own [[idps]] value (see IdPOptions).
     member_ids: MemberIds = "scoped"
     allowed_entitlements: list[str] | None = None  # None = keep every asserted entitlement
+    signed_response: SignedResponse = "accept"
+    subject: SubjectSource = "member_id"
+    # The NameIDPolicy Format of AuthnRequests: unspecified (the IdP picks), persistent,
+    # transient, emailAddress, or a full URN.
+    name_id_format: str = NAMEID_FORMATS["unspecified"]
+    # Released attribute names whose values must carry a scope the IdP's metadata lists.
+    scoped_attributes: list[str] = DEFAULT_SCOPED_ATTRIBUTES
+
+    @field_validator("name_id_format")
+    @classmethod
+    def _name_id_format(cls, value: str) -> str:
+        return _name_id_format(value) or value
 
     @field_validator("discovery_url")
     @classmethod
@@ -215,6 +270,28 @@ class IdPOptions(_Model):
     member_ids: MemberIds | None = None
     # Keep only these asserted entitlements (e.g. none of the admin ones). None: [idp]'s.
     allowed_entitlements: list[str] | None = None
+    # A signed Response over an unsigned Assertion: "accept" or "refuse". None: [idp]'s.
+    signed_response: SignedResponse | None = None
+    # Where the subject comes from (member_id, subject-id, pairwise-id, persistent), and
+    # the NameID format asked for. None: [idp]'s.
+    subject: SubjectSource | None = None
+    name_id_format: str | None = None
+    # Scopes the admin vouches for besides those in the IdP's metadata (shibmd:Scope).
+    scopes: list[str] = []
+
+    @field_validator("name_id_format")
+    @classmethod
+    def _name_id_format(cls, value: str | None) -> str | None:
+        return _name_id_format(value)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            if not _SCOPE.fullmatch(scope):
+                raise ValueError(f"{scope!r} is not a scope (a domain such as example.org, "
+                                 "without '@')")
+        return value
 
     @field_validator("attributes")
     @classmethod
@@ -229,6 +306,9 @@ class SessionSettings(_Model):
     lifetime: int = Field(8 * 3600, ge=60)  # absolute, seconds
     idle_timeout: int = Field(3600, ge=60)
     secure: bool | None = None  # default: true unless public_url is plain-http loopback
+    # Keep resolved sessions in this process's memory; an end anywhere reaches every
+    # process within one second through the store's change log (docs/architecture.md).
+    memory: bool = True
 
 
 #: Store URL schemes, in one place (validated here; ``sessions.store.open_store`` picks by it).
@@ -327,17 +407,37 @@ class Upstream(_Model):
         return value.rstrip("/")
 
 
+#: An AuthnContextClassRef as a rule may name it: an absolute URI (``https:``, ``urn:``)
+#: of printable ASCII without XML-special characters (it goes into the AuthnRequest).
+AUTHN_CONTEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[!#$%'()*+,./0-9:;=?@A-Z\[\]_a-z~-]{1,500}")
+#: The shortest ``max_auth_age`` a rule may set: a sign-in round trip must fit in it, or
+#: every step-up would be stale on arrival.
+MIN_AUTH_AGE = 60
+
+
 class Requirement(_Model):
     entitlement: list[str] = []  # every one listed is required
     status: list[str] = []  # any one listed is enough
     idp: list[str] = []  # any one listed is enough
     # Attribute name → values: each named attribute must have one of its listed values.
     attributes: dict[str, list[str]] = {}
+    # Authentication context classes (AuthnContextClassRef URIs, e.g. REFEDS MFA): any one
+    # listed is enough; a session without one goes through a step-up sign-in.
+    authn_context: list[str] = []
 
-    @field_validator("entitlement", "status", "idp", mode="before")
+    @field_validator("entitlement", "status", "idp", "authn_context", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("authn_context")
+    @classmethod
+    def _context_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not AUTHN_CONTEXT.fullmatch(uri):
+                raise ValueError(f"{uri!r} is not an authentication context class URI "
+                                 "(e.g. https://refeds.org/profile/mfa)")
+        return value
 
     @field_validator("attributes", mode="before")
     @classmethod
@@ -378,6 +478,12 @@ class Rule(_Model):
     # none (e.g. "public, max-age=300"); "" = relay the upstream's headers as they are.
     # Gated answers, and any answer to a signed-in member, stay private.
     cache: str = ""
+    # Seconds since the member last authenticated at the IdP (AuthnInstant) after which
+    # this rule asks for a fresh sign-in (ForceAuthn); None = any age.
+    max_auth_age: int | None = Field(None, ge=MIN_AUTH_AGE)
+    # Public rules only: try a passive sign-in (IsPassive) once for an anonymous visitor,
+    # so a member the IdP already knows is shown signed in, never prompted.
+    passive: bool = False
 
     @field_validator("cache")
     @classmethod
@@ -392,6 +498,17 @@ class Rule(_Model):
         if self.cache and self.access != "public":
             raise ValueError('cache is only for access = "public" rules: gated answers are '
                              "always private to the member")
+        return self
+
+    @model_validator(mode="after")
+    def _sign_in_options(self) -> Rule:
+        if self.passive and self.access != "public":
+            raise ValueError('passive is only for access = "public" rules: a gated page '
+                             "sends a visitor to the sign-in anyway")
+        gated = self.access in ("member", "owner")
+        if not gated and (self.max_auth_age is not None or self.require.authn_context):
+            raise ValueError('max_auth_age and require.authn_context are for access = '
+                             '"member" or "owner" rules')
         return self
 
     @field_validator("path")
@@ -461,6 +578,82 @@ class PolicySettings(_Model):
     default: Literal["public", "registered", "member"] = "member"
 
 
+#: The consent a registering visitor gives, unless ``[registration] consent_text`` says
+#: otherwise.
+DEFAULT_CONSENT = ("I agree that the publisher stores my e-mail address to give me access to "
+                   "the free issue and may write to me about the magazine. I can withdraw "
+                   "this at any time.")
+
+
+class RegistrationSettings(_Model):
+    """``[registration]``: the e-mail registration for ``registered`` pages (open only
+    when a rule, or the policy default, asks for ``registered``)."""
+
+    verify: bool = False  # confirm the address by a one-time link mailed through [smtp]
+    consent_text: str = Field(DEFAULT_CONSENT, min_length=10, max_length=2000)
+    retention_days: float = Field(365, gt=0, le=36500)  # then the registration is deleted
+    privacy_url: str = ""  # the privacy notice, linked from the form and the mail
+    link_lifetime: int = Field(1800, ge=300, le=86400)  # seconds a confirmation link works
+
+    @field_validator("privacy_url")
+    @classmethod
+    def _privacy_url(cls, value: str) -> str:
+        return _http_url(value) if value else value
+
+
+class SmtpSettings(_Model):
+    """``[smtp]``: the relay that sends the registration gate's confirmation mails."""
+
+    host: str = ""  # "" = no relay
+    port: int = Field(587, ge=1, le=65535)
+    # "starttls" (submission, port 587), "tls" (implicit TLS, port 465), or "none" (a
+    # relay on this host or network; no credentials then, unless it is on loopback)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str = ""
+    password_file: Path | None = None  # the password, alone in a file (not in the config)
+    from_address: str = ""  # the From of the mails, e.g. "Magazine <no-reply@example.org>"
+    timeout: float = Field(10.0, gt=0, le=120)  # seconds each step of the conversation
+
+    @model_validator(mode="after")
+    def _credentials_need_tls(self) -> SmtpSettings:
+        if self.security == "none" and self.username and not is_loopback(self.host):
+            raise ValueError('username/password need security = "starttls" or "tls" '
+                             "(plain SMTP would send them in clear text)")
+        if (self.password_file is None) != (not self.username):
+            raise ValueError("username and password_file go together (both or neither)")
+        return self
+
+
+class UISettings(_Model):
+    """``[ui]``: the languages of the gateway's own pages (``gateway.i18n``)."""
+
+    # Offered to browsers (by Accept-Language and the pages' switch); each must be shipped.
+    languages: list[str] = Field(["en", "de"], min_length=1)
+    default_language: str = ""  # when the browser asks for none offered; "" = the first
+
+    @field_validator("languages")
+    @classmethod
+    def _shipped(cls, value: list[str]) -> list[str]:
+        available = shipped()
+        for lang in value:
+            if lang not in available:
+                raise ValueError(f"{lang!r} has no catalogue; shipped: {', '.join(available)}")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a language twice")
+        return value
+
+    @model_validator(mode="after")
+    def _default_offered(self) -> UISettings:
+        if self.default_language and self.default_language not in self.languages:
+            raise ValueError("default_language must be one of languages")
+        return self
+
+    @property
+    def default(self) -> str:
+        """The language for a browser that asks for none of the offered ones."""
+        return self.default_language or self.languages[0]
+
+
 class IdentitySettings(_Model):
     keys_dir: Path = Path("certs/identity")  # written by `sso-gateway certs generate`
     token_header: str = "X-Gateway-Identity"
@@ -497,6 +690,9 @@ class ProxySettings(_Model):
     # Upstream connections per worker process, all upstreams together; a request that
     # finds them all in use waits up to its upstream's connect_timeout, then gets 504.
     max_connections: int = Field(1024, ge=1, le=100_000)
+    # The HTTP client for the upstream hop: "lean" (gateway.upstream_client, httptools)
+    # or "aiohttp" (the client used before it, kept as a fallback). WebSockets: aiohttp.
+    client: Literal["lean", "aiohttp"] = "lean"
 
     @field_validator("strip_headers", "strip_prefixes")
     @classmethod
@@ -505,6 +701,25 @@ class ProxySettings(_Model):
             if len(name) < 2 or not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header name (or a prefix of one)")
         return value
+
+
+class WebSocketSettings(_Model):
+    """``[websocket]``: proxying WebSocket connections to upstreams (``gateway.websocket``,
+    docs/architecture.md). Limits apply per connection, in both directions."""
+
+    enabled: bool = True  # false: every upgrade is answered 501
+    # Largest message either side may send (bytes); a larger one closes with 1009.
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Seconds with no message either way; then the connection closes with 1001.
+    idle_timeout: float = Field(300.0, ge=1, le=86400)
+    max_connections: int = Field(500, ge=1, le=100_000)  # open per worker; past it: 503
+    # Seconds between checks that each connection's session is still live (batched over
+    # all connections of a worker); an ended session closes its connections with 4401.
+    session_check_interval: float = Field(2.0, ge=0.2, le=60)
+    ping_interval: float = Field(20.0, ge=0, le=3600)  # the server's pings to clients (0: none)
+    # An upgrade to a gated path must carry Origin (browsers always send it); false lets
+    # non-browser clients with a session cookie connect without one.
+    require_origin: bool = True
 
 
 class ServerSettings(_Model):
@@ -517,12 +732,49 @@ class ServerSettings(_Model):
     limit_concurrency: int = Field(1000, ge=2)  # open connections per worker process
     # Seconds requests in progress may take to finish after SIGTERM; then they are cut.
     shutdown_timeout: float = Field(30.0, ge=0, le=3600)
+    # TLS of its own (gateway.tls): a PEM certificate chain and its key (relative paths:
+    # to gateway.toml's directory); TLS 1.2 and 1.3 only. Re-read on reload.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_key_password_file: Path | None = None  # when the key is encrypted: its password
+    # HOST:PORT of a plain-HTTP listener that only redirects to public_url ("" = none).
+    http_redirect_listen: str = ""
+    # `serve` writes its process ID here (relative: to gateway.toml); `reload` reads it.
+    pid_file: Path | None = None
+
+    @field_validator("http_redirect_listen")
+    @classmethod
+    def _redirect_listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if value and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError("must be HOST:PORT")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (both or neither)")
+        if self.tls_key_password_file is not None and self.tls_key_file is None:
+            raise ValueError("tls_key_password_file needs tls_key_file")
+        if self.http_redirect_listen and self.tls_cert_file is None:
+            raise ValueError("http_redirect_listen needs tls_cert_file and tls_key_file (it "
+                             "redirects to the gateway's own https listener)")
+        return self
 
 
 class MetadataSource(_Model):
-    """One ``[[metadata]]`` entry: IdP metadata fetched from a URL, signature required."""
+    """One ``[[metadata]]`` entry: IdP metadata fetched from a URL (``url``: one document,
+    e.g. a federation aggregate) or, one entity at a time on first use, from a Metadata
+    Query service (``mdq``); signature required."""
 
-    url: str
+    url: str = ""
+    mdq: str = ""  # MDQ base URL: an entity is fetched from <mdq>/entities/<identifier>
+    # How the entity is named in the MDQ request path: the URL-encoded entity ID (every
+    # MDQ server answers it), or "sha1" ({sha1} + hex SHA-1 of the entity ID).
+    mdq_identifier: Literal["entity_id", "sha1"] = "entity_id"
+    mdq_max_entities: int = Field(1000, ge=1, le=100_000)  # MDQ entities kept (LRU)
+    mdq_not_found_ttl: int = Field(60, ge=0, le=3600)  # seconds an unknown one is not asked for
+    mdq_fetches_per_minute: int = Field(60, ge=1)  # MDQ requests of the gateway, all clients
     signing_cert: Path  # PEM certificate the metadata signature must verify against
     refresh: int = Field(3600, ge=60, le=7 * 86400)  # seconds (a shorter cacheDuration wins)
     entities: list[str] = []  # keep only these entity IDs from an aggregate
@@ -531,10 +783,35 @@ class MetadataSource(_Model):
     max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     cache_dir: Path = Path("metadata_cache")  # last good copies, for restarts without network
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mdq_defaults(cls, data: Any) -> Any:
+        """One entity per MDQ answer, fetched while a member waits: tighter defaults."""
+        if isinstance(data, dict) and data.get("mdq"):
+            data = {"timeout": 10.0, "max_bytes": 1024 * 1024, **data}
+        return data
+
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        return _http_url(value)
+        return _http_url(value) if value else value
+
+    @field_validator("mdq")
+    @classmethod
+    def _mdq_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(_http_url(value))
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MetadataSource:
+        if bool(self.url) == bool(self.mdq):
+            raise ValueError("give exactly one of url (a metadata document) and mdq (a "
+                             "Metadata Query service)")
+        return self
 
 
 #: The headers each front proxy sets on its forward-auth subrequest: (method, URI, host).
@@ -642,7 +919,11 @@ class Settings(_Model):
     limits: LimitSettings = LimitSettings()
     proxy: ProxySettings = ProxySettings()
     server: ServerSettings = ServerSettings()
+    websocket: WebSocketSettings = WebSocketSettings()
     forward_auth: ForwardAuthSettings = ForwardAuthSettings()
+    registration: RegistrationSettings = RegistrationSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    ui: UISettings = UISettings()
     source: Path = Field(Path("gateway.toml"), exclude=True)
 
     @field_validator("public_url")
@@ -693,7 +974,20 @@ class Settings(_Model):
             raise ValueError("must be HOST:PORT")
         return value
 
+    @model_validator(mode="after")
+    def _verification_needs_smtp(self) -> Settings:
+        if self.registration.verify and not (self.smtp.host and self.smtp.from_address):
+            raise ValueError("[registration] verify = true needs [smtp] host and from_address")
+        return self
+
     # Derived values ------------------------------------------------------------------
+
+    @property
+    def registration_open(self) -> bool:
+        """Whether the registration gate is on: a rule (or the policy default) lets
+        registered readers in. Without one, nothing registers anyone."""
+        return (self.policy.default == "registered"
+                or any(rule.access == "registered" for rule in self.rules))
 
     @property
     def sp_entity_id(self) -> str:
@@ -738,13 +1032,16 @@ class Settings(_Model):
 
     def idp_options(self, entity_id: str) -> IdPOptions:
         """The ``[[idps]]`` entry of one IdP (defaults when it has none), with the values it
-        leaves unset taken from ``[idp]``: ``allow_unsolicited`` and ``member_ids`` are
-        never None; ``allowed_entitlements`` is None when every entitlement is kept."""
+        leaves unset taken from ``[idp]``: ``allow_unsolicited``, ``member_ids``,
+        ``signed_response``, ``subject`` and ``name_id_format`` are never None;
+        ``allowed_entitlements`` is None when every entitlement is kept."""
         found = next((o for o in self.idps if o.entity_id == entity_id), None)
         options = found or IdPOptions(entity_id=entity_id)
         defaults = {"allow_unsolicited": self.idp.allow_unsolicited,
                     "member_ids": self.idp.member_ids,
-                    "allowed_entitlements": self.idp.allowed_entitlements}
+                    "allowed_entitlements": self.idp.allowed_entitlements,
+                    "signed_response": self.idp.signed_response,
+                    "subject": self.idp.subject, "name_id_format": self.idp.name_id_format}
         unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
         return options.model_copy(update=unset) if unset else options
 

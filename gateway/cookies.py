@@ -7,7 +7,11 @@
   is ``SameSite=None; Secure``; it is scoped to the login protocol's path;
 * the remembered IdP choice (``__Secure-gw_idp``): an entity ID, for a year;
 * the kept-form cookie (``__Secure-gw-stash``): binds a form kept across a sign-in to
-  the browser that posted it, scoped to the replay path.
+  the browser that posted it, scoped to the replay path;
+* the passive-sign-in marker (``__Secure-gw_passive``): a passive sign-in was tried in
+  this browser lately, so a public page does not try it again (``PASSIVE_RETRY_AFTER``);
+* the page language (``__Secure-gw_lang``): the language chosen with the pages' language
+  switch (a language code; only offered ones are believed), for a year.
 
 Reading uses one rule everywhere (hot path and routes alike): the first cookie of a
 name wins. A ``Set-Cookie`` value is a ``str``; ``header`` gives the ASGI pair.
@@ -20,6 +24,9 @@ from urllib.parse import quote, unquote
 
 REMEMBER_IDP_FOR = 365 * 86400
 STASH_PATH = "/_gateway/replay"
+#: Seconds after a passive sign-in attempt before a page tries one again in that browser.
+PASSIVE_RETRY_AFTER = 3600
+REMEMBER_LANGUAGE_FOR = 365 * 86400
 
 
 class Cookies:
@@ -36,8 +43,11 @@ class Cookies:
         self.login_prefix = self._secure_prefix + "gw-login-"
         self.idp_name = self._secure_prefix + "gw_idp"
         self.stash_name = self._secure_prefix + "gw-stash"
+        self.passive_name = self._secure_prefix + "gw_passive"
+        self.lang_name = self._secure_prefix + "gw_lang"
         #: Every cookie name (or name prefix) that is the gateway's own: never sent upstream.
-        self.own_names = (self.session_name, self.login_prefix, self.idp_name, self.stash_name)
+        self.own_names = (self.session_name, self.login_prefix, self.idp_name, self.stash_name,
+                          self.passive_name, self.lang_name)
 
     # -- setting and clearing ---------------------------------------------------------
 
@@ -71,6 +81,15 @@ class Cookies:
 
     def clear_stash(self) -> str:
         return self._build(self.stash_name, "", path=STASH_PATH, max_age=0)
+
+    def passive_tried(self) -> str:
+        """Mark this browser: a passive sign-in was just tried (set before it starts, so
+        even a sign-in that never comes back cannot make the page try again)."""
+        return self._build(self.passive_name, "1", path="/", max_age=PASSIVE_RETRY_AFTER)
+
+    def language(self, lang: str) -> str:
+        """Remember the page language chosen with the language switch."""
+        return self._build(self.lang_name, lang, path="/", max_age=REMEMBER_LANGUAGE_FOR)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -107,4 +126,5 @@ def header(value: str) -> tuple[bytes, bytes]:
     return (b"set-cookie", value.encode("latin-1"))
 
 
-__all__ = ["REMEMBER_IDP_FOR", "STASH_PATH", "Cookies", "header"]
+__all__ = ["PASSIVE_RETRY_AFTER", "REMEMBER_IDP_FOR", "REMEMBER_LANGUAGE_FOR", "STASH_PATH",
+           "Cookies", "header"]

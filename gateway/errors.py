@@ -8,19 +8,24 @@
     │   ├── BodyTooLarge         413 a request body over the configured limit
     │   ├── CrossSite            403 a state-changing request sent from another site
     │   └── TooManyRequests      429 a client over its rate limit
+    │       └── TooManyMails     429 too many confirmation mails to one address
     ├── SignInError              400: a sign-in protocol message was refused
     │   ├── LoginFailed          400 a login was refused (the user sees only a reference)
+    │   │   └── StepUpFailed     403 a step-up sign-in came back without what the page needs
     │   ├── LogoutFailed         400 a logout message was refused (likewise)
     │   └── UnknownIdP           400 an IdP entity ID that is not configured
     ├── InvalidToken             401 an identity token failed verification (services)
     └── ServiceError             5xx: something the gateway depends on failed
         ├── StoreError           503 the session store is unreachable or failed
+        ├── MailError            503 the SMTP relay did not take a mail
         └── UpstreamError        502 the upstream could not be reached
-            └── UpstreamTimeout  504 the upstream did not answer in time
+            ├── UpstreamTimeout  504 the upstream did not answer in time
+            └── UpgradeRefused   502 (or its 4xx) the upstream refused a WebSocket upgrade
 
 Every class carries its answer as class data: ``status`` (HTTP), ``title`` (the error
 page's heading, the JSON ``error``) and ``public_message`` (what users read). ``reason``
-is for the log only.
+is for the log only. Titles and public messages are marked with ``N_`` for the gettext
+catalogues: pages show them translated, JSON answers in English.
 """
 
 from __future__ import annotations
@@ -28,12 +33,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def N_(text: str) -> str:
+    """Mark ``text`` for translation without translating it (gettext's ``N_``): a page
+    shows it in the reader's language when it renders (``gateway.i18n``)."""
+    return text
+
+
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
     status: ClassVar[int] = 500
-    title: ClassVar[str] = "Something went wrong"
-    public_message: ClassVar[str] = "Something went wrong in the gateway."
+    title: ClassVar[str] = N_("Something went wrong")
+    public_message: ClassVar[str] = N_("Something went wrong in the gateway.")
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -43,8 +54,8 @@ class GatewayError(Exception):
 class ConfigError(GatewayError):
     """The configuration is invalid; ``problems`` holds one line per problem."""
 
-    title = "Configuration error"
-    public_message = "The gateway's configuration is invalid."
+    title = N_("Configuration error")
+    public_message = N_("The gateway's configuration is invalid.")
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
@@ -58,8 +69,8 @@ class ClientError(GatewayError):
     """A request the gateway refuses because of what it contains (4xx)."""
 
     status = 400
-    title = "Bad request"
-    public_message = "The request could not be understood."
+    title = N_("Bad request")
+    public_message = N_("The request could not be understood.")
 
 
 class BadRequest(ClientError):
@@ -69,26 +80,35 @@ class BadRequest(ClientError):
 class AmbiguousPath(BadRequest):
     """A path two parsers could read two ways (see ``gateway.paths``)."""
 
-    title = "Address not accepted"
-    public_message = "This address contains characters or segments the gateway does not accept."
+    title = N_("Address not accepted")
+    public_message = N_("This address contains characters or segments the gateway does not "
+                        "accept.")
 
 
 class BodyTooLarge(ClientError):
     status = 413
-    title = "Request too large"
-    public_message = "The request body is larger than this site accepts."
+    title = N_("Request too large")
+    public_message = N_("The request body is larger than this site accepts.")
 
 
 class CrossSite(ClientError):
     status = 403
-    title = "Access denied"
-    public_message = "This form must be sent from this site's own pages."
+    title = N_("Access denied")
+    public_message = N_("This form must be sent from this site's own pages.")
 
 
 class TooManyRequests(ClientError):
     status = 429
-    title = "Too many requests"
-    public_message = "Too many attempts from your network. Please wait a minute and try again."
+    title = N_("Too many requests")
+    public_message = N_("Too many attempts from your network. Please wait a minute and try "
+                        "again.")
+
+
+class TooManyMails(TooManyRequests):
+    """Too many verification mails to one address (the gateway is no mail bomb)."""
+
+    public_message = N_("Several confirmation mails were sent to this address already. "
+                        "Please check your inbox (and spam folder), or try again in an hour.")
 
 
 # -- a sign-in protocol message was refused -----------------------------------------------
@@ -98,9 +118,9 @@ class SignInError(GatewayError):
     """A message of a sign-in or sign-out exchange was refused (400)."""
 
     status = 400
-    title = "Sign-in failed"
-    public_message = ("We could not sign you in. Please try again; if it keeps failing, "
-                      "contact support.")
+    title = N_("Sign-in failed")
+    public_message = N_("We could not sign you in. Please try again; if it keeps failing, "
+                        "contact support.")
 
 
 class LoginFailed(SignInError):
@@ -113,11 +133,27 @@ class LoginFailed(SignInError):
         self.details = dict(details or {})
 
 
+class StepUpFailed(LoginFailed):
+    """A sign-in that asked the IdP for an authentication context class (``authn_context``,
+    any one) or a fresh authentication (``fresh``) did not bring it back: the IdP refused,
+    or answered without it. The page needs what was asked, so this is a 403 that names it."""
+
+    status = 403
+    title = N_("A stronger sign-in is needed")
+    public_message = N_("This page needs a stronger sign-in than your identity provider gave.")
+
+    def __init__(self, kind: str, reason: str, *, authn_context: tuple[str, ...] = (),
+                 fresh: bool = False, details: dict[str, str] | None = None) -> None:
+        super().__init__(kind, reason, details)
+        self.authn_context = authn_context
+        self.fresh = fresh
+
+
 class LogoutFailed(SignInError):
     """A logout request or response was refused. ``kind`` as for ``LoginFailed``."""
 
-    title = "Sign-out failed"
-    public_message = "The sign-out message could not be accepted."
+    title = N_("Sign-out failed")
+    public_message = N_("The sign-out message could not be accepted.")
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -125,7 +161,7 @@ class LogoutFailed(SignInError):
 
 
 class UnknownIdP(SignInError):
-    public_message = "The identity provider you chose is not known to this site."
+    public_message = N_("The identity provider you chose is not known to this site.")
 
 
 # -- a credential presented to a service ----------------------------------------------------
@@ -135,8 +171,8 @@ class InvalidToken(GatewayError):
     """The identity token failed verification (raised by ``identity.verify_token``)."""
 
     status = 401
-    title = "Sign-in required"
-    public_message = "The identity token was not accepted."
+    title = N_("Sign-in required")
+    public_message = N_("The identity token was not accepted.")
 
 
 # -- something the gateway depends on failed -------------------------------------------------
@@ -146,21 +182,40 @@ class ServiceError(GatewayError):
     """A service the gateway depends on failed (5xx); the request itself was fine."""
 
     status = 503
-    title = "Temporarily unavailable"
-    public_message = "This service is temporarily unavailable. Please try again in a moment."
+    title = N_("Temporarily unavailable")
+    public_message = N_("This service is temporarily unavailable. Please try again in a moment.")
 
 
 class StoreError(ServiceError):
-    public_message = "Sign-in is temporarily unavailable. Please try again in a moment."
+    public_message = N_("Sign-in is temporarily unavailable. Please try again in a moment.")
+
+
+class MailError(ServiceError):
+    """The SMTP relay did not take a mail (unreachable, refused, timed out)."""
+
+    title = N_("Mail not sent")
+    public_message = N_("We could not send the mail just now. Please try again later.")
 
 
 class UpstreamError(ServiceError):
     status = 502
-    title = "Service unreachable"
-    public_message = "The content service is not reachable right now."
+    title = N_("Service unreachable")
+    public_message = N_("The content service is not reachable right now.")
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
-    title = "Service timed out"
-    public_message = "The content service took too long to answer."
+    title = N_("Service timed out")
+    public_message = N_("The content service took too long to answer.")
+
+
+class UpgradeRefused(UpstreamError):
+    """The upstream answered a WebSocket upgrade with ``upstream_status`` instead of 101;
+    a 4xx is passed on to the client (the upstream's own answer), anything else is a 502."""
+
+    title = N_("Connection refused")
+    public_message = N_("The content service did not accept this connection.")
+
+    def __init__(self, reason: str, upstream_status: int) -> None:
+        super().__init__(reason)
+        self.upstream_status = upstream_status

@@ -55,7 +55,10 @@ ADVICE: dict[str, tuple[str, str]] = {
                "A resent or replayed answer; nothing to fix unless it repeats."),
     "attributes": ("Missing or unusable attributes.",
                    "Ask the IdP to release the attributes the gateway maps (member ID, "
-                   "status…) to this SP, or map its names in [[idps]] attributes."),
+                   "status…) to this SP, or map its names in [[idps]] attributes. A "
+                   "subject-id or pairwise-id 'out of its scope' ends in a scope the IdP's "
+                   "metadata does not list (shibmd:Scope): fix the IdP's metadata, or vouch "
+                   "for the scope with [[idps]] scopes."),
     "issuer": ("Wrong issuer: the answer came from another IdP than the one asked.",
                "The login was started for one IdP and answered by another."),
     "encryption": ("Not encrypted: this IdP must encrypt its assertions "
@@ -69,20 +72,35 @@ ADVICE: dict[str, tuple[str, str]] = {
                              "See the technical reason."),
     "malformed": ("The answer was not a well-formed SAML Response.", "See the technical reason."),
     "too_large": ("The answer was larger than the gateway accepts.", "See the technical reason."),
+    "step_up_refused": ("Step-up refused: the IdP could not sign the member in with the "
+                        "authentication context (or fresh sign-in) the page's rule needs.",
+                        "The member has no such factor at the IdP (e.g. no MFA enrolled), or "
+                        "the IdP does not offer that context class: ask the IdP's admins, "
+                        "or change the rule's require.authn_context."),
+    "step_up_context": ("Step-up without the context: the IdP answered a request for an "
+                        "authentication context class with another one.",
+                        "The IdP ignores RequestedAuthnContext or names its MFA differently: "
+                        "list its class in the rule's require.authn_context (any one is "
+                        "enough), or have the IdP send https://refeds.org/profile/mfa."),
+    "step_up_stale": ("Step-up not fresh: the gateway asked for a new authentication "
+                      "(ForceAuthn) and the IdP reported an old one.",
+                      "The IdP ignores ForceAuthn: configure it to honour it, or drop the "
+                      "rule's max_auth_age."),
+    "step_up_subject": ("Step-up as someone else: a member's step-up sign-in came back with "
+                        "another person's identity; it was refused and the member's session "
+                        "kept.",
+                        "Someone else signed in at the IdP in the member's browser. Nothing "
+                        "to fix unless it repeats; to switch person, sign out first."),
 }
 
 #: Failures of a kind whose reason says more: (kind, words in the reason) → what failed,
 #: and what to do, instead of the kind's general advice.
 SPECIFIC: list[tuple[str, tuple[str, ...], tuple[str, str]]] = [
-    ("signature", ("assertion", "not signed"),
-     ("Assertion not signed: the IdP signed the Response but not the Assertion in it; the "
-      "gateway requires a signed Assertion (a signed Response alone is not accepted, for "
-      "any IdP).",
-      "The IdP must sign its assertions for this SP. Shibboleth IdP: signAssertions=\"true\" "
-      "in the relying-party override for the gateway's entity ID; SimpleSAMLphp: "
-      "'saml20.sign.assertion' => true in saml20-sp-remote for it; ADFS, Entra ID and "
-      "others: sign the assertion (or 'response and assertion'). The certificate "
-      "fingerprints below are only informative here.")),
+    ("signature", ("assertion", "not signed"),  # kept before the shape was recorded
+     ("Assertion not signed: the IdP did not sign the Assertion, and the gateway was not "
+      "told to accept a signed Response instead.",
+      "Have the IdP sign its assertions for this SP, or, if it signs the whole Response, "
+      "set signed_response = \"accept\" for it ([[idps]] or [idp]).")),
     ("attributes", ("no member id",),
      ("No usable member ID: none of the attributes the gateway maps to the member ID "
       "arrived with a value.",
@@ -93,7 +111,51 @@ SPECIFIC: list[tuple[str, tuple[str, ...], tuple[str, str]]] = [
 ]
 
 
-def _specific(kind: str, reason: str) -> tuple[str, str] | None:
+SIGN_ASSERTIONS = ("Keycloak: client > Signature and Encryption > \"Sign assertions\" "
+                   "on; Shibboleth IdP: signAssertions=\"true\" in the relying-party "
+                   "override for the gateway's entity ID; SimpleSAMLphp: "
+                   "'saml20.sign.assertion' => true; ADFS, Entra ID, Okta: sign the "
+                   "assertion (or response and assertion).")
+
+
+def _signature(details: dict[str, str]) -> tuple[str, str] | None:
+    """What failed and what to do, from the signing shape that arrived and the
+    ``signed_response`` setting that applied (failures kept since they are recorded)."""
+    shape = details.get("signed", "")
+    setting = details.get("signed_response", "")
+    known = details.get("certificate_known") == "yes"
+    if shape == "response signed, assertion not signed" and setting == "refuse":
+        return (
+            "Signing shape refused: the IdP signed the Response but not the Assertion in it "
+            "(Keycloak's default), and signed_response = \"refuse\" applies to this IdP.",
+            "The shape was refused, not the key" + (" (the certificate in the message is "
+                                                    "the IdP's)" if known else "") +
+            ". To accept this shape, set signed_response = \"accept\" in this IdP's "
+            "[[idps]] entry (or in [idp] for every IdP): the Response signature must then "
+            "verify and cover the one Assertion used, and every wrapping check still "
+            "applies. Or have the IdP sign the assertion as well. " + SIGN_ASSERTIONS)
+    if shape.startswith("neither"):
+        return (
+            "Nothing signed: neither the Response nor its Assertion carries a signature.",
+            "The gateway accepts a signed Assertion, or a signed Response when "
+            "signed_response = \"accept\" applies to the IdP (here: " + (setting or "?") +
+            "). Turn signing on at the IdP. If it signs, this answer was forged or its "
+            "signatures were stripped on the way.")
+    if known:
+        return (
+            f"Bad signature: signed with the IdP's certificate ({shape}), but the signature "
+            "does not verify or is of a form the gateway refuses.",
+            "The certificate fingerprints match, so the IdP's key is not the problem: the "
+            "signed content was changed after signing (tampered with, or rewritten by "
+            "something between the IdP and the gateway), or the signature uses an algorithm "
+            "or transform the gateway refuses (see the reason).")
+    return None
+
+
+def _specific(kind: str, reason: str,
+              details: dict[str, str] | None = None) -> tuple[str, str] | None:
+    if kind == "signature" and details and "signed" in details:
+        return _signature(details)
     reason = reason.lower()
     for known, words, texts in SPECIFIC:
         if known == kind and all(word in reason for word in words):
@@ -128,12 +190,12 @@ class Failure:
 
     @property
     def summary(self) -> str:
-        specific = _specific(self.kind, self.reason)
+        specific = _specific(self.kind, self.reason, self.details)
         return specific[0] if specific else ADVICE.get(self.kind, ("Login refused.", ""))[0]
 
     @property
     def advice(self) -> str:
-        specific = _specific(self.kind, self.reason)
+        specific = _specific(self.kind, self.reason, self.details)
         return (specific[1] if specific
                 else ADVICE.get(self.kind, ("", "See the technical reason."))[1])
 

@@ -18,7 +18,8 @@ client sends is written to the store: the cookie must be one of a real session t
 ended (``SessionManager.recently_ended``; a junk or forged cookie is refused before the
 store is asked), and kept forms are limited per client and minute and in total per
 10 minutes (``[limits] kept_forms``, ``kept_forms_total``); past a limit the POST gets
-the plain sign-in answer. A WebSocket upgrade gets a 501 (``refuse_websocket``); a
+the plain sign-in answer. A WebSocket upgrade goes to ``gateway.websocket`` (the same
+checks, then the upstream), or gets a 501 with ``[websocket] enabled = false``; a
 request naming its Host twice, a 400.
 """
 
@@ -29,20 +30,28 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.answers import decision_answer, exception_answer, navigable
+from gateway.answers import (
+    decision_answer,
+    exception_answer,
+    navigable,
+    passive_candidate,
+    passive_sign_in,
+    sign_in_location,
+)
 from gateway.config import Settings
 from gateway.cookies import STASH_PATH, Cookies, header
-from gateway.errors import AmbiguousPath, CrossSite, GatewayError, StoreError
+from gateway.errors import N_, AmbiguousPath, CrossSite, GatewayError, StoreError
 from gateway.identity import UpstreamIdentity
 from gateway.paths import canonical_path, check_query
-from gateway.policy import Policy
+from gateway.policy import Decision, Policy
 from gateway.proxy import Proxy
 from gateway.proxy_headers import RequestHead
 from gateway.rate_limits import over_limit
 from gateway.sessions import CookieSigner, KeyStore, SessionManager
 from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.telemetry import Telemetry
-from gateway.web import error_answer, new_reference, send_answer
+from gateway.web import Answer, error_answer, new_reference, send_answer
+from gateway.websocket import WebSocketGate, refuse_websocket
 
 log = logging.getLogger("gateway")
 
@@ -88,6 +97,13 @@ class HotPath:
         self._own = own
         self._own_prefixes = (*OWN_PREFIXES, *own_prefixes)
         self._reader = proxy.head_reader(cookies.session_value)
+        self._websocket: ASGIApp = refuse_websocket
+        if settings.websocket.enabled:
+            self._websocket = WebSocketGate(
+                settings=settings, sessions=sessions, policy=policy, proxy=proxy,
+                upstream_identity=upstream_identity, telemetry=telemetry,
+                session_value=cookies.session_value, sign_in_url=sign_in_url,
+                own=lambda path: path in OWN_PATHS or path.startswith(self._own_prefixes))
         self._hosts = frozenset(h.encode("latin-1") for h in settings.hosts)
         self._origin = settings.public_url.encode("latin-1")
         self._hsts = [HSTS] if cookies.secure else []
@@ -102,7 +118,7 @@ class HotPath:
             if scope["type"] == "lifespan":
                 await self._own(scope, receive, send)
             elif scope["type"] == "websocket":
-                await refuse_websocket(scope, receive, send)
+                await self._websocket(scope, receive, send)
             return
         send = self._telemetry.begin(scope, send)  # request ID, access log line, metrics
         if self._hsts:
@@ -114,13 +130,13 @@ class HotPath:
             # another one. Nothing is ambiguous on purpose: refused on every path.
             log.warning("refused request with %d Host headers", _host_count(scope["headers"]))
             await send_answer(send, error_answer(
-                400, "Bad request", "The request names its host more than once.",
+                400, N_("Bad request"), N_("The request names its host more than once."),
                 accept=head.accept))
             return
         if raw_path not in ANY_HOST_PATHS and head.host.lower() not in self._hosts:
             log.warning("refused Host %r", head.host)
             await send_answer(send, error_answer(
-                400, "Unknown site", "This gateway does not serve that host name.",
+                400, N_("Unknown site"), N_("This gateway does not serve that host name."),
                 accept=head.accept))
             return
         query: bytes = scope.get("query_string", b"")
@@ -160,38 +176,44 @@ class HotPath:
             # POST is never kept to be sent later from the member's own browser.
             log.warning("refused cross-site %s path=%s origin=%r", method, path, head.origin)
             await send_answer(send, error_answer(
-                CrossSite.status, CrossSite.title, "This request came from another site.",
+                CrossSite.status, CrossSite.title, N_("This request came from another site."),
                 accept=head.accept))
             return
         navigation = False
-        if decision.kind in ("login", "register"):
+        if decision.kind in ("login", "register", "step_up"):
             top_level = navigable(head.fetch_mode.decode("latin-1"), head.accept)
             # A form posted by a browser whose session just ended (it still sends the
-            # cookie) is kept across the sign-in; a visitor who never signed in has typed
-            # nothing into a member page, and keeping anonymous bodies would fill the store.
-            if (top_level and decision.kind == "login" and method == "POST"
+            # cookie), or by a member whose session needs a step-up, is kept across the
+            # sign-in; a visitor who never signed in has typed nothing into a member page,
+            # and keeping anonymous bodies would fill the store.
+            if (top_level and decision.kind in ("login", "step_up") and method == "POST"
                     and head.session is not None and head.content_type.startswith(_FORM)):
                 try:
-                    origin = await self._may_keep(scope, head)
+                    origin = await self._may_keep(scope, head,
+                                                  live=decision.kind == "step_up")
                     if origin:
                         await self._keep_form_and_sign_in(receive, send, target, head.accept,
-                                                          origin)
+                                                          origin, decision)
                         return
                 except StoreError as exc:
                     await self._fail(send, exc, head.accept)
                     return
             navigation = top_level and method in ("GET", "HEAD")
+            if decision.kind == "step_up":
+                log.info("step-up sign-in needed path=%s reason=%s", path, decision.reason)
         elif decision.kind == "deny":
             assert record is not None
             self._telemetry.denied(record, decision, path)
         answer = decision_answer(decision, record, target=target, accept=head.accept,
                                  navigation=navigation, sign_in_url=self._sign_in_url)
+        if answer is None and decision.passive and record is None:
+            answer = self._passive_sign_in(scope, head, method, target)
         if answer is not None:
             await send_answer(send, answer)
             return
         if route is None:
-            await send_answer(send, error_answer(404, "Not found",
-                                                 "There is nothing at this address.",
+            await send_answer(send, error_answer(404, N_("Not found"),
+                                                 N_("There is nothing at this address."),
                                                  accept=head.accept))
             return
         request_id = self._telemetry.proxying(route.name, record, path)  # X-Request-Id
@@ -205,12 +227,31 @@ class HotPath:
         except GatewayError as exc:
             await self._fail(send, exc, head.accept, f" upstream={route.name}")
 
-    async def _may_keep(self, scope: Scope, head: RequestHead) -> str:
+    def _passive_sign_in(self, scope: Scope, head: RequestHead, method: str,
+                         target: str) -> Answer | None:
+        """An anonymous visitor of a ``passive`` public page, once per browser and
+        ``PASSIVE_RETRY_AFTER``: off to a passive sign-in, with the marker cookie that
+        stops the next try. ``None`` (serve the page) for anything but a browser's own
+        page load, and for a browser that tried lately."""
+        headers = scope["headers"]
+        if not passive_candidate(method, head.fetch_mode.decode("latin-1"), head.accept,
+                                 _header(headers, b"user-agent"),
+                                 _header(headers, b"sec-purpose") + _header(headers, b"purpose"),
+                                 _header(headers, b"sec-fetch-dest")):
+            return None
+        if self._cookies.read(headers, self._cookies.passive_name) is not None:
+            return None
+        location = passive_sign_in(target, self._sign_in_url)
+        return 302, [(b"location", location.encode()), header(self._cookies.passive_tried()),
+                     (b"cache-control", b"no-store")], b""
+
+    async def _may_keep(self, scope: Scope, head: RequestHead, *, live: bool = False) -> str:
         """The origin to record with the form if it may be kept, else ``""``: this site
         vouched for it (``Origin``, or ``Sec-Fetch-Site: same-origin``), its cookie is one
-        of a real session that just ended, and the limits allow one more. Cheapest first:
-        a junk cookie costs no store access, and only a real ended session's cookie
-        reaches the counters."""
+        of a real session that just ended (or, ``live``, of the member's session that
+        needs a step-up), and the limits allow one more. Cheapest first: a junk cookie
+        costs no store access, and only a real ended session's cookie reaches the
+        counters."""
         if head.origin == self._origin or (not head.origin
                                            and head.fetch_site == b"same-origin"):
             origin = self._origin.decode("latin-1")
@@ -218,7 +259,7 @@ class HotPath:
             return ""  # nothing says where the form came from: not kept
         if not self._kept_forms or not self._kept_forms_total:
             return ""
-        if not await self._sessions.recently_ended(head.session):
+        if not live and not await self._sessions.recently_ended(head.session):
             return ""
         client = scope.get("client")
         address = client[0] if client else "unknown"
@@ -234,7 +275,7 @@ class HotPath:
         return origin
 
     async def _keep_form_and_sign_in(self, receive: Receive, send: Send, target: str,
-                                     accept: str, origin: str) -> None:
+                                     accept: str, origin: str, decision: Decision) -> None:
         """A form posted without a live session: keep it, sign in, replay it afterwards."""
         body = bytearray()
         more = True
@@ -244,16 +285,17 @@ class HotPath:
             more = message.get("more_body", False)
         if len(body) > MAX_STASH_BYTES:
             await send_answer(send, error_answer(
-                401, "Sign-in required", "Your session has ended and this form was too large "
-                "to keep; please sign in and send it again.", accept=accept,
-                retry_url=self._sign_in_url(target)))
+                401, N_("Sign-in required"), N_("Your session has ended and this form was too "
+                                                "large to keep; please sign in and send it "
+                                                "again."), accept=accept,
+                retry_url=sign_in_location(decision, target, self._sign_in_url)))
             return
         try:
             stash_id = await self._stash.keep(target, bytes(body), origin=origin)
         except StoreError as exc:
             await self._fail(send, exc, accept)
             return
-        location = self._sign_in_url(f"{STASH_PATH}/{stash_id}")
+        location = sign_in_location(decision, f"{STASH_PATH}/{stash_id}", self._sign_in_url)
         log.info("kept a form POST for %s across sign-in", target.partition("?")[0])
         await send_answer(send, (303, [(b"location", location.encode()),
                                        header(self._cookies.stash(self._csrf.sign(stash_id))),
@@ -266,31 +308,14 @@ class HotPath:
         await send_answer(send, exception_answer(exc, accept=accept, reference=ref))
 
 
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    """The first value of a header (``""`` if absent), for the rare branch that needs one
+    the one-pass reader does not keep."""
+    return next((v.decode("latin-1") for n, v in headers if n == name), "")
+
+
 def _host_count(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(1 for name, _ in headers if name == b"host")
-
-
-async def refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
-    """Refuse a WebSocket upgrade with a plain 501: the gateway does not proxy WebSockets.
-
-    The server's denial-response extension (``websocket.http.response``, offered by
-    uvicorn's WebSocket implementations) sends the 501 as an ordinary HTTP answer; a
-    server without it gets ``websocket.close`` before the handshake, which it answers with
-    a 403. Either way the handshake is finished on purpose, never left half done."""
-    accept = next((v.decode("latin-1") for n, v in scope["headers"] if n == b"accept"), "")
-    log.warning("refused WebSocket upgrade path=%s", scope.get("path", "")[:200])
-    message = await receive()
-    if message["type"] != "websocket.connect":  # the client left already
-        return
-    if "websocket.http.response" not in (scope.get("extensions") or {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    status, headers, body = error_answer(
-        501, "Not implemented", "This gateway does not accept WebSocket connections.",
-        accept=accept)
-    await send({"type": "websocket.http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -13,19 +13,38 @@ Entitlements are sorted and deduplicated, the status is lower-cased. What the pr
 keeps for itself (logout handle, protocol data, authentication context) is kept
 byte-for-byte but checked the same way.
 
-Who the principal is (``subject``) depends on the IdP's ``member_ids``: the member
-number itself for an IdP whose numbers are the organisation's own, otherwise the number
-namespaced by the IdP (``<entity ID>!<number>``), so no IdP can assert another's
-members. An IdP's ``allowed_entitlements`` drops every other entitlement it asserts.
+Scoped attributes (``[idp] scoped_attributes``: eduPersonPrincipalName,
+eduPersonScopedAffiliation, subject-id, pairwise-id by default) are checked first, as
+Shibboleth does: a value must be ``<something>@<scope>`` (one ``@``) with a scope the IdP
+vouches for (``SignedIn.scopes``, from its metadata, or ``[[idps]] scopes``), otherwise
+it is dropped and the drop logged (the IdP, the attribute and the scope, never the value).
+
+Who the principal is (``subject``) comes from where the IdP's ``subject`` says:
+
+* ``member_id`` (the default): the member number, required. The number itself for an IdP
+  whose numbers are the organisation's own (``member_ids = "organisation"``), otherwise
+  namespaced by the IdP (``<entity ID>!<number>``), so no IdP can assert another's members;
+* ``subject-id`` or ``pairwise-id`` (the OASIS subject identifier attributes): the value,
+  checked against the profile's syntax and the IdP's scopes and lower-cased (the profile
+  compares it case-insensitively); namespaced by the IdP unless ``member_ids =
+  "organisation"``, where the validated scope makes it unique already;
+* ``persistent``: the protocol's persistent identifier (SAML: a persistent NameID), always
+  namespaced by the IdP, since it is unique only per IdP.
+
+A value that would become a subject may not contain ``!``, so it can never pose as
+another IdP's namespaced subject. When the subject comes from elsewhere the member number
+is optional and only an attribute. An IdP's ``allowed_entitlements`` drops every other
+entitlement it asserts.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-from gateway.config import Settings
+from gateway.config import IdPOptions, Settings
 from gateway.errors import LoginFailed
 from gateway.principal import ENTITLEMENTS, MEMBER_ID, STATUS, Principal
 from gateway.protocol import SignedIn
@@ -36,6 +55,18 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
 MAX_VALUE_LENGTH = 1024
 #: Separates the IdP from the member number in a scoped subject.
 SCOPE_SEPARATOR = "!"
+#: The released names of the subject identifier attributes (OASIS SAML V2.0 Subject
+#: Identifier Attributes Profile), by ``subject`` choice.
+SUBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "subject-id": ("urn:oasis:names:tc:SAML:attribute:subject-id", "subject-id"),
+    "pairwise-id": ("urn:oasis:names:tc:SAML:attribute:pairwise-id", "pairwise-id"),
+}
+# The shape of both: <id>@<scope>, one '@', no space and no '!' (so never a namespaced
+# subject), the scope a domain. The profile's <id> is stricter ([-=0-9A-Za-z]); real IdPs
+# send '.' and '_' too, which are harmless.
+_SUBJECT_ID = re.compile(r"[^\s@!]{1,255}@[0-9A-Za-z][-.0-9A-Za-z]{0,252}")
+#: At most this many scopes are named in one log line.
+_LOGGED_SCOPES = 5
 
 
 class IdentityRules:
@@ -43,6 +74,7 @@ class IdentityRules:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._scoped = frozenset(settings.idp.scoped_attributes)
 
     def principal(self, signed_in: SignedIn) -> Principal:
         """The principal for a sign-in; raises ``LoginFailed('attributes', …)`` when the
@@ -70,20 +102,38 @@ class IdentityRules:
                 "owner rules are configured but no IdP has member_ids = \"organisation\": "
                 "every member is scoped by an IdP (<entity ID>!<number>), so no one can own "
                 "a path")
+        for entity_id in sorted(set(entity_ids)):
+            options = settings.idp_options(entity_id)
+            if options.subject == "persistent" and not (options.name_id_format or "").endswith(
+                    ":persistent"):
+                found.append(
+                    f"IdP {entity_id}: subject = \"persistent\" but the NameID format asked "
+                    f"for is {options.name_id_format}; set [[idps]] name_id_format = "
+                    "\"persistent\", or members of an IdP that picks another format cannot "
+                    "sign in")
         return found
 
     def _principal(self, signed_in: SignedIn) -> Principal:
         idp = signed_in.idp
         options = self._settings.idp_options(idp)
         mapping = self._settings.attribute_map(idp)
-        member_id = _member_id(signed_in.released, mapping[MEMBER_ID])
+        released, out_of_scope = self._in_scope(signed_in, options)
+        # The member number is required only when it is the subject; otherwise it is an
+        # attribute like any other.
+        member_id = (_member_id(released, mapping[MEMBER_ID])
+                     if options.subject == "member_id" else "")
+        if not member_id:
+            subject = _subject(signed_in, options, released, out_of_scope)
+        elif options.member_ids == "organisation":
+            subject = member_id
+        else:
+            subject = f"{idp}{SCOPE_SEPARATOR}{member_id}"
         attributes: dict[str, tuple[str, ...]] = {}
         for name, released_names in mapping.items():
-            if name == MEMBER_ID:
-                attributes[name] = (member_id,)
-                continue
-            values = _first_present(signed_in.released, released_names)
-            if name == ENTITLEMENTS:
+            values = _first_present(released, released_names)
+            if name == MEMBER_ID and member_id:
+                values = [member_id]
+            elif name == ENTITLEMENTS:
                 values = sorted(set(values))
             elif name == STATUS:
                 values = [v.lower() for v in values]
@@ -95,10 +145,8 @@ class IdentityRules:
             if dropped:
                 log.info("dropped entitlements %s asserted by IdP %s for member %s "
                          "(not in its allowed_entitlements)", ", ".join(dropped), idp,
-                         member_id)
+                         (attributes.get(MEMBER_ID) or (subject,))[0])
             attributes[ENTITLEMENTS] = kept
-        subject = (member_id if options.member_ids == "organisation"
-                   else f"{idp}{SCOPE_SEPARATOR}{member_id}")
         return Principal(
             subject=subject,
             idp=idp,
@@ -111,6 +159,86 @@ class IdentityRules:
             logout_handle=_opaque("logout handle", signed_in.logout_handle),
             protocol_data={k: _opaque(k, v) for k, v in signed_in.protocol_data.items()},
         )
+
+    def _in_scope(self, signed_in: SignedIn, options: IdPOptions,
+                  ) -> tuple[dict[str, Sequence[str]], dict[str, list[str]]]:
+        """The released attributes without the scoped values out of the IdP's scopes, and
+        what was dropped (released name → the dropped values' scopes, "" for none)."""
+        extra = {scope.casefold() for scope in options.scopes}
+        released: dict[str, Sequence[str]] = {}
+        dropped: dict[str, list[str]] = {}
+        for name, given in signed_in.released.items():
+            if name not in self._scoped:
+                released[name] = given
+                continue
+            kept = []
+            for value in [given] if isinstance(given, str) else given:
+                scope = _scope_of(value) if isinstance(value, str) else ""
+                if scope and (scope.casefold() in extra
+                              or any(s.matches(scope) for s in signed_in.scopes)):
+                    kept.append(value)
+                else:
+                    dropped.setdefault(name, []).append(scope)
+            released[name] = kept
+        if dropped and not signed_in.scopes and not extra:
+            log.warning("IdP %s has no scope (no shibmd:Scope in its metadata, no [[idps]] "
+                        "scopes): dropped every value of its scoped attributes %s",
+                        signed_in.idp, ", ".join(sorted(dropped)))
+        else:
+            for name, scopes in sorted(dropped.items()):
+                named = sorted({s[:100] or "(no scope)" for s in scopes})
+                log.warning("dropped %d value(s) of %s asserted by IdP %s: scope %s is not "
+                            "one of its scopes", len(scopes), name, signed_in.idp,
+                            ", ".join(named[:_LOGGED_SCOPES]))
+        return released, dropped
+
+
+def _scope_of(value: str) -> str:
+    """The scope of a scoped value (after its one ``@``), or "" when it has none."""
+    local, at, scope = value.strip().partition("@")
+    return scope if at and local and scope and "@" not in scope else ""
+
+
+def _subject(signed_in: SignedIn, options: IdPOptions, released: Mapping[str, Sequence[str]],
+             out_of_scope: Mapping[str, Sequence[str]]) -> str:
+    """The subject from a subject identifier attribute or the persistent identifier."""
+    idp, source = signed_in.idp, str(options.subject)
+    if source == "persistent":
+        value = _opaque("persistent NameID", signed_in.persistent_id)
+        if not value:
+            raise LoginFailed(
+                "attributes", "no persistent NameID, and this IdP's subject is \"persistent\" "
+                "(ask it for one: [[idps]] name_id_format = \"persistent\").",
+                {"subject": source})
+        if SCOPE_SEPARATOR in value:
+            raise LoginFailed("attributes", f"the persistent NameID contains "
+                                            f"{SCOPE_SEPARATOR!r}; refusing the login.",
+                              {"subject": source})
+        return f"{idp}{SCOPE_SEPARATOR}{value}"
+    names = SUBJECT_ATTRIBUTES[source]
+    values = set(_first_present(released, names))
+    if not values:
+        scopes = sorted({s[:100] or "(no scope)" for n in names for s in out_of_scope.get(n, ())})
+        if scopes:
+            raise LoginFailed(
+                "attributes", f"its {source} is out of its scope ({', '.join(scopes[:5])} is "
+                "not a scope its metadata lists, nor one of its [[idps]] scopes); refusing "
+                "the login.", {"subject": source, "scope": ", ".join(scopes[:5])})
+        raise LoginFailed("attributes", f"no {source} (none of the attributes {list(names)} "
+                                        "has a value), and this IdP's subject is "
+                                        f"\"{source}\".",
+                          {"subject": source,
+                           "released": ", ".join(sorted(released))[:2000] or "(none)"})
+    if len(values) > 1:
+        raise LoginFailed("attributes", f"{len(values)} different {source} values; "
+                                        "refusing to pick one.", {"subject": source})
+    value = values.pop()
+    if not _SUBJECT_ID.fullmatch(value):
+        raise LoginFailed("attributes", f"the {source} is not <id>@<scope> (one '@', no "
+                                        "space or '!', a domain as scope); refusing the login.",
+                          {"subject": source})
+    value = value.lower()  # the profile compares values case-insensitively
+    return value if options.member_ids == "organisation" else f"{idp}{SCOPE_SEPARATOR}{value}"
 
 
 def _member_id(released: Mapping[str, Sequence[str]], names: Sequence[str]) -> str:

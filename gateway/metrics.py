@@ -22,9 +22,11 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -38,10 +40,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LOGIN_FAILURE_KINDS = frozenset({
     "malformed", "signature", "unsolicited", "login_state", "in_response_to", "replay",
     "attributes", "destination", "not_yet_valid", "expired", "issuer", "audience",
-    "subject_confirmation", "too_large", "unknown_idp", "store", "other"})
+    "subject_confirmation", "too_large", "unknown_idp", "store", "step_up_refused",
+    "step_up_context", "step_up_stale", "step_up_subject", "other"})
 DENIAL_REASONS = frozenset({"owner", "entitlement", "status", "idp", "attributes", "other"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNKNOWN_IDP = "unknown"
+#: Why a proxied WebSocket ended (``gateway.websocket``): who closed it, or which limit.
+WEBSOCKET_CLOSE_REASONS = ("client", "upstream", "idle", "too_large", "session_ended",
+                           "store", "shutdown")
 
 
 class Metrics:
@@ -73,7 +79,23 @@ class Metrics:
                                    "the request (touch)", ["what"],
                                    registry=own)
         self.best_effort.labels("touch")
+        self.reloads = Counter("gateway_config_reloads",
+                               "Configuration reloads (SIGHUP, sso-gateway reload) by result",
+                               ["result"], registry=own)
+        for result in ("ok", "refused"):
+            self.reloads.labels(result)
+        self.websockets_open = Gauge("gateway_websocket_connections",
+                                     "Proxied WebSocket connections open now",
+                                     multiprocess_mode="livesum", registry=own)
+        self.websockets_closed = Counter("gateway_websocket_closed",
+                                         "Proxied WebSocket connections by why they ended",
+                                         ["reason"], registry=own)
+        for reason in WEBSOCKET_CLOSE_REASONS:
+            self.websockets_closed.labels(reason)
         on_best_effort_failure(self.best_effort_failed)
+        self.session_lookups = Counter("gateway_session_lookups",
+                                       "Session cookies resolved from this process's memory "
+                                       "or from the store", ["source"], registry=own)
         # Known IdPs by a membership test, so IdPs that arrive later from metadata URLs
         # get their own label; entity IDs come from admin-controlled metadata only.
         self._known_idp = known_idp or frozenset(idps).__contains__
@@ -105,8 +127,21 @@ class Metrics:
             kind = kind if kind in LOGIN_FAILURE_KINDS else "other"
             self.logins.labels(label, "failure", kind).inc()
 
+    def sessions_resolved(self, from_memory: int, from_store: int) -> None:
+        """Counts the session manager reports after each read of its change log."""
+        if from_memory:
+            self.session_lookups.labels("memory").inc(from_memory)
+        if from_store:
+            self.session_lookups.labels("store").inc(from_store)
+
     def best_effort_failed(self, what: str) -> None:
         self.best_effort.labels(what).inc()
+
+    def websocket_closed(self, reason: str) -> None:
+        """A proxied WebSocket ended (``reason`` from ``WEBSOCKET_CLOSE_REASONS``)."""
+        self.websockets_open.dec()
+        self.websockets_closed.labels(
+            reason if reason in WEBSOCKET_CLOSE_REASONS else "client").inc()
 
     def denied(self, failed: str) -> None:
         self.denials.labels(failed if failed in DENIAL_REASONS else "other").inc()
@@ -122,6 +157,17 @@ class Metrics:
         return generate_latest(registry)
 
 
+def use_multiprocess_dir(path: str | None) -> None:
+    """Count in files under ``path`` from now on (every worker, and the one process of a
+    single-worker ``serve``, whose imports already chose in-memory counters); ``None``:
+    in memory again."""
+    if path is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
 class StateCollector(Collector):
     """Gauges read at scrape time (the store counts, metadata, certificates)."""
 
@@ -131,6 +177,8 @@ class StateCollector(Collector):
         self.certificates: list[Certificate] = []
         self._sessions: int | None = None
         self._pending: int | None = None
+        # The configuration the answering process serves: fingerprint, when loaded.
+        self.config: tuple[str, float] | None = None
 
     async def refresh(self, stores: Stores) -> None:
         """Read the store gauges (live sessions, pending sign-ins)."""
@@ -146,6 +194,14 @@ class StateCollector(Collector):
                                   "(always 1)", labels=["version"])
         build.add_metric([VERSION], 1)
         yield build
+        if self.config is not None:
+            info = GaugeMetricFamily("gateway_config_info", "The configuration this process "
+                                     "serves, by its fingerprint (always 1)", labels=["sha256"])
+            info.add_metric([self.config[0]], 1)
+            yield info
+            yield GaugeMetricFamily("gateway_config_loaded_timestamp_seconds",
+                                    "When this process loaded the configuration it serves",
+                                    value=self.config[1])
         if self._sessions is not None:
             yield GaugeMetricFamily("gateway_sessions_active", "Live sessions in the store",
                                     value=self._sessions)

@@ -12,10 +12,18 @@ Matching is exact unless the path goes to an upstream that reads paths more loos
 upstream may read the path is decided on, and all of them must allow: ``/Members/M1002/
 notes.json`` is also ``/members/M1002/notes``. The caller names the upstream (the route
 the path goes to); ``decide`` does no I/O.
+
+A rule may also ask how and how recently the member authenticated at the IdP: an
+authentication context class (``require.authn_context``, any one listed) and a maximum
+age of the authentication (``max_auth_age``). A member who meets every other condition
+but not these gets a ``step_up`` decision: sign in again, asking the IdP for exactly that.
+The check is always against the rule and the session at request time, never against
+what a sign-in asked for.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,19 +40,26 @@ segments = pattern_segments
 @dataclass(frozen=True, slots=True)
 class Decision:
     """``allow``, ``login`` (a member sign-in is needed), ``register`` (an e-mail
-    registration or a member sign-in is needed) or ``deny``.
+    registration or a member sign-in is needed), ``step_up`` (the member must sign in
+    again: ``authn_context`` names the classes of which one is needed, ``force`` asks for
+    a fresh authentication) or ``deny``.
 
     ``failed`` names the failed condition on deny (``owner``, ``entitlement``,
-    ``status``, ``idp``, ``attributes``) so the app can pick the right page; ``reason`` is for
-    the log and the 403 body, and ``message`` is the rule's text for members.
+    ``status``, ``idp``, ``attributes``) or step-up (``authn_context``, ``max_auth_age``)
+    so the app can pick the right page; ``reason`` is for the log and the 403 body, and
+    ``message`` is the rule's text for members. ``passive``: an allowed public page whose
+    rule asks to try a passive sign-in for an anonymous visitor.
     """
 
-    kind: Literal["allow", "login", "register", "deny"]
+    kind: Literal["allow", "login", "register", "step_up", "deny"]
     access: Access
     rule: str
     reason: str = ""
     failed: str = ""
     message: str = ""
+    authn_context: tuple[str, ...] = ()
+    force: bool = False
+    passive: bool = False
 
     @property
     def gated(self) -> bool:
@@ -186,6 +201,9 @@ class _CompiledRule:
     access: Access
     require: Requirement
     message: str
+    authn_context: tuple[str, ...] = ()
+    max_auth_age: int | None = None
+    passive: bool = False
 
     @classmethod
     def of(cls, rule: Rule) -> _CompiledRule:
@@ -193,7 +211,8 @@ class _CompiledRule:
         return cls(Pattern(rule.path, owner=owner), Pattern(rule.path, owner=owner,
                                                               fold=ascii_fold),
                    Pattern(rule.path, owner=owner, fold=unicode_fold),
-                   rule.access, rule.require, rule.message)
+                   rule.access, rule.require, rule.message,
+                   tuple(rule.require.authn_context), rule.max_auth_age, rule.passive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,28 +245,35 @@ class Matching:
 
 
 EXACT = Matching()
-_SEVERITY = {"allow": 0, "register": 1, "login": 2, "deny": 3}
+_SEVERITY = {"allow": 0, "register": 1, "login": 2, "step_up": 3, "deny": 4}
 
 
 class Policy:
     """Compiled access rules; ``decide`` does no I/O.
 
     ``default`` is the access of a path no rule matches; ``upstreams`` give each upstream's
-    ``Matching`` (by name), for ``decide(..., upstream=NAME)``.
+    ``Matching`` (by name), for ``decide(..., upstream=NAME)``; ``clock`` (POSIX seconds)
+    measures the age of an authentication for ``max_auth_age``.
     """
 
     def __init__(self, rules: Sequence[Rule], *, default: Access = "member",
-                 upstreams: Sequence[Upstream] = ()) -> None:
+                 upstreams: Sequence[Upstream] = (),
+                 clock: Callable[[], float] = time.time) -> None:
         self.default = Rule(path="/**", access=default)
         self._rules = [_CompiledRule.of(r) for r in (*rules, self.default)]
         self._ascii_rules = all(r.path.isascii() for r in rules)
         self._matching = {u.name: Matching.of(u) for u in upstreams}
+        self._clock = clock
+        #: Every authentication context class some rule requires: the only ones a sign-in
+        #: may ask the IdP for (a client cannot make the gateway request anything else).
+        self.authn_contexts = frozenset(c for r in rules for c in r.require.authn_context)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Policy:
+    def from_settings(cls, settings: Settings,
+                      clock: Callable[[], float] = time.time) -> Policy:
         """The policy of a configuration: its rules, default and upstreams."""
         return cls(settings.rules, default=settings.policy.default,
-                   upstreams=settings.upstreams)
+                   upstreams=settings.upstreams, clock=clock)
 
     def matching(self, upstream: str) -> Matching:
         """How the rules read paths for ``upstream``."""
@@ -305,7 +331,7 @@ class Policy:
                principal: Principal | None) -> Decision:
         name = rule.exact.text
         if rule.access == "public":
-            return Decision("allow", "public", name)
+            return Decision("allow", "public", name, passive=rule.passive)
         if rule.access == "registered":
             if principal is None:
                 return Decision("register", "registered", name, reason="no session")
@@ -322,7 +348,33 @@ class Policy:
             condition, reason = failed
             return Decision("deny", rule.access, name, reason=reason, failed=condition,
                             message=rule.message)
-        return Decision("allow", rule.access, name)
+        return self._fresh_enough(rule, principal) or Decision("allow", rule.access, name)
+
+    def _fresh_enough(self, rule: _CompiledRule, principal: Principal) -> Decision | None:
+        """A ``step_up`` when the member's authentication is not the kind or not as recent
+        as ``rule`` needs, else None. Both are asked for in one sign-in."""
+        context = (rule.authn_context
+                   and principal.authn_context not in rule.authn_context)
+        age = self._clock() - principal.authn_instant
+        stale = rule.max_auth_age is not None and not -_AHEAD <= age <= rule.max_auth_age
+        if not context and not stale:
+            return None
+        if context:
+            failed = "authn_context"
+            reason = (f"signed in with {principal.authn_context or 'no authentication context'}"
+                      f", needs {' or '.join(rule.authn_context)}")
+        else:
+            failed = "max_auth_age"
+            reason = (f"signed in {max(int(age), 0)} s ago, needs a sign-in within "
+                      f"{rule.max_auth_age} s")
+        return Decision("step_up", rule.access, rule.exact.text, reason=reason, failed=failed,
+                        message=rule.message, authn_context=rule.authn_context,
+                        force=stale)
+
+
+# Seconds an AuthnInstant may lie in the future and still count as fresh (the IdP's clock
+# may be ahead of ours; the SAML checks allow at most this much skew too).
+_AHEAD = 300
 
 
 def _unmet(require: Requirement, principal: Principal) -> tuple[str, str] | None:

@@ -8,7 +8,9 @@ unchanged. It carries:
   ``sub``, "your sessions", revocation, the admin console and the CLI use it. For an IdP
   whose member numbers are the organisation's own it is the member number; otherwise it
   is namespaced by the IdP (``<entity ID>!<member number>``), so no IdP can assert
-  another IdP's members;
+  another IdP's members. An IdP may instead be set to give it by its subject-id or
+  pairwise-id attribute or its persistent NameID (``gateway.identities``), still
+  namespaced by the IdP unless the value's checked scope makes it unique;
 * ``idp`` and ``protocol``: where and how the sign-in happened, with the authentication
   context and instant;
 * ``attributes``: every released attribute under the name the configuration gives it,

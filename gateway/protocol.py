@@ -20,9 +20,10 @@ protocol is one more ``LoginProtocol`` passed to ``create_app``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.routing import BaseRoute
@@ -44,6 +45,11 @@ class SignedIn:
     configured attribute map turns them into the principal's attributes.
     ``logout_handle`` must be the same for every sign-in that one logout message of the
     protocol could name (SAML: a hash of the IdP and the NameID).
+
+    ``scopes`` are the scopes the IdP may assert in scoped attribute values (SAML: its
+    metadata's ``shibmd:Scope``); ``persistent_id`` is the protocol's own stable
+    identifier of the user at this IdP for this gateway (SAML: a persistent NameID),
+    "" when it gave none. The identity rules decide what either is used for.
     """
 
     idp: str
@@ -54,6 +60,15 @@ class SignedIn:
     session_not_on_or_after: float | None = None
     logout_handle: str = ""
     protocol_data: Mapping[str, str] = field(default_factory=dict)
+    scopes: Sequence[AttributeScope] = ()
+    persistent_id: str = ""
+
+
+class AttributeScope(Protocol):
+    """A scope an IdP vouches for: the part after the ``@`` of a scoped value."""
+
+    def matches(self, scope: str) -> bool:
+        """Whether ``scope`` (of one value) is this one."""
 
 
 class SignInServices(Protocol):
@@ -63,10 +78,15 @@ class SignInServices(Protocol):
     cookies: Cookies
     keys: KeyStore
 
-    async def finish_sign_in(self, signed_in: SignedIn, request: Request,
+    async def finish_sign_in(self, signed_in: SignedIn, request: Request, *,
+                             replaces: SessionRecord | None = None,
                              ) -> tuple[SessionRecord, str]:
         """Apply the identity rules, start a session; returns it and the signed cookie
-        value. Raises ``LoginFailed`` when the identity is not acceptable."""
+        value. Raises ``LoginFailed`` when the identity is not acceptable.
+
+        ``replaces``: the session a step-up sign-in started from. The new identity must
+        have its subject (else ``LoginFailed`` ``step_up_subject``, and nothing changes);
+        it is ended once the new session exists."""
 
     async def current_session(self, request: Request) -> SessionRecord | None:
         """The request's live session, if any."""
@@ -92,7 +112,8 @@ class LoginProtocol(Protocol):
 
     #: A short name: labels principals (``Principal.protocol``), logs and metrics.
     name: str
-    #: Where a visitor who must sign in is sent; the gateway adds ``?next=<target>``.
+    #: Where a visitor who must sign in is sent; the gateway adds ``?next=<target>``
+    #: and, for a step-up or passive sign-in, the ``SignInOptions`` parameters.
     #: The protocol's routes live under this path's first segment (``/saml/…``).
     sign_in_path: str
     #: Where the gateway serves its sign-out page (GET asks, POST signs out) for this
@@ -118,3 +139,55 @@ class LoginProtocol(Protocol):
     async def start_logout(self, principal: Principal) -> str | None:
         """After the gateway ended the session: the URL that ends the IdP session too, or
         ``None`` (no IdP logout, or it could not be built; never raises)."""
+
+
+#: Query parameters of a sign-in URL, after ``next``: what the gateway asks of the sign-in.
+AUTHN_CONTEXT_PARAM = "authn_context"
+FORCE_PARAM = "force"
+PASSIVE_PARAM = "passive"
+
+
+@dataclass(frozen=True, slots=True)
+class SignInOptions:
+    """What the gateway asks of a sign-in besides where to go afterwards: one of the
+    authentication context classes ``authn_context``, a fresh authentication (``force``),
+    or no interaction at all (``passive``: come back anonymous if the IdP does not know
+    the visitor already).
+
+    They travel as query parameters of the sign-in URL, so whoever follows the link
+    chooses them: a protocol only passes them on to its IdP (``read`` keeps only the
+    contexts some rule names), and whether the session that comes back is good enough
+    is decided by the access rules at the next request, never by what was asked.
+    """
+
+    authn_context: tuple[str, ...] = ()
+    force: bool = False
+    passive: bool = False
+
+    @property
+    def step_up(self) -> bool:
+        return bool(self.authn_context) or self.force
+
+    def query(self) -> str:
+        """The parameters to append to a sign-in URL that has ``?next=`` already."""
+        parts = [f"&{AUTHN_CONTEXT_PARAM}={quote(c, safe='')}" for c in self.authn_context]
+        if self.force:
+            parts.append(f"&{FORCE_PARAM}=1")
+        if self.passive:
+            parts.append(f"&{PASSIVE_PARAM}=1")
+        return "".join(parts)
+
+    @classmethod
+    def read(cls, items: Iterable[tuple[str, str]], known: Collection[str]) -> SignInOptions:
+        """The options of a sign-in URL's query (``items``: name, value pairs); contexts
+        not in ``known`` are dropped, and a passive sign-in never forces one."""
+        contexts: list[str] = []
+        force = passive = False
+        for name, value in items:
+            if name == AUTHN_CONTEXT_PARAM and value in known and value not in contexts:
+                contexts.append(value)
+            elif name == FORCE_PARAM:
+                force = value == "1"
+            elif name == PASSIVE_PARAM:
+                passive = value == "1"
+        return cls(tuple(contexts), force and not passive, passive)

@@ -34,6 +34,18 @@ marks its requests as draining (``telemetry.draining``: ``/readyz`` answers 503)
 its idle connections, lets requests in progress finish for up to ``shutdown_timeout``
 seconds, then cancels the rest; the supervisor kills a worker still alive a few seconds
 after that.
+
+Reload (SIGHUP): the supervisor of ``--workers N`` forwards SIGHUP to every worker once
+it has started; each worker reloads on its own (``gateway.reload``). uvicorn's own
+supervisor would restart the workers instead, which loses the in-process checks (a
+broken configuration would take the workers down).
+
+TLS of its own (``[server] tls_*``): every worker listens with a context from
+``gateway.tls`` (TLS 1.2+, modern ciphers) that a reload can load a new certificate
+into. ``[server] http_redirect_listen`` adds a plain-HTTP listener, run in the main
+process, that answers every request with a redirect to the same path and query at
+``public_url`` (``RedirectApp``) and never proxies anything; it has the same head limit,
+head timeout and connection cap.
 """
 
 from __future__ import annotations
@@ -42,19 +54,25 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server, ServerState
-from uvicorn.supervisors.multiprocess import Multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from gateway import telemetry
+from gateway import tls as gateway_tls
 from gateway.config import ServerSettings
+
+if TYPE_CHECKING:
+    from gateway.config_schema import WebSocketSettings
 
 log = logging.getLogger("gateway.server")
 
@@ -84,35 +102,149 @@ class GuardedProtocols:
         return GuardedHttpTools(config, server_state, app_state, _loop, limits=self.limits)
 
 
-def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
+def uvicorn_options(server: ServerSettings,
+                    websocket: WebSocketSettings | None = None) -> dict[str, Any]:
     """The uvicorn options that apply ``[server]``: the guarded protocol, keep-alive and
-    concurrency limits, and no ``Server`` header (it only names the software)."""
-    return {"http": GuardedProtocols(ServerLimits(server.header_limit, server.header_timeout)),
-            "server_header": False,
-            "timeout_keep_alive": server.keepalive_timeout,
-            "limit_concurrency": server.limit_concurrency,
-            "timeout_graceful_shutdown": server.shutdown_timeout}
+    concurrency limits, and no ``Server`` header (it only names the software); with
+    ``websocket`` (``[websocket]``), the server's own message limit and ping interval.
+    WebSocket compression is off (``gateway.websocket`` relays messages as they are)."""
+    options = {"http": GuardedProtocols(ServerLimits(server.header_limit,
+                                                     server.header_timeout)),
+               "server_header": False,
+               "timeout_keep_alive": server.keepalive_timeout,
+               "limit_concurrency": server.limit_concurrency,
+               "timeout_graceful_shutdown": server.shutdown_timeout,
+               "ws_per_message_deflate": False}
+    if websocket is not None:
+        options["ws_max_size"] = websocket.max_message_bytes
+        options["ws_ping_interval"] = websocket.ping_interval or None
+    return options
 
 
 # Seconds the supervisor waits for a worker beyond its graceful-shutdown timeout (the
 # lifespan shutdown: store and pool closing) before it kills the worker.
 KILL_MARGIN = 5.0
+# Seconds a worker may take to answer the supervisor's liveness ping before it is killed
+# as hung and replaced (uvicorn's default, 5 s, kills workers that are merely slow to
+# start on a busy host; a replacement reads the configuration files as they are now).
+WORKER_HEALTHCHECK = 30
 
 
-def run(app: str, **options: Any) -> None:
-    """``uvicorn.run(app, factory=True, **options)``, with ``Supervisor`` for workers."""
+@dataclass(frozen=True, slots=True)
+class TLSContextFactory:
+    """uvicorn's ``ssl_context_factory``: the gateway's TLS context for ``files``, made
+    in each worker process and remembered there for reloads (``gateway.tls.live``). An
+    object, so the ``Config`` holding it can be pickled to workers."""
+
+    files: gateway_tls.TLSFiles
+
+    def __call__(self, _config: Config, _default: Any) -> ssl.SSLContext:
+        context = gateway_tls.server_context(self.files)
+        gateway_tls.install(context, self.files)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """``[server] http_redirect_listen``: where to listen, and the https origin to send to."""
+
+    host: str
+    port: int
+    public_url: str
+
+
+def run(app: str, *, redirect: Redirect | None = None, **options: Any) -> None:
+    """``uvicorn.run(app, factory=True, **options)``, with ``Supervisor`` for workers and
+    the plain-HTTP redirect listener when ``redirect`` is given."""
+    import signal
+
+    options.setdefault("timeout_worker_healthcheck", WORKER_HEALTHCHECK)
     config = Config(app, factory=True, **options)
     fit_to_file_limit(config)
-    if config.workers > 1:
-        sock = config.bind_socket()
+    with contextlib.ExitStack() as stack:
+        if redirect is not None:
+            stack.enter_context(redirect_listener(redirect, options))
+        if config.workers > 1:
+            sock = config.bind_socket()
+            with contextlib.suppress(KeyboardInterrupt):
+                Supervisor(config, sockets=[sock]).run()
+            return
+        # Until the application takes SIGHUP over (gateway.reload), it must not end us.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # uvicorn raises SIGTERM again once it has shut down: leave by SystemExit then, so
+        # serve's cleanup (pid file, metrics directory) runs.
+        signal.signal(signal.SIGTERM, _exit_quietly)
+        server = Server(config=config)
         with contextlib.suppress(KeyboardInterrupt):
-            Supervisor(config, sockets=[sock]).run()
-        return
-    server = Server(config=config)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+            server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _exit_quietly(_sig: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def redirect_listener(redirect: Redirect, options: dict[str, Any]) -> Iterator[None]:
+    """The plain-HTTP listener that only redirects, in a thread of this process, with
+    the same ``[server]`` limits (``options``) as the gateway's own listener."""
+    import threading
+
+    limits = {k: options[k] for k in ("http", "server_header", "timeout_keep_alive",
+                                       "limit_concurrency") if k in options}
+    config = Config(RedirectApp(redirect.public_url), host=redirect.host, port=redirect.port,
+                    lifespan="off", log_config=None, access_log=False, **limits)
+    sock = config.bind_socket()
+    server = Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="http-redirect", daemon=True)
+    thread.start()
+    log.info("plain HTTP on %s:%d redirects to %s", redirect.host, redirect.port,
+             redirect.public_url)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+#: Bytes a redirected path and query may hold: visible ASCII (percent-encoded otherwise).
+_VISIBLE = frozenset(range(0x21, 0x7F))
+
+
+class RedirectApp:
+    """Every request → a redirect to the same path and query at ``public_url`` (301 for
+    GET and HEAD, 308 for other methods, so a form is posted again over https). The
+    request's Host is never used; a target that is not an origin-form path of visible
+    ASCII gets 400."""
+
+    def __init__(self, public_url: str) -> None:
+        self._origin = public_url.rstrip("/").encode("ascii")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        target = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string", b"")
+        if not target.startswith(b"/") or not _VISIBLE.issuperset(target + query):
+            await _plain(send, 400, [], b"Bad request.\n", scope["method"])
+            return
+        location = self._origin + target + (b"?" + query if query else b"")
+        status = 301 if scope["method"] in ("GET", "HEAD") else 308
+        await _plain(send, status, [(b"location", location)],
+                     b"This site is served over https: " + location + b"\n", scope["method"])
+
+
+async def _plain(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                 method: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
 
 # File descriptors a worker needs besides its client connections: the listening socket,
@@ -165,6 +297,59 @@ class Supervisor(Multiprocess):
     def _on_stop_signal(self, sig: int, _frame: object) -> None:
         self.signal_queue.append(sig)
         self.should_exit.set()
+
+    def handle_hup(self) -> None:
+        """Forward SIGHUP to every worker, each once it has started (its application
+        handles SIGHUP from then on): each reloads its configuration in place. Workers
+        that could not start (below) are started again, with the files as they are now."""
+        import os
+        import signal
+
+        log.info("SIGHUP: reloading the configuration in %d workers", len(self.processes))
+        for process in self.processes:
+            if process.pid is None or self.should_exit.is_set():
+                continue
+            if not process.wait_until_ready(self.config.timeout_worker_healthcheck,
+                                            self.should_exit):
+                log.warning("worker %s is not serving: not reloaded", process.pid)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGHUP)
+        while len(self.processes) < self.processes_num and not self.should_exit.is_set():
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's, except for a worker that fails to start while others serve: a
+        replacement for a worker that died reads the configuration files as they are now,
+        and while an admin edits them they may not load. uvicorn would stop every worker
+        then; here the others keep serving with what they loaded, and the next SIGHUP
+        (``sso-gateway reload``) starts the missing worker again."""
+        if self.should_exit.is_set():
+            return
+        for process in list(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if self.should_exit.is_set():
+                return
+            index = self.processes.index(process)
+            if process.exitcode == STARTUP_FAILURE:
+                del self.processes[index]
+                if not self.processes:
+                    log.error("no worker could start: stopping")
+                    self.should_exit.set()
+                    return
+                log.error("a worker could not start (its log lines say why); %d workers keep "
+                          "serving; fix the configuration and run `sso-gateway reload` to "
+                          "start it again", len(self.processes))
+                continue
+            log.info("worker %s died: starting another", process.pid)
+            replacement = Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[index] = replacement
 
     def terminate_all(self) -> None:
         for sock in self.sockets:

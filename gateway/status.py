@@ -56,6 +56,10 @@ class IdPDirectory(Protocol):
 
     def __contains__(self, entity_id: object) -> bool: ...
 
+    @property
+    def on_demand(self) -> bool:
+        """Whether IdPs may arrive on first use (MDQ): an empty directory can sign in."""
+
 
 @dataclass(frozen=True, slots=True)
 class Certificate:
@@ -126,7 +130,7 @@ class Readiness:
         return failed
 
     def metadata_problems(self) -> dict[str, str]:
-        if len(self._registry) == 0:
+        if len(self._registry) == 0 and not self._registry.on_demand:  # MDQ: on first use
             return {"idp_metadata": "no IdP metadata is loaded"}
         now = self._clock()
         problems = {}

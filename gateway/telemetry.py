@@ -112,13 +112,16 @@ class Telemetry:
         state.idps = [(entity, self._loaded.get(entity, 0.0), until)
                       for entity, until in self.readiness.valid_until.items()]
 
-    def started(self) -> None:
+    def started(self, trigger: str = "startup", config_sha256: str | None = None) -> None:
         """Log the version this process runs; audit what it serves with: its config (and the
-        version) and each IdP's metadata."""
+        version; ``trigger`` "reload" when a running process loaded it anew, with the
+        fingerprint of ``gateway.config_state``) and each IdP's metadata."""
         source = Path(self.settings.source)
-        log.info("sso-gateway %s started with %s", VERSION, source)
-        audit("config_reload", trigger="startup", config=str(source),
-              config_sha256=_sha256(source), version=VERSION)
+        log.info("sso-gateway %s %s with %s", VERSION,
+                 "reloaded" if trigger == "reload" else "started", source)
+        audit("config_reload", trigger=trigger, config=str(source),
+              config_sha256=config_sha256 or _sha256(source), version=VERSION,
+              result="ok" if trigger == "reload" else None)
         # One line per metadata source, each hashed once: an aggregate of thousands of IdPs
         # is one document, not thousands of lines (and reads).
         by_source: dict[str, list[str]] = {}

@@ -9,7 +9,12 @@ carry their real attributes (``__Host-``, ``Secure``, ``SameSite``).
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.policy
 import ipaddress
+import json
+import logging
+import re
 import socket
 import sqlite3
 import ssl
@@ -19,12 +24,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from aiosmtpd.controller import Controller
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,6 +48,7 @@ from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
 from gateway.protocol import LoginProtocol
 from gateway.server import uvicorn_options
+from gateway.sessions.manager import SYNC_INTERVAL
 from tests.forge import Forge, forge_for_demo
 
 
@@ -93,6 +101,32 @@ def serving(app: Any, sock: socket.socket, **config: Any) -> Iterator[ThreadServ
         yield server
     finally:
         server.stop()
+
+
+def audit_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
+    """The audit lines among captured log records, parsed."""
+    return [json.loads(r.getMessage()) for r in records if r.name == "gateway.audit"]
+
+
+@pytest.fixture
+def audit_records() -> Iterator[list[logging.LogRecord]]:
+    """Every record the audit logger writes during the test (see ``audit_lines``)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("gateway.audit")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def memory_sees_it() -> None:
+    """Wait until every gateway that keeps sessions in memory (``[session] memory``) has
+    read the store's change log since now: for a change made behind its back (by the
+    test itself, the CLI or another replica), which reaches it within that bound."""
+    time.sleep(SYNC_INTERVAL + 0.05)
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path,
@@ -157,7 +191,8 @@ def serve_gateway(settings: Settings, sock: socket.socket, *,
     server's ``app`` is the ``Gateway``; ``config`` goes to uvicorn."""
     app = create_app(settings, clock=clock or time.time, protocols=protocols)
     # trusted_proxies and [server] (head limit and timeout, idle cap), as `serve` does
-    config = {**settings.proxy_header_options, **uvicorn_options(settings.server), **config}
+    config = {**settings.proxy_header_options,
+              **uvicorn_options(settings.server, settings.websocket), **config}
     if tls is not None:
         config = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert), **config}
     with serving(app, sock, **config) as server:
@@ -380,3 +415,45 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+# -- SMTP (the registration gate's confirmation mails) ----------------------------------
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every mail it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.arrived = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(message)
+        self.arrived.set()
+        return "250 Message accepted for delivery"
+
+    def link(self) -> str:
+        """The confirmation link of the latest mail."""
+        assert self.arrived.wait(10), "no mail arrived"
+        body = self.messages[-1].get_body(("plain",))
+        assert body is not None
+        found = re.search(r"https://\S+/_gateway/register/confirm\?token=\S+",
+                          body.get_content())
+        assert found is not None, body.get_content()
+        return found.group(0)
+
+
+@pytest.fixture
+def inbox() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on a loopback port (aiosmtpd), and its inbox."""
+    handler = Inbox()
+    with bound_socket() as sock:  # a free port for the controller (it binds itself)
+        port = port_of(sock)
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()

@@ -56,8 +56,10 @@ class ParsedRequest:
 class PySaml2IdP:
     """Keys, entity ID and metadata now; the pysaml2 ``Server`` once the SP is known."""
 
-    def __init__(self, directory: Path, entity_id: str = "https://idp.pysaml2.test/idp") -> None:
+    def __init__(self, directory: Path, entity_id: str = "https://idp.pysaml2.test/idp",
+                 slo_post_url: str = "") -> None:
         self.entity_id = entity_id
+        self.slo_post_url = slo_post_url  # an HTTP-POST (only) SingleLogoutService
         self.sso_url = "https://idp.pysaml2.test/sso/redirect"  # nobody listens: see module doc
         directory.mkdir(parents=True, exist_ok=True)
         key_pem, cert_pem = generate_self_signed("pysaml2 test IdP")
@@ -81,6 +83,8 @@ class PySaml2IdP:
                     "name": "pysaml2 interop IdP",
                     "endpoints": {
                         "single_sign_on_service": [(self.sso_url, BINDING_HTTP_REDIRECT)],
+                        **({"single_logout_service": [(self.slo_post_url, BINDING_HTTP_POST)]}
+                           if self.slo_post_url else {}),
                     },
                     "name_id_format": [NAMEID_FORMAT_PERSISTENT],
                     # The gateway signs its AuthnRequests: make pysaml2 check that.

@@ -99,6 +99,7 @@ def test_serve_host_and_port_override_listen(site: Path,
     monkeypatch.setattr(gateway.logs, "configure_logging", lambda *a, **kw: None)
     config = str(site / "gateway.toml")
     monkeypatch.setenv("GATEWAY_CONFIG", config)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     assert main(["serve", "--config", config, "--host", "0.0.0.0", "--port", "8443"]) == 0
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 8443)
     assert main(["serve", "--config", config, "--port", "9001"]) == 0
@@ -169,7 +170,8 @@ def test_registrations_export_is_audited_and_stdout_stays_csv(
     monkeypatch.setenv("GATEWAY_LOGGING__AUDIT", "stdout")  # the default: then stderr
     assert main(["registrations", "export", "--config", str(site / "gateway.toml")]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == "email,registered_at,consent" and len(out.splitlines()) == 4
+    assert out.splitlines()[0] == "email,registered_at,consent,subject,verified_at"
+    assert len(out.splitlines()) == 4
     line = json.loads(err.strip().splitlines()[-1])
     assert validate(line) == []
     assert line == {**line, "event": "registrations_exported",

@@ -2,19 +2,24 @@
 logged, counted and ``idp list``-visible reason; the rest of the document is used.
 
 The aggregate is served over a real HTTP server (``tests.test_metadata_sources``) and,
-in the last test, a member signs in through one of its IdPs in the full stack.
+in the last test, a member signs in through one of the IdPs of the generated 5,000-IdP
+aggregate (``bench.aggregate``) in the full stack.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
 
+from bench.aggregate import entities
+from gateway.audit import validate
 from gateway.cli import main
 from gateway.demo.stack import DemoStack
 from gateway.devidp.metadata import idp_metadata
@@ -22,10 +27,11 @@ from gateway.errors import ConfigError
 from gateway.saml import IdPRegistry
 from gateway.saml.metadata_source import MetadataRefresher, Source
 from gateway.saml.registry import idps_from_tree, parse_xml
-from tests.browser import client, login
-from tests.conftest import TLSFiles, bound_socket, port_of, run_stack, serving
+from tests.browser import client, login, post_to_acs, sign_in_at_idp
+from tests.conftest import TLSFiles, audit_lines, bound_socket, port_of, run_stack, serving
 from tests.test_metadata_sources import FED, MetadataServer, _entity, sign, source
 
+_IDP_LINK = re.compile(r'href="(/saml/login\?idp=[^"]+)"')
 _SSO_REDIRECT = f'Binding="{C.BINDING_HTTP_REDIRECT}" Location="https://idp.example/sso"'
 _CERT = re.compile(r"<ds:X509Certificate>[^<]+</ds:X509Certificate>")
 _KEY = re.compile(r"<md:KeyDescriptor use=\"signing\">.*?</md:KeyDescriptor>", re.S)
@@ -106,6 +112,24 @@ async def test_aggregate_with_broken_entities_loads_and_skips_exactly_those(
     assert registry.skipped_count() == 0 and len(registry) == 3
 
 
+async def test_a_refresh_that_changes_many_idps_is_one_audit_line(
+        tmp_path: Path, server: MetadataServer, audit_records: list[logging.LogRecord]) -> None:
+    good = _good(30)
+    server.docs["/agg.xml"] = sign(aggregate(*good))
+    config = source(tmp_path, server.url + "/agg.xml")
+    registry = IdPRegistry()
+    refresher = MetadataRefresher([config], registry)
+    assert await refresher.refresh(refresher.sources[0])
+    audit_records.clear()
+    more = [_entity(f"https://new{i}.example/idp") for i in range(25)]
+    server.docs["/agg.xml"] = sign(aggregate(*good[5:], *more))  # 5 gone, 25 new
+    assert await refresher.refresh(refresher.sources[0])
+    [line] = [x for x in audit_lines(audit_records) if x["event"] == "metadata_change"]
+    assert (line["change"], line["entity_id"], line["idps"]) == ("refreshed", "30 IdPs", 50)
+    assert (line["added"], line["removed"], line["updated"]) == (25, 5, 0)
+    assert validate(line) == []
+
+
 async def test_an_aggregate_of_only_unusable_idps_is_refused(
         tmp_path: Path, server: MetadataServer) -> None:
     server.docs["/agg.xml"] = sign(aggregate(*broken_entities().values()))
@@ -131,6 +155,54 @@ def test_files_aggregate_skips_but_a_single_broken_entity_is_still_refused(
     problems: list[str] = []
     root = parse_xml(aggregate(*broken.values()).encode(), "x", problems)
     assert idps_from_tree(root, Path("x.xml"), problems) == [] and len(problems) == 4
+
+
+def test_a_member_signs_in_through_a_5000_idp_aggregate_with_unusable_entities(
+        tmp_path: Path, tls: TLSFiles, server: MetadataServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The acceptance case: the bench's generated aggregate of 5,000 IdPs (50 of them
+    POST-only or without a signing certificate), plus the four broken shapes above and
+    the dev IdP, signed and served over HTTP; exactly the broken ones are skipped, with
+    their reasons, and the member finds the dev IdP by searching the sign-in page."""
+    generated, unusable = entities(5000, certs=2)
+    broken = broken_entities()
+
+    def setup(demo: DemoStack) -> None:
+        (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
+        dev = re.sub(r"<\?xml[^>]*\?>", "", idp_metadata(demo.idp))
+        end = "</md:EntitiesDescriptor>"
+        server.docs["/fed.xml"] = sign(
+            generated.replace(end, "".join([*broken.values(), dev]) + end))
+        (demo.workdir / "fed.pem").write_text(FED[1])
+        with (demo.workdir / "gateway.toml").open("a") as toml:
+            toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\n'
+                       'signing_cert = "fed.pem"\n')
+
+    caplog.set_level(logging.WARNING, "gateway.metadata")
+    path = "/issues/2023-03/pages/14"
+    with run_stack(tmp_path, tls, setup=setup) as stack, client(stack) as http:
+        sign_in = http.get(urljoin(stack.url, http.get(stack.url + path).headers["location"]))
+        assert sign_in.status_code == 200 and "/saml/login?idp=" not in sign_in.text
+        found = http.get(stack.url + "/saml/login",
+                         params={"next": path, "q": "development idp"})
+        [link] = [html.unescape(href) for href in _IDP_LINK.findall(found.text)]
+        assert parse_qs(urlsplit(link).query)["idp"] == [stack.demo.idp.entity_id]
+        started = http.get(urljoin(stack.url, link))
+        done = post_to_acs(http, sign_in_at_idp(http, http.get(started.headers["location"]),
+                                                "alice"))
+        assert done.status_code == 302 and done.headers["location"] == path
+
+    usable = 5000 - unusable + 1
+    assert f"{usable} IdPs in use, {unusable + len(broken)} skipped as unusable" in caplog.text
+    skipped = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("IdP skipped")]
+    assert len(skipped) == unusable + len(broken) == 54
+    for entity_id, reason in REASONS.items():
+        [line] = [x for x in skipped if repr(entity_id) in x]
+        assert reason in line
+    generated_reasons = {x.rsplit(": ", 1)[1] for x in skipped if "university" in x}
+    assert generated_reasons == {"no SingleSignOnService with the HTTP-Redirect binding",
+                                 'no signing certificate (KeyDescriptor use="signing")'}
 
 
 def test_a_member_signs_in_through_an_aggregate_with_unusable_entities(

@@ -13,6 +13,9 @@ from gateway.answers import (
     exception_answer,
     forward_auth_refusal,
     is_navigation,
+    passive_candidate,
+    passive_sign_in,
+    step_up_refusal,
 )
 from gateway.errors import (
     AmbiguousPath,
@@ -208,3 +211,60 @@ def test_sign_in_errors_keep_their_details() -> None:
     logout = LogoutFailed("issuer", "unknown issuer")
     assert isinstance(logout, SignInError) and logout.kind == "issuer" and logout.status == 400
     assert not issubclass(SignInError, ClientError) and not issubclass(ServiceError, ClientError)
+
+
+# -- Step-up and passive sign-in (issue 16) -----------------------------------------------
+
+MFA = "https://refeds.org/profile/mfa"
+STEP_UP = Decision("step_up", "member", "/admin/**", reason="signed in with password",
+                   failed="authn_context", authn_context=(MFA, "urn:x:token"), force=True)
+
+
+def test_step_up_navigation_goes_to_a_sign_in_asking_for_the_rule() -> None:
+    status, _, _ = got = answer(STEP_UP)
+    assert status == 302
+    query = parse_qs(urlsplit(header(got, b"location")).query)
+    assert query == {"next": [TARGET], "authn_context": [MFA, "urn:x:token"], "force": ["1"]}
+
+
+def test_step_up_for_an_api_client_or_a_proxy_is_a_401_naming_that_sign_in() -> None:
+    status, _, body = got = answer(STEP_UP, accept=JSON)
+    assert status == 401
+    payload = json.loads(body)
+    assert payload["error"] == "Sign in again"
+    assert "stronger sign-in" in payload["message"]
+    assert parse_qs(urlsplit(payload["retry_url"]).query)["authn_context"] == [MFA,
+                                                                               "urn:x:token"]
+    status, _, body = got = answer(STEP_UP, navigation=False, forward_auth=True,
+                                   origin="https://gw.example")
+    assert status == 401
+    assert header(got, b"location").startswith("https://gw.example/proto/login?next=")
+    assert "force=1" in header(got, b"location")
+
+
+def test_step_up_refusal_names_what_was_missing() -> None:
+    status, _, body = step_up_refusal((MFA,), fresh=False, accept=HTML, reference="ABCD1234")
+    assert status == 403
+    assert MFA in body.decode() and "ABCD1234" in body.decode()
+    status, _, body = step_up_refusal((), fresh=True, accept=JSON)
+    assert (status, json.loads(body)["reason"]) == (403, "needs a fresh authentication")
+
+
+@pytest.mark.parametrize(("method", "mode", "accept", "agent", "purpose", "expected"), [
+    ("GET", "navigate", HTML, "Mozilla/5.0 Firefox/128.0", "", True),
+    ("HEAD", "navigate", HTML, "Mozilla/5.0", "", False),
+    ("GET", "", HTML, "Mozilla/5.0", "", False),  # no Sec-Fetch-Mode: not sure it is a browser
+    ("GET", "no-cors", HTML, "Mozilla/5.0", "", False),
+    ("GET", "navigate", JSON, "Mozilla/5.0", "", False),
+    ("GET", "navigate", HTML, "Mozilla/5.0 (compatible; Googlebot/2.1)", "", False),
+    ("GET", "navigate", HTML, "Mozilla/5.0", "prefetch", False),
+    ("POST", "navigate", HTML, "Mozilla/5.0", "", False),
+])
+@pytest.mark.parametrize(("dest", "framed"), [("document", False), ("", False),
+                                               ("iframe", True)])
+def test_who_may_be_sent_on_a_passive_sign_in(method: str, mode: str, accept: str,
+                                              agent: str, purpose: str, expected: bool,
+                                              dest: str, framed: bool) -> None:
+    assert passive_candidate(method, mode, accept, agent, purpose, dest) is (
+        expected and not framed)
+    assert passive_sign_in("/p?a=1", sign_in_url) == "/proto/login?next=%2Fp%3Fa%3D1&passive=1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,8 @@ from gateway.audit import EVENTS, json_schema, validate
 from gateway.demo.stack import DemoStack
 from gateway.logs import JsonFormatter, TextFormatter
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
-from tests.conftest import Stack, TLSFiles, run_stack
+from tests.conftest import Inbox, Stack, TLSFiles, run_stack
+from tests.test_step_up import step_up_with_code
 
 PAGE = "/issues/2023-03/pages/14"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -62,12 +64,27 @@ def audit_lines(path: Path) -> list[dict[str, object]]:
 
 
 def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
-                                              capfd: pytest.CaptureFixture[str]) -> None:
+                                              capfd: pytest.CaptureFixture[str],
+                                              inbox: tuple[Inbox, int]) -> None:
     audit_file = tmp_path / "audit.log"
-    extra = f'\n[logging]\naudit = "{audit_file}"\n'
+    mails, smtp_port = inbox
+    extra = (f'\n[logging]\naudit = "{audit_file}"\n'
+             # Registration with confirmation by mail, kept three seconds (then purged).
+             f'\n[registration]\nverify = true\nretention_days = {3 / 86400}\n'
+             f'\n[smtp]\nhost = "127.0.0.1"\nport = {smtp_port}\nsecurity = "none"\n'
+             'from_address = "no-reply@example.org"\n'
+             # A page that needs MFA: alice's step-up writes the step_up event.
+             '\n[[rules]]\npath = "/mfa/**"\naccess = "member"\n'
+             'require = { authn_context = "https://refeds.org/profile/mfa" }\n')
+
+    def purge_often(demo: DemoStack) -> None:
+        config = demo.workdir / "gateway.toml"
+        config.write_text(config.read_text().replace(
+            'url = "sqlite:///gateway.db"\n', 'url = "sqlite:///gateway.db"\npurge_interval = 1\n'))
+
     secrets: list[str] = []
-    with all_log_records() as logs, run_stack(tmp_path / "stack", tls,
-                                              extra_config=extra) as stack:
+    with all_log_records() as logs, run_stack(tmp_path / "stack", tls, extra_config=extra,
+                                              setup=purge_often) as stack:
         with client(stack) as alice:
             answer = sign_in_at_idp(alice, start_login(alice, stack, PAGE), "alice")
             secrets.append(answer.saml_response)
@@ -75,6 +92,7 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
             assert alice.get(stack.url + PAGE).status_code == 200
             assert alice.get(stack.url + "/members/M1002/notes/").status_code == 403
             assert alice.get(stack.url + "/_gateway/admin").status_code == 403
+            assert step_up_with_code(alice, stack, "/mfa/x").status_code == 302
             secrets += [c.value for c in alice.cookies.jar]
         with client(stack) as mallory:  # a refused login
             bad = sign_in_at_idp(mallory, start_login(mallory, stack, PAGE), "dave")
@@ -97,9 +115,24 @@ def test_full_run_audit_events_and_no_secrets(tmp_path: Path, tls: TLSFiles,
             back = carol.get(out_to_idp.headers["location"])
             assert carol.get(back.headers["location"]).status_code == 200
             secrets += [c.value for c in carol.cookies.jar]
-        with client(stack) as reader:
-            reader.post(stack.url + "/_gateway/register", headers={"origin": stack.url},
-                        data={"email": "reader@example.org", "consent": "yes", "next": "/"})
+        with client(stack) as reader:  # two confirmed registrations: one withdrawn, one purged
+            for address in ("reader@example.org", "brief@example.org"):
+                reader.post(stack.url + "/_gateway/register", headers={"origin": stack.url},
+                            data={"email": address, "consent": "yes", "next": "/"})
+                token = mails.link().rpartition("token=")[2]
+                secrets.append(token)
+                assert reader.post(stack.url + "/_gateway/register/confirm",
+                                   data={"token": token},
+                                   headers={"origin": stack.url}).status_code == 303
+            mine = reader.get(stack.url + "/_gateway/sessions")
+            assert reader.post(stack.url + "/_gateway/sessions/registration",
+                               data={"csrf": csrf_of(mine)},
+                               headers={"origin": stack.url}).status_code == 200
+            secrets += [c.value for c in reader.cookies.jar]
+        deadline = time.monotonic() + 10
+        while "registration_purged" not in audit_file.read_text():
+            assert time.monotonic() < deadline, "no registration was purged"
+            time.sleep(0.2)
         secrets += stack.upstream.header_values("x-gateway-identity")
     out, err = capfd.readouterr()
 

@@ -34,7 +34,7 @@ from gateway.devidp.response import (
     parse_authn_request,
     verify_redirect_signature,
 )
-from gateway.devidp.users import NAMEID_PERSISTENT, authenticate, persistent_name_id
+from gateway.devidp.users import DEMO_CODE, NAMEID_PERSISTENT, authenticate, persistent_name_id
 from gateway.keys import generate_self_signed, pem_body
 from tests.conftest import serving
 
@@ -105,6 +105,8 @@ def sp_settings(
     acs_url: str = SP_ACS_URL,
     sp_key: str | None = None,
     sig_alg: str = C.RSA_SHA256,
+    requested: list[str] | bool = True,
+    comparison: str = "exact",
 ) -> OneLogin_Saml2_Settings:
     return OneLogin_Saml2_Settings(
         {
@@ -130,6 +132,8 @@ def sp_settings(
                 "rejectDeprecatedAlgorithm": True,
                 "signatureAlgorithm": sig_alg,
                 "digestAlgorithm": C.SHA256,
+                "requestedAuthnContext": requested,
+                "requestedAuthnContextComparison": comparison,
             },
         }
     )
@@ -752,3 +756,106 @@ def test_settings_require_sp_cert_for_signed_requests(keys: KeyPairs) -> None:
             sp_cert_pem=keys.sp_cert,
         )
     )
+
+
+# -- RequestedAuthnContext, ForceAuthn, IsPassive (issue 16) --------------------------------
+
+MFA = "https://refeds.org/profile/mfa"
+
+
+def asking_url(idp: RunningIdP, *, requested: list[str] | bool = True,
+               comparison: str = "exact", force: bool = False,
+               passive: bool = False) -> tuple[str, str]:
+    request_data = {"https": "on", "http_host": SP_HOST, "script_name": "/saml/login"}
+    auth = OneLogin_Saml2_Auth(request_data, sp_settings(idp, requested=requested,
+                                                         comparison=comparison))
+    url = auth.login(return_to="/mfa", force_authn=force, is_passive=passive)
+    return url, auth.get_last_request_id()
+
+
+def status_of(page: httpx.Response) -> str:
+    """The second-level StatusCode of the refusal an auto-post page carries."""
+    xml = base64.b64decode(forms(page.text)[0][1]["SAMLResponse"])
+    root = etree.fromstring(xml)
+    assert root.find(f"{{{C.NS_SAML}}}Assertion") is None
+    codes = root.findall(f".//{{{C.NS_SAMLP}}}StatusCode")
+    assert codes[0].get("Value") == C.STATUS_RESPONDER
+    return str(codes[1].get("Value"))
+
+
+def context_and_instant(response: OneLogin_Saml2_Response) -> tuple[str, float]:
+    statement = response.document.find(f".//{{{C.NS_SAML}}}AuthnStatement")
+    ref = statement.find(f".//{{{C.NS_SAML}}}AuthnContextClassRef")
+    return ref.text, OneLogin_Saml2_Utils.parse_SAML_to_time(statement.get("AuthnInstant"))
+
+
+def test_mfa_asks_a_user_with_a_second_factor_for_the_code(idp: RunningIdP,
+                                                            client: httpx.Client) -> None:
+    url, request_id = asking_url(idp, requested=[MFA])
+    code_page = sign_in(client, idp, url, "alice")
+    assert code_page.status_code == 200 and "One-time code" in code_page.text
+    assert DEMO_CODE in code_page.text  # documented on the page: it is a demo
+    step = forms(code_page.text)[0][1]["step"]
+    wrong = client.post(idp.base_url + "/login/code", data={"step": step, "code": "000000"})
+    assert wrong.status_code == 401 and "Wrong code" in wrong.text
+    before = time.time()
+    right = client.post(idp.base_url + "/login/code", data={"step": step, "code": DEMO_CODE})
+    response = validated(idp, forms(right.text)[0][1]["SAMLResponse"], request_id)
+    context, instant = context_and_instant(response)
+    assert context == MFA
+    assert before - 1 <= instant <= time.time() + 1  # when the code was given
+    # The IdP session remembers the MFA: a passive request for it needs no page now.
+    url, request_id = asking_url(idp, requested=[MFA], passive=True)
+    again = client.get(url)
+    assert 'name="password"' not in again.text
+    assert context_and_instant(validated(
+        idp, forms(again.text)[0][1]["SAMLResponse"], request_id))[0] == MFA
+
+
+def test_without_mfa_requested_a_password_is_enough(idp: RunningIdP,
+                                                     client: httpx.Client) -> None:
+    url, request_id = asking_url(idp, requested=False)
+    page = sign_in(client, idp, url, "alice")
+    context, _ = context_and_instant(validated(idp, forms(page.text)[0][1]["SAMLResponse"],
+                                               request_id))
+    assert context == "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport"
+
+
+def test_no_second_factor_or_an_unknown_class_is_no_authn_context(
+        idp: RunningIdP, client: httpx.Client) -> None:
+    url, _ = asking_url(idp, requested=[MFA])
+    assert status_of(sign_in(client, idp, url, "dave")).endswith(":NoAuthnContext")
+    url, _ = asking_url(idp, requested=["urn:example:retina-scan"])
+    assert status_of(client.get(url)).endswith(":NoAuthnContext")  # no page at all
+    url, _ = asking_url(idp, requested=[MFA], comparison="minimum")
+    refused = client.get(url)
+    assert refused.status_code == 400 and "exact only" in refused.text
+
+
+def test_force_authn_asks_for_the_password_again(idp: RunningIdP,
+                                                 client: httpx.Client) -> None:
+    url, _ = login_url(idp)
+    sign_in(client, idp, url, "alice")
+    forced_url, _ = asking_url(idp, force=True)
+    page = client.get(forced_url)
+    assert "Continue as" not in page.text and "sign in again" in page.text
+    fields = password_form(page.text)
+    refused = client.post(idp.base_url + "/login", data={"pending": fields["pending"],
+                                                          "use_session": "1"})
+    assert refused.status_code == 401 and 'name="password"' in refused.text
+
+
+def test_is_passive_never_shows_a_page(idp: RunningIdP, client: httpx.Client) -> None:
+    url, _ = asking_url(idp, passive=True)
+    assert status_of(client.get(url)).endswith(":NoPassive")  # no IdP session
+    first_url, _ = login_url(idp)
+    sign_in(client, idp, first_url, "alice")
+    signed_in_at = time.time()
+    time.sleep(1.1)
+    url, request_id = asking_url(idp, passive=True)
+    page = client.get(url)
+    _, instant = context_and_instant(validated(idp, forms(page.text)[0][1]["SAMLResponse"],
+                                               request_id))
+    assert instant <= signed_in_at  # the authentication's time, not the answer's
+    url, _ = asking_url(idp, passive=True, force=True)
+    assert status_of(client.get(url)).endswith(":NoPassive")

@@ -37,7 +37,7 @@ from gateway.demo.stack import DemoStack
 from gateway.sessions import open_store
 from gateway.sessions.sqlite import SCHEMA
 from tests.browser import client, login
-from tests.conftest import RedisServer, Stack, TLSFiles, run_stack
+from tests.conftest import RedisServer, Stack, TLSFiles, memory_sees_it, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
 SESSION = "__Host-gw_session"
@@ -91,6 +91,7 @@ def touch_due(db: Path) -> None:
     """Every session was last seen two minutes ago: its next page view writes a touch."""
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE sessions SET last_seen = ?", (time.time() - 120,))
+    memory_sees_it()
 
 
 def readiness(http: httpx.Client, stack: Stack) -> httpx.Response:

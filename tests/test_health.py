@@ -15,6 +15,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from gateway.config import load_settings
+from gateway.config_state import fingerprint
 from gateway.demo.stack import prepare
 from gateway.version import VERSION
 from tests.browser import client, login
@@ -67,10 +68,16 @@ def ready(url: str) -> httpx.Response:
 
 
 def test_healthz_is_trivial(tmp_path: Path) -> None:
-    with gateway(tmp_path) as url:
+    with gateway(tmp_path, edit=behind_local_proxy) as url:
         answer = httpx.get(url + "/healthz")
         assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
-        assert ready(url).json() == {"status": "ok", "version": VERSION}
+        # The configuration served (its fingerprint, since when) to a local client only.
+        local = ready(url).json()
+        settings = load_settings(tmp_path / "gateway.toml", environ={})
+        assert local == {"status": "ok", "version": VERSION,
+                         "config": {"sha256": fingerprint(settings),
+                                    "loaded": local["config"]["loaded"]}}
+        assert ready_from(url, "203.0.113.9").json() == {"status": "ok", "version": VERSION}
 
 
 def test_store_stopped_and_back(tmp_path: Path) -> None:

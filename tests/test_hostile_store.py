@@ -36,7 +36,7 @@ from gateway.demo.stack import DemoStack
 from gateway.sessions import CookieSigner, open_store
 from gateway.stash import PostStash
 from tests.browser import client, login
-from tests.conftest import RedisServer, Stack, TLSFiles, run_stack
+from tests.conftest import RedisServer, Stack, TLSFiles, memory_sees_it, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
 SESSION = "__Host-gw_session"
@@ -71,6 +71,7 @@ def idle_out(stack: Stack) -> None:
     """Every session has been unused past the idle timeout (its cookie lives on)."""
     with sqlite3.connect(stack.db) as db:
         db.execute("UPDATE sessions SET last_seen = last_seen - 86400")
+    memory_sees_it()
 
 
 def post_form(http: httpx.Client, stack: Stack, cookie: str | None, *,

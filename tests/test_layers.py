@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gateway"
 DOC = ROOT / "docs" / "architecture.md"
 GROUPED = ("devidp", "demo", "selftest")
-_ROW = re.compile(r"^\|\s*`([a-z_.*]+)`\s*\|[^|]*\|\s*(.*?)\s*\|\s*$")
+_ROW = re.compile(r"^\|\s*`([a-z0-9_.*]+)`\s*\|[^|]*\|\s*(.*?)\s*\|\s*$")
 
 
 def whitelist() -> dict[str, set[str]]:
@@ -27,7 +27,7 @@ def whitelist() -> dict[str, set[str]]:
     for line in DOC.read_text().splitlines():
         match = _ROW.match(line)
         if match:
-            names = set(re.findall(r"`([a-z_.*]+)`", match.group(2)))
+            names = set(re.findall(r"`([a-z0-9_.*]+)`", match.group(2)))
             rows[match.group(1)] = names
     return rows
 

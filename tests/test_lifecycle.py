@@ -20,7 +20,7 @@ from tests.browser import (
     post_to_acs,
     sign_in_at_idp,
 )
-from tests.conftest import Stack, TLSFiles, run_stack
+from tests.conftest import Stack, TLSFiles, memory_sees_it, run_stack
 
 PAGE = "/issues/2023-03/pages/14"
 
@@ -91,6 +91,7 @@ def expire_sessions(stack: Stack) -> None:
     such a session's cookie may keep a form across the sign-in)."""
     with sqlite3.connect(stack.db) as db:
         db.execute("UPDATE sessions SET last_seen = last_seen - 86400")
+    memory_sees_it()
 
 
 def test_form_posted_with_an_expired_session_is_sent_after_sign_in(stack: Stack) -> None:
@@ -177,6 +178,7 @@ def test_admin_revokes_a_member_while_the_gateway_serves(
         assert "M1001" in listing and "M1004" in listing and "2 session(s)" in listing
         assert main(["sessions", "revoke", "--member", "M1001", "--config", config]) == 0
         assert "revoked 1 session(s) of M1001" in capsys.readouterr().out
+        memory_sees_it()  # the CLI is another process
         assert not reads(alice, stack) and reads(dave, stack)
         dave_cookie = dave.cookies["__Host-gw_session"]
     with run_stack(tmp_path, tls) as stack, client(stack) as dave:  # restarted
@@ -185,6 +187,7 @@ def test_admin_revokes_a_member_while_the_gateway_serves(
         key = re.search(r"^([0-9a-f]{12})", _listing(config, capsys), re.M)
         assert key is not None
         assert main(["sessions", "revoke", key.group(1), "--config", config]) == 0
+        memory_sees_it()
         assert not reads(dave, stack)
     assert main(["sessions", "revoke", "0" * 16, "--config", config]) == 1
     assert main(["sessions", "purge-expired", "--config", config]) == 0

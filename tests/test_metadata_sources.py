@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from gateway.saml import IdPRegistry, ServiceProvider
 from gateway.saml.metadata_source import MetadataRefresher, cache_paths, duration
 from gateway.saml.registry import idps_from_tree, parse_xml
 from tests.browser import client, login
-from tests.conftest import TLSFiles, bound_socket, port_of, run_stack, serving
+from tests.conftest import TLSFiles, audit_lines, bound_socket, port_of, run_stack, serving
 
 FED = generate_self_signed("federation signer")
 OTHER = generate_self_signed("someone else")
@@ -92,23 +91,6 @@ def source(tmp_path: Path, url: str, **options: Any) -> MetadataSource:
 @pytest.fixture
 def demo(tmp_path: Path) -> DemoStack:
     return prepare(tmp_path / "demo")
-
-
-def audit_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in records if r.name == "gateway.audit"]
-
-
-@pytest.fixture
-def audited() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("gateway.audit")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 async def test_signed_metadata_loads_and_bad_copies_never_replace_it(
@@ -184,7 +166,7 @@ async def test_size_limit_and_expired_metadata(tmp_path: Path, server: MetadataS
 
 async def test_refresh_rolls_the_idp_key_without_restart(
         tmp_path: Path, server: MetadataServer, demo: DemoStack,
-        caplog: pytest.LogCaptureFixture, audited: list[logging.LogRecord]) -> None:
+        caplog: pytest.LogCaptureFixture, audit_records: list[logging.LogRecord]) -> None:
     (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
     registry = IdPRegistry()
     sp = ServiceProvider(demo.settings, registry)
@@ -201,7 +183,7 @@ async def test_refresh_rolls_the_idp_key_without_restart(
     assert await refresher.refresh(refresher.sources[0])
     assert "signing certificate added" in caplog.text
     assert "signing certificate removed" in caplog.text
-    [line] = [x for x in audit_lines(audited) if x["event"] == "metadata_change"]
+    [line] = [x for x in audit_lines(audit_records) if x["event"] == "metadata_change"]
     assert line["change"] == "updated" and line["entity_id"] == demo.idp.entity_id
     assert line["source"] == server.url + "/md.xml" and validate(line) == []
 

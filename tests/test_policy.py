@@ -351,3 +351,96 @@ def test_pattern_owner_must_be_a_parameter_with_a_fixed_place() -> None:
         Pattern("/**/{member_id}/**", owner="member_id")
     assert Pattern("/a/**/{m}/b", owner="m").owner_value(["a", "x", "M1", "b"]) == "M1"
     assert Pattern("/{m}/**", owner="m").owner_value(["M1", "x"]) == "M1"
+
+
+# -- Authentication context and freshness (issue 16) --------------------------------------
+
+MFA = "https://refeds.org/profile/mfa"
+PPT = "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport"
+NOW = 1_800_000_000.0
+
+
+def signed_in(context: str = PPT, age: float = 10.0, *ents: str) -> Principal:
+    base = person("M1", "active", *ents)
+    return Principal(subject=base.subject, idp=base.idp, attributes=base.attributes,
+                     authn_context=context, authn_instant=NOW - age)
+
+
+STEP_UP_RULES = [
+    Rule(path="/mfa/**", access="member", require={"authn_context": [MFA, "urn:x:hardware"]}),
+    Rule(path="/fresh/**", access="member", max_auth_age=600),
+    Rule(path="/both/**", access="member", max_auth_age=600,
+         require={"authn_context": MFA, "entitlement": ADMIN}),
+    Rule(path="/Case/**", access="member", require={"authn_context": MFA}),
+    Rule(path="/welcome", access="public", passive=True),
+]
+
+
+@pytest.fixture
+def step_up_policy() -> Policy:
+    return Policy(STEP_UP_RULES, upstreams=[Upstream(name="loose", prefix="/", url="http://u",
+                                                     case_insensitive=True)],
+                  clock=lambda: NOW)
+
+
+def test_a_single_factor_session_must_step_up_for_an_mfa_rule(step_up_policy: Policy) -> None:
+    decision = step_up_policy.decide("/mfa/page", signed_in(PPT))
+    assert (decision.kind, decision.failed, decision.force) == ("step_up", "authn_context", False)
+    assert decision.authn_context == (MFA, "urn:x:hardware")  # any one listed is enough
+    assert decision.reason == f"signed in with {PPT}, needs {MFA} or urn:x:hardware"
+    assert decision.gated
+    assert step_up_policy.decide("/mfa/page", signed_in(MFA)).kind == "allow"
+    assert step_up_policy.decide("/mfa/page", signed_in("urn:x:hardware")).kind == "allow"
+    assert step_up_policy.decide("/mfa/page", signed_in("")).kind == "step_up"
+    assert step_up_policy.decide("/mfa/page", None).kind == "login"  # anonymous: sign in
+
+
+def test_an_old_authentication_must_be_renewed(step_up_policy: Policy) -> None:
+    assert step_up_policy.decide("/fresh/x", signed_in(age=600)).kind == "allow"
+    stale = step_up_policy.decide("/fresh/x", signed_in(age=601))
+    assert (stale.kind, stale.failed, stale.force, stale.authn_context) == (
+        "step_up", "max_auth_age", True, ())
+    assert stale.reason == "signed in 601 s ago, needs a sign-in within 600 s"
+    # An AuthnInstant a little in the future (IdP clock ahead) counts as now; far ahead
+    # (or none at all: 0) the age is unknowable and a fresh sign-in is asked for.
+    assert step_up_policy.decide("/fresh/x", signed_in(age=-200)).kind == "allow"
+    assert step_up_policy.decide("/fresh/x", signed_in(age=-400)).kind == "step_up"
+    assert step_up_policy.decide("/fresh/x", signed_in(age=NOW)).kind == "step_up"
+
+
+def test_both_are_asked_for_in_one_step_up_but_a_deny_comes_first(
+        step_up_policy: Policy) -> None:
+    both = step_up_policy.decide("/both/x", signed_in(PPT, 9999, MEMBER, ADMIN))
+    assert (both.kind, both.authn_context, both.force) == ("step_up", (MFA,), True)
+    # A member whom no sign-in would let in is refused, not sent round the IdP.
+    assert step_up_policy.decide("/both/x", signed_in(PPT, 9999)).kind == "deny"
+    assert step_up_policy.decide("/both/x", signed_in(MFA, 10, MEMBER, ADMIN)).kind == "allow"
+
+
+def test_step_up_counts_for_every_reading_of_a_loose_upstream(step_up_policy: Policy) -> None:
+    # /CASE/x is /Case/x to a case-insensitive upstream: the MFA rule applies.
+    decision = step_up_policy.decide("/CASE/x", signed_in(PPT), upstream="loose")
+    assert (decision.kind, decision.rule) == ("step_up", "/Case/**")
+
+
+def test_passive_is_a_flag_on_an_allowed_public_page(step_up_policy: Policy) -> None:
+    decision = step_up_policy.decide("/welcome", None)
+    assert (decision.kind, decision.passive, decision.gated) == ("allow", True, False)
+    assert not step_up_policy.decide("/mfa/x", signed_in(MFA)).passive
+
+
+def test_the_policy_lists_the_contexts_a_sign_in_may_ask_for(step_up_policy: Policy) -> None:
+    assert step_up_policy.authn_contexts == {MFA, "urn:x:hardware"}
+
+
+@pytest.mark.parametrize("rule", [
+    {"path": "/p", "access": "public", "max_auth_age": 600},
+    {"path": "/p", "access": "registered", "require": {"authn_context": MFA}},
+    {"path": "/p", "access": "member", "passive": True},
+    {"path": "/p", "access": "member", "max_auth_age": 30},
+    {"path": "/p", "access": "member", "require": {"authn_context": "mfa"}},
+    {"path": "/p", "access": "member", "require": {"authn_context": 'urn:x"/><x a="'}},
+])
+def test_sign_in_options_refused_where_they_cannot_work(rule: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Rule.model_validate(rule)

@@ -1,5 +1,6 @@
-"""gateway.proxy over real sockets: httpx → uvicorn(wrapper) → aiohttp → uvicorn(upstream);
-and the one pass over a request's headers (``HeadReader``) on its own."""
+"""gateway.proxy over real sockets: httpx → uvicorn(wrapper) → the upstream client (the
+lean one and aiohttp's, every test with each) → uvicorn(upstream); and the one pass over
+a request's headers (``HeadReader``) on its own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -195,12 +196,13 @@ def gateway_app(proxy: Proxy) -> Any:
 
 
 def make_proxy(upstream_url: str, dead_url: str = "http://127.0.0.1:9",
-               max_body: int = MAX_BODY) -> Proxy:
+               max_body: int = MAX_BODY, client: Literal["lean", "aiohttp"] = "lean") -> Proxy:
     return Proxy(
         [
             Upstream(name="main", prefix="/", url=upstream_url),
             Upstream(name="down", prefix="/down", url=dead_url, connect_timeout=2),
             Upstream(name="slow", prefix="/slow", url=upstream_url, timeout=0.2),
+            Upstream(name="based", prefix="/based", url=upstream_url + "/base/"),
         ],
         strip_headers=["X-Member-Id", "X-Gateway-Identity"],
         strip_cookies=[SESSION_COOKIE],
@@ -208,6 +210,7 @@ def make_proxy(upstream_url: str, dead_url: str = "http://127.0.0.1:9",
         public_host=PUBLIC_HOST,
         public_scheme="https",
         max_body_bytes=max_body,
+        client=client,
     )
 
 
@@ -216,17 +219,18 @@ class Stack:
     upstream: str
     gateway: str
     seen: UpstreamLog
+    client: Literal["lean", "aiohttp"]
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     seen = UpstreamLog()
     dead = _bound_socket()  # bound, never listening: connections are refused
     dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
     with serving(upstream_app(seen), _bound_socket(), lifespan="off") as upstream:
-        proxy = make_proxy(upstream.url, dead_url)
+        proxy = make_proxy(upstream.url, dead_url, client=request.param)
         with serving(gateway_app(proxy), _bound_socket(), proxy_headers=False) as gateway:
-            yield Stack(upstream.url, gateway.url, seen)
+            yield Stack(upstream.url, gateway.url, seen, request.param)
     dead.close()
 
 
@@ -326,6 +330,11 @@ async def test_target_is_sent_verbatim(client: httpx.AsyncClient) -> None:
     echo = r.json()
     assert echo["raw_path"] == "/a%20b/c%7E/%C3%A9"
     assert echo["query"] == "x=%2F&y=a+b"
+
+
+async def test_upstream_url_path_comes_first(client: httpx.AsyncClient) -> None:
+    r = await client.get("/based/a%2Fb?q=1")
+    assert r.json()["raw_path"] == "/base/based/a%2Fb"
 
 
 async def test_multiple_set_cookie_kept(client: httpx.AsyncClient) -> None:
@@ -509,6 +518,7 @@ async def _no_send(message: Message) -> None:
     raise AssertionError("nothing may be sent")
 
 
+@pytest.mark.parametrize("client", ["lean", "aiohttp"])
 @pytest.mark.parametrize(("headers", "error"), [
     ([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], BadRequest),
     ([(b"content-length", b"5"), (b"content-length", b"6")], BadRequest),
@@ -518,8 +528,9 @@ async def _no_send(message: Message) -> None:
     ([(b"content-length", b"1025")], BodyTooLarge),
 ])
 async def test_bad_framing_refused_before_upstream(headers: list[tuple[bytes, bytes]],
-                                                   error: type[GatewayError]) -> None:
-    proxy = make_proxy("http://127.0.0.1:9", max_body=1024)
+                                                   error: type[GatewayError],
+                                                   client: Literal["lean", "aiohttp"]) -> None:
+    proxy = make_proxy("http://127.0.0.1:9", max_body=1024, client=client)
     await proxy.start()
     try:
         route = proxy.route("/")
@@ -534,7 +545,7 @@ async def test_bad_framing_refused_before_upstream(headers: list[tuple[bytes, by
 
 
 async def test_client_gone_during_upload_sends_nothing(stack: Stack) -> None:
-    proxy = make_proxy(stack.upstream)
+    proxy = make_proxy(stack.upstream, client=stack.client)
     await proxy.start()
     messages: list[Message] = [{"type": "http.request", "body": b"x" * 1000, "more_body": True},
                                {"type": "http.disconnect"}]

@@ -60,7 +60,9 @@ def test_the_version_is_the_package_metadata(capsys: pytest.CaptureFixture[str])
 @pytest.mark.stack(shared=True)
 def test_readyz_and_metrics_carry_the_version(stack: Stack) -> None:
     with client(stack) as http:
-        assert http.get(stack.url + "/readyz").json() == {"status": "ok", "version": VERSION}
+        ready = http.get(stack.url + "/readyz").json()
+        assert (ready["status"], ready["version"]) == ("ok", VERSION)
+        assert set(ready) == {"status", "version", "config"}  # config: to local clients
         assert value(scrape(http, stack), "gateway_build_info", version=VERSION) == 1
 
 

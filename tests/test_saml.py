@@ -366,10 +366,6 @@ BAD: dict[str, tuple[str, Callable[[Any, str, str], str]]] = {
     "unsigned assertion": (
         "signature", lambda k, rid, other: response_xml(k, rid, sign_assertion=False),
     ),
-    "unsigned assertion in signed response": (
-        "signature",
-        lambda k, rid, other: response_xml(k, rid, sign_assertion=False, sign_response=True),
-    ),
     "wrong audience": (
         "audience", lambda k, rid, other: response_xml(k, rid, audience="https://evil.example/"),
     ),

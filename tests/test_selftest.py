@@ -62,7 +62,7 @@ HOSTILE = ("forward-auth: client adds another URI header",
            "forward-auth: ?upstream=OTHER with a public path",
            "kept form: junk session cookie", "kept form: cross-site POST",
            "upstream gets no X-Remote-User & co.", "1 MB request header",
-           "WebSocket upgrade", "second Host header",
+           "cross-origin WebSocket upgrade", "second Host header",
            "unknown-IdP sign-in starts rate limited")
 
 
@@ -185,7 +185,7 @@ def test_selftest_names_the_replay_when_the_replay_cache_is_off(
 # -- a deployment with URI-named attributes and its own header names ------------------------
 
 URI = {
-    "member_id": "urn:oid:1.3.6.1.4.1.5923.1.1.1.6",
+    "member_id": "urn:oid:2.16.840.1.113730.3.1.3",  # employeeNumber (not a scoped one)
     "email": "urn:oid:0.9.2342.19200300.100.1.3",
     "display_name": "urn:oid:2.16.840.1.113730.3.1.241",
     "entitlements": "urn:oid:1.3.6.1.4.1.5923.1.1.1.7",

@@ -33,7 +33,9 @@ from gateway.sessions import (
     open_store,
     sqlite_upgrade,
 )
+from gateway.sessions.manager import SYNC_INTERVAL, TOUCH_INTERVAL
 from gateway.sessions.redis import RedisStore, parse_sentinel_url
+from gateway.sessions.sqlite import SQLiteStore
 from gateway.sessions.sqlite_upgrade import legacy_principal
 from tests.conftest import REDIS_SERVER, RedisServer, bound_socket, port_of
 
@@ -208,6 +210,82 @@ class TestSessionStore:
         assert await twin.sessions.delete_subject_sessions("https://idp!M1001") == 1
         assert await stores.sessions.get_session("k1") is None
 
+    async def test_change_log_names_every_end_and_touch_from_any_instance(
+            self, stores: Stores, twin: Stores, clock: FakeClock) -> None:
+        store = stores.sessions
+        for key in ("k1", "k2", "k3", "k4"):
+            await store.put_session(session(key, "A!M1" if key != "k4" else "B!M2",
+                                            lasts=100 if key != "k3" else 5))
+        start = await store.changed_since("")
+        assert start is not None and start[1] == []
+        assert await store.changed_since(start[0]) == (start[0], [])  # nothing since
+        await twin.sessions.touch_session("k1", NOW + 1)
+        await twin.sessions.delete_session("k2")
+        await twin.sessions.delete_session("missing")  # ends nothing, logs nothing
+        await twin.sessions.touch_session("missing", NOW)
+        clock.advance(10)
+        await twin.backend.purge_expired()  # k3 is over
+        await twin.sessions.delete_subject_sessions("B!M2")
+        changes = await store.changed_since(start[0])
+        assert changes is not None
+        cursor, keys = changes
+        assert keys == ["k1", "k2", "k3", "k4"]
+        assert await store.changed_since(cursor) == (cursor, [])
+
+    async def test_change_log_that_does_not_reach_back_says_so(self, stores: Stores) -> None:
+        store = stores.sessions
+        foreign = "999999" if isinstance(stores.backend, SQLiteStore) else "99999999999999-0/5"
+        assert await store.changed_since(foreign) is None  # another store's cursor
+        start = await store.changed_since("")
+        assert start is not None
+        await store.put_session(session("k1"))
+        await store.delete_session("k1")
+        if isinstance(stores.backend, SQLiteStore):
+            await stores.backend._write(lambda db: db.execute(  # the purge trimmed it
+                "DELETE FROM session_changes").rowcount)
+        else:
+            await stores.backend.redis.xtrim("t:changes", maxlen=0)
+        assert await store.changed_since(start[0]) is None
+
+
+class TestSessionMemory:
+    """``SessionManager(memory=True)`` on every backend: sessions resolved from memory,
+    an end made by another instance seen within the bound."""
+
+    @staticmethod
+    def manager(stores: Stores, clock: FakeClock) -> SessionManager:
+        return SessionManager(stores.sessions, CookieSigner(["s" * 43], "session"),
+                              lifetime=3600, idle_timeout=600, clock=clock,
+                              keys=stores.keys, memory=True)
+
+    async def test_served_from_memory_until_another_instance_ends_it(
+            self, stores: Stores, twin: Stores, clock: FakeClock) -> None:
+        here, there = self.manager(stores, clock), self.manager(twin, clock)
+        principal = Principal(subject="A!M1", idp="A", attributes={"member_id": ("M1",)})
+        record, cookie = await here.create(principal)
+        assert await there.resolve(cookie) == record
+        assert await there.resolve(cookie) == record
+        assert (there.from_memory, there.from_store) == (1, 1)
+        assert await here.end_subject_sessions("A!M1") == 1
+        assert await here.resolve(cookie) is None  # at once where it ended
+        deadline = asyncio.get_running_loop().time() + SYNC_INTERVAL + 0.5
+        while await there.resolve(cookie) is not None:  # within the bound elsewhere
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+
+    async def test_memory_is_bounded_by_time_and_the_store_decides_after_a_gap(
+            self, stores: Stores, twin: Stores, clock: FakeClock) -> None:
+        here, there = self.manager(stores, clock), self.manager(twin, clock)
+        principal = Principal(subject="A!M1", idp="A", attributes={"member_id": ("M1",)})
+        record, cookie = await here.create(principal)
+        assert await there.resolve(cookie) == record
+        clock.advance(TOUCH_INTERVAL)  # a touch is due: the store answers (and is touched)
+        touched = await there.resolve(cookie)
+        assert touched is not None and touched.last_seen == record.created + TOUCH_INTERVAL
+        assert there.from_store == 2
+        clock.advance(3600)  # past the absolute end: never answered from memory
+        assert await there.resolve(cookie) is None
+
 
 class TestKeyStore:
     """What every ``KeyStore`` must do."""
@@ -328,6 +406,49 @@ class TestRecordStore:
         await stores.records.put_record("failure:X", "v", 60)
         assert await twin.records.get_record("failure:X") == "v"
 
+    async def test_registrations_keep_subject_and_confirmation(self, stores: Stores) -> None:
+        kept = Registration("r@example.org", 10.0, "newsletter", "reader!1", 12.5)
+        await stores.records.add_registration(kept)
+        await stores.records.add_registration(Registration("s@example.org", 11.0, "n"))
+        assert await stores.records.list_registrations() == [
+            kept, Registration("s@example.org", 11.0, "n", "", None)]
+
+    async def test_delete_registrations_by_address_subject_or_age(self, stores: Stores,
+                                                                  twin: Stores) -> None:
+        records = stores.records
+        for email, at, subject in (("Gone@Example.org", 10.0, "reader!a"),
+                                   ("kept@example.org", 20.0, "reader!b"),
+                                   ("gone@example.org", 30.0, "reader!c"),
+                                   ("old@example.org", 5.0, "reader!d")):
+            await records.add_registration(Registration(email, at, "newsletter", subject))
+        gone = await records.delete_registrations(email="GONE@example.ORG")  # any case
+        assert [(r.email, r.subject) for r in gone] == [("Gone@Example.org", "reader!a"),
+                                                       ("gone@example.org", "reader!c")]
+        assert await twin.records.delete_registrations(email="gone@example.org") == []
+        by_subject = await records.delete_registrations(subject="reader!b")
+        assert [r.email for r in by_subject] == ["kept@example.org"]
+        assert await records.delete_registrations(registered_before=5.0) == []  # strictly
+        aged = await records.delete_registrations(registered_before=5.5)
+        assert [r.email for r in aged] == ["old@example.org"]
+        assert await records.list_registrations() == []
+        with pytest.raises(ValueError):
+            await records.delete_registrations()
+        with pytest.raises(ValueError):
+            await records.delete_registrations(email="a@example.org", subject="reader!a")
+
+    async def test_each_registration_is_deleted_once(self, stores: Stores,
+                                                     twin: Stores) -> None:
+        """Two replicas deleting the same address at once: each row is returned (and its
+        sessions ended, audited) by exactly one of them."""
+        for n in range(20):
+            await stores.records.add_registration(
+                Registration("same@example.org", float(n), "newsletter", f"reader!{n}"))
+        first, second = await asyncio.gather(
+            stores.records.delete_registrations(email="same@example.org"),
+            twin.records.delete_registrations(email="same@example.org"))
+        assert sorted(r.subject for r in first + second) == \
+            sorted(f"reader!{n}" for n in range(20))
+
     async def test_a_failure_kept_by_an_older_version_is_readable(self, stores: Stores) -> None:
         """Older versions kept failures as single-use keys under the same key text."""
         await stores.keys.add_once("failure:OLD1", '{"kind": "replay"}', 60)
@@ -444,8 +565,8 @@ async def test_sqlite_store_of_an_older_version_is_upgraded_in_place(
                         "status": ("registered",)})
         # The rest of the file is untouched: keys, records and registrations.
         assert await stores.records.get_record("failure:REF1") == "kept"
-        assert [r.email for r in await stores.records.list_registrations()] == \
-            ["r@example.org"]
+        assert await stores.records.list_registrations() == \
+            [Registration("r@example.org", 1.0, "newsletter", "", None)]
         # The session manager serves an upgraded session like any other.
         manager = SessionManager(stores.sessions, CookieSigner(["s" * 43], "session"),
                                  lifetime=3600, idle_timeout=600, clock=clock)

@@ -67,6 +67,13 @@ def test_the_unit_runs_serve_unprivileged_and_hardened() -> None:
     assert shown.value.code == 0
 
 
+def test_reload_is_a_sighup_to_serve() -> None:
+    """``systemctl reload`` sends SIGHUP to the main process (serve, or its supervisor,
+    which forwards it to every worker): ``gateway.reload`` re-reads the configuration."""
+    service = unit()["Service"]
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # verify checks /bin/kill
+
+
 def test_stop_timeout_outlasts_the_graceful_shutdown() -> None:
     """Requests in progress get ``shutdown_timeout`` seconds, a straggling worker is
     killed 5 s later: systemd must not SIGKILL before that."""

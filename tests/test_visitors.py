@@ -102,9 +102,11 @@ def test_admin_exports_registrations_as_csv(stack: Stack) -> None:
     assert export.status_code == 200
     assert export.headers["content-type"].startswith("text/csv")
     rows = list(csv.reader(io.StringIO(export.text)))
-    assert rows[0] == ["email", "registered_at", "consent"]
+    assert rows[0] == ["email", "registered_at", "consent", "subject", "verified_at"]
     assert [r[0] for r in rows[1:]] == ["first@example.org", "'=cmd@example.org"]
     assert rows[1][2].startswith("I agree that the publisher stores my e-mail address")
+    # The reader's random subject (their sessions'); not confirmed by mail (verify is off).
+    assert all(re.fullmatch(r"reader![0-9a-f]{24}", r[3]) and r[4] == "" for r in rows[1:])
 
 
 def test_sign_out_needs_the_form_and_kills_the_cookie(stack: Stack) -> None:

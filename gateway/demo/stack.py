@@ -157,7 +157,8 @@ def servers(stack: DemoStack, *,
         # X-Forwarded-For only from the configured trusted_proxies (none in the demo), as
         # in `serve`: uvicorn's default would believe any client on loopback.
         server(create_app(stack.settings), stack.gateway_url,
-               **stack.settings.proxy_header_options, **uvicorn_options(stack.settings.server)),
+               **stack.settings.proxy_header_options,
+               **uvicorn_options(stack.settings.server, stack.settings.websocket)),
         server(create_idp_app(stack.idp), stack.idp.base_url),
         server(create_reader(gateway_url=stack.gateway_url, jwks_verify=jwks_verify,
                              data_dir=stack.workdir / "reader"), stack.reader_url),

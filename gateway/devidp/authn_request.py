@@ -39,6 +39,11 @@ class AuthnRequestInfo:
     issue_instant: str
     destination: str | None = None
     protocol_binding: str | None = None
+    force_authn: bool = False
+    is_passive: bool = False
+    #: RequestedAuthnContext's AuthnContextClassRefs (empty: the SP asked for none).
+    requested_contexts: tuple[str, ...] = ()
+    comparison: str = "exact"
 
 
 def parse_redirect_query(query_string_raw: str) -> dict[str, str]:
@@ -136,6 +141,9 @@ def parse_authn_request(saml_request_b64_deflated: str) -> AuthnRequestInfo:
     issuer = root.find(f"{{{C.NS_SAML}}}Issuer")
     if issuer is None or not (issuer.text or "").strip():
         raise AuthnRequestError("The AuthnRequest has no Issuer.")
+    requested = root.find(f"{{{C.NS_SAMLP}}}RequestedAuthnContext")
+    refs = [] if requested is None else requested.findall(f"{{{C.NS_SAML}}}AuthnContextClassRef")
+    contexts = tuple((ref.text or "").strip() for ref in refs)
     return AuthnRequestInfo(
         id=root.get("ID", ""),
         issuer=(issuer.text or "").strip(),
@@ -143,4 +151,8 @@ def parse_authn_request(saml_request_b64_deflated: str) -> AuthnRequestInfo:
         issue_instant=root.get("IssueInstant", ""),
         destination=root.get("Destination"),
         protocol_binding=root.get("ProtocolBinding"),
+        force_authn=root.get("ForceAuthn") in ("true", "1"),
+        is_passive=root.get("IsPassive") in ("true", "1"),
+        requested_contexts=contexts,
+        comparison="exact" if requested is None else requested.get("Comparison", "exact"),
     )

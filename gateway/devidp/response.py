@@ -39,6 +39,7 @@ __all__ = [
     "AuthnRequestError",
     "AuthnRequestInfo",
     "build_response",
+    "build_status_response",
     "new_id",
     "parse_authn_request",
     "parse_redirect_query",
@@ -49,8 +50,13 @@ __all__ = [
 SAMLP: Final = C.NS_SAMLP
 SAML: Final = C.NS_SAML
 _NSMAP: Final = {"samlp": SAMLP, "saml": SAML}
-PASSWORD_PROTECTED_TRANSPORT: Final = C.AC_PASSWORD_PROTECTED
+PASSWORD_PROTECTED_TRANSPORT: Final[str] = C.AC_PASSWORD_PROTECTED
 STATUS_SUCCESS: Final = C.STATUS_SUCCESS
+STATUS_RESPONDER: Final = C.STATUS_RESPONDER
+NO_PASSIVE: Final = C.STATUS_NO_PASSIVE
+NO_AUTHN_CONTEXT: Final = "urn:oasis:names:tc:SAML:2.0:status:NoAuthnContext"
+#: The REFEDS Multi-Factor Authentication profile's context class.
+REFEDS_MFA: Final = "https://refeds.org/profile/mfa"
 BEARER: Final = C.CM_BEARER
 XENC: Final = "http://www.w3.org/2001/04/xmlenc#"
 CONTENT_CIPHERS: Final = {"aes256-gcm": (xmlsec.constants.TransformAes256Gcm, 256),
@@ -125,6 +131,7 @@ def _assertion(
     session_not_on_or_after: float | None,
     authn_instant: float,
     attributes: dict[str, list[str]],
+    authn_context: str = PASSWORD_PROTECTED_TRANSPORT,
 ) -> etree._Element:
     root = etree.Element(
         f"{{{SAML}}}Assertion",
@@ -148,7 +155,7 @@ def _assertion(
         authn["SessionNotOnOrAfter"] = saml_time(session_not_on_or_after)
     statement = _el(root, SAML, "AuthnStatement", **authn)
     context = _el(statement, SAML, "AuthnContext")
-    _el(context, SAML, "AuthnContextClassRef", PASSWORD_PROTECTED_TRANSPORT)
+    _el(context, SAML, "AuthnContextClassRef", authn_context)
     if attributes:
         attribute_statement = _el(root, SAML, "AttributeStatement")
         for name, values in attributes.items():
@@ -185,6 +192,7 @@ def build_response(
     authn_instant: float | None = None,
     encrypt_to: str | None = None,
     encryption: str = "aes256-gcm",
+    authn_context: str = PASSWORD_PROTECTED_TRANSPORT,
 ) -> str:
     """Return a SAML Response (XML text) carrying one Assertion, signed as asked.
 
@@ -194,7 +202,7 @@ def build_response(
     forging test overrides only the one it attacks. ``authn_instant`` (when the user
     actually typed a password; default ``now``) differs from ``now`` for single sign-on
     through an existing IdP session. ``encrypt_to`` (a PEM certificate) sends the signed
-    Assertion encrypted to it.
+    Assertion encrypted to it. ``authn_context`` is the AuthnContextClassRef.
     """
     now = time.time() if now is None else now
     assertion = _assertion(
@@ -211,6 +219,7 @@ def build_response(
         session_not_on_or_after=session_not_on_or_after,
         authn_instant=now if authn_instant is None else authn_instant,
         attributes=attributes,
+        authn_context=authn_context,
     )
     if sign_assertion:
         assertion = _sign(assertion, key_pem, cert_pem)
@@ -234,5 +243,25 @@ def build_response(
     response.append(assertion)
     if sign_response:
         response = _sign(response, key_pem, cert_pem)
+    xml: str = etree.tostring(response, encoding="unicode")
+    return xml
+
+
+def build_status_response(*, idp_entity_id: str, acs_url: str, in_response_to: str,
+                          sub_status: str, message: str = "", now: float | None = None,
+                          response_id: str | None = None) -> str:
+    """A Response without an Assertion that refuses the request: top-level status
+    ``Responder`` with ``sub_status`` (e.g. ``NO_PASSIVE``, ``NO_AUTHN_CONTEXT``). Unsigned,
+    as most IdPs send their refusals: it grants nothing."""
+    now = time.time() if now is None else now
+    response = etree.Element(f"{{{SAMLP}}}Response", nsmap=_NSMAP, attrib={
+        "ID": response_id or new_id(), "Version": "2.0", "IssueInstant": saml_time(now),
+        "Destination": acs_url, "InResponseTo": in_response_to})
+    _el(response, SAML, "Issuer", idp_entity_id)
+    status = _el(response, SAMLP, "Status")
+    top = _el(status, SAMLP, "StatusCode", Value=STATUS_RESPONDER)
+    _el(top, SAMLP, "StatusCode", Value=sub_status)
+    if message:
+        _el(status, SAMLP, "StatusMessage", message)
     xml: str = etree.tostring(response, encoding="unicode")
     return xml

@@ -1,6 +1,8 @@
 """The development IdP's demo users.
 
-Every user signs in with the password ``demo``. The attributes use the names the
+Every user signs in with the password ``demo``. Users with a second factor (``alice``
+and ``carol``) can also give the one-time code ``DEMO_CODE`` when a service asks for
+multi-factor authentication (REFEDS MFA); the others cannot. The attributes use the names the
 membership IdP releases (``memberId``, ``mail``, ``displayName``,
 ``eduPersonEntitlement``, ``memberStatus``, ``eduPersonAffiliation``), so the gateway's
 attribute mapping sees exactly what production sends.
@@ -14,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 DEMO_PASSWORD = "demo"
+#: The one-time code of every demo user with a second factor (fixed: it is a demo).
+DEMO_CODE = "123456"
 ENTITLEMENT_MEMBER = "urn:mace:example.org:entitlement:member"
 ENTITLEMENT_ADMIN = "urn:mace:example.org:entitlement:admin"
 ATTRNAME_FORMAT_BASIC = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
@@ -26,6 +30,7 @@ class DemoUser:
     password: str
     display_name: str
     attributes: dict[str, list[str]]
+    second_factor: bool = False  # can answer a one-time code (multi-factor sign-in)
 
     @property
     def role(self) -> str:
@@ -41,7 +46,7 @@ class DemoUser:
 
 def _member(
     username: str, member_id: str, display_name: str, status: str, *, admin: bool = False,
-    affiliation: tuple[str, ...] = ("member",),
+    affiliation: tuple[str, ...] = ("member",), second_factor: bool = False,
 ) -> DemoUser:
     entitlements = [ENTITLEMENT_MEMBER] + ([ENTITLEMENT_ADMIN] if admin else [])
     return DemoUser(
@@ -56,13 +61,16 @@ def _member(
             "memberStatus": [status],
             "eduPersonAffiliation": list(affiliation),
         },
+        second_factor=second_factor,
     )
 
 
 DEMO_USERS: tuple[DemoUser, ...] = (
-    _member("alice", "M1001", "Alice Archer", "active", affiliation=("member", "staff")),
+    _member("alice", "M1001", "Alice Archer", "active", affiliation=("member", "staff"),
+            second_factor=True),
     _member("bob", "M1002", "Bob Baker", "lapsed"),
-    _member("carol", "M1003", "Carol Clarke", "active", admin=True, affiliation=("staff",)),
+    _member("carol", "M1003", "Carol Clarke", "active", admin=True, affiliation=("staff",),
+            second_factor=True),
     _member("dave", "M1004", "Dave Dalton", "active"),
 )
 

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute
 
-from gateway.routes import account, admin, forward_auth, health, replay, sign_out, visitors
+from gateway.routes import (
+    account,
+    admin,
+    forward_auth,
+    health,
+    language,
+    replay,
+    sign_out,
+    visitors,
+)
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -21,4 +30,4 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
     """The gateway's own routes (not the protocols')."""
     return [*sign_out.routes(gateway), *forward_auth.routes(gateway),
             *visitors.routes(gateway), *admin.routes(gateway), *account.routes(gateway),
-            *replay.routes(gateway), *health.routes(gateway)]
+            *replay.routes(gateway), *health.routes(gateway), *language.routes(gateway)]

@@ -1,4 +1,5 @@
-"""``/_gateway/sessions``: a member sees their own sessions and ends one, or all."""
+"""``/_gateway/sessions``: a member sees their own sessions and ends one, or all; a
+registered reader can also delete their registration (``/_gateway/sessions/registration``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 PATH = "/_gateway/sessions"
+WITHDRAW_PATH = f"{PATH}/registration"
 
 
 def describe(record: SessionRecord, current: SessionRecord) -> dict[str, str | bool]:
@@ -71,6 +73,22 @@ def routes(gw: Gateway) -> list[Route]:
         return to_response(render(
             "sessions.html", title="Your sessions", csrf=csrf_token(gw, record),
             sessions=[describe(s, record) for s in mine],
-            ended=request.query_params.get("ended") == "1"))
+            ended=request.query_params.get("ended") == "1",
+            registered=record.principal.kind == "registered", withdraw_path=WITHDRAW_PATH))
 
-    return [Route(PATH, sessions, methods=["GET", "POST"])]
+    async def withdraw(request: Request) -> Response:
+        """A registered reader deletes their own registration: what the consent promises."""
+        record = await current_session(gw, request)
+        if record is None or record.principal.kind != "registered":
+            return RedirectResponse(PATH, 303)
+        require_same_origin(gw, request)
+        form = await read_form(request)
+        check_csrf(gw, record, field(form, "csrf"))
+        await gw.flows.registration.withdraw(record)
+        response = to_response(render("registration_deleted.html",
+                                      title="Registration deleted"))
+        response.headers.append("set-cookie", gw.cookies.clear_session())
+        return response
+
+    return [Route(PATH, sessions, methods=["GET", "POST"]),
+            Route(WITHDRAW_PATH, withdraw, methods=["POST"])]

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from gateway.answers import decision_answer, is_navigation
 from gateway.audit import audit
 from gateway.config import mask_url
+from gateway.errors import N_
 from gateway.explain import Failure, find_failure
 from gateway.logs import session_hash
 from gateway.routes.account import describe
@@ -54,9 +55,9 @@ async def admin_guard(gw: Gateway, request: Request,
     if decision.access == "public" or decision.rule == "/**" or record is None:
         # Only an explicit admin rule opens admin pages: a missing or public rule
         # must not hand them to every member (or everyone).
-        return None, to_response(error_answer(403, "Access denied",
-                                              "Admin pages need an admin rule in the gateway's "
-                                              "configuration.", accept=accept))
+        return None, to_response(error_answer(403, N_("Access denied"),
+                                              N_("Admin pages need an admin rule in the "
+                                                 "gateway's configuration."), accept=accept))
     return record, None
 
 
@@ -114,10 +115,13 @@ def routes(gw: Gateway) -> list[Route]:
         if refused is not None:
             return refused
         assert record is not None
+        query = request.query_params
         return to_response(render(
             "admin.html", title="Admin console", section="overview", idps=idp_rows(gw),
             config=config_rows(gw),
-            registrations=len(await gw.stores.records.list_registrations())))
+            registrations=len(await gw.stores.records.list_registrations()),
+            registration_open=gw.flows.registration.open, csrf=csrf_token(gw, record),
+            deleted=query.get("deleted"), sessions_ended=query.get("ended", "0")))
 
     async def sessions(request: Request) -> Response:
         record, refused = await admin_guard(gw, request)
@@ -177,6 +181,21 @@ def routes(gw: Gateway) -> list[Route]:
         return to_response(render("admin_failures.html", title="Login failures",
                                   section="failures", failures=rows, reference=wanted))
 
+    async def delete_registration(request: Request) -> Response:
+        """Erase every registration of one address and end its sessions (a reader's
+        withdrawal that reached the admin)."""
+        record, refused = await admin_guard(gw, request)
+        if refused is not None:
+            return refused
+        assert record is not None
+        require_same_origin(gw, request)
+        form = await read_form(request)
+        check_csrf(gw, record, field(form, "csrf"))
+        erased = await gw.flows.registration.erase(field(form, "email")[:300],
+                                                   by=record.principal.subject)
+        return RedirectResponse(f"{ADMIN_PATH}?deleted={erased.registrations}"
+                                f"&ended={erased.sessions_ended}#registrations-heading", 303)
+
     async def registrations(request: Request) -> Response:
         record, refused = await admin_guard(gw, request)
         if refused is not None:
@@ -192,4 +211,5 @@ def routes(gw: Gateway) -> list[Route]:
     return [Route(ADMIN_PATH, console),
             Route(f"{ADMIN_PATH}/sessions", sessions, methods=["GET", "POST"]),
             Route(f"{ADMIN_PATH}/failures", failures),
-            Route(f"{ADMIN_PATH}/registrations.csv", registrations)]
+            Route(f"{ADMIN_PATH}/registrations.csv", registrations),
+            Route(f"{ADMIN_PATH}/registrations/delete", delete_registration, methods=["POST"])]

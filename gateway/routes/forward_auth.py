@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from gateway.config_schema import ForwardAuthSettings
 
 log = logging.getLogger("gateway.forward_auth")
+CACHE_UNTIL = b"x-accel-expires"
 
 # RFC 9110 safe methods; every other method gets the cross-site check (the proxy path
 # checks POST, PUT, PATCH and DELETE; a front proxy may also pass WebDAV's and others).
@@ -169,7 +171,10 @@ def routes(gw: Gateway) -> list[Route]:
                 return _refused(uri, f"upstream {named!r} does not serve {path} "
                                      f"(its upstream is {route.name!r})")
         cookie = gw.cookies.read(request.scope["headers"], gw.cookies.session_name)
-        record, decision = await gw.authorize(path, cookie, upstream=route.name)
+        asked = int(time.time())  # before the store is read: see CACHE_UNTIL below
+        # From the store, not memory: a front proxy may keep this answer (nginx in the
+        # edge mode does), and that keeping spends the whole revocation bound.
+        record, decision = await gw.authorize(path, cookie, upstream=route.name, fresh=True)
         if original.conflict and decision.kind not in ("login", "register"):
             return _refused(uri, original.conflict)
         if original.conflict:
@@ -194,7 +199,9 @@ def routes(gw: Gateway) -> list[Route]:
             or bool(origin and origin != public_origin))
         if cross_site and decision.gated:
             return _refused(uri, f"cross-site {method} refused")
-        headers = [NO_STORE]
+        # nginx may keep an allowed answer to the end of the second the store was read in
+        # (``X-Accel-Expires: @T``: fresh while its clock shows T), so at most one second.
+        headers = [NO_STORE, (CACHE_UNTIL, f"@{asked}".encode())]
         if record is not None and not cross_site:  # a cross-site write on a public path
             headers += gw.upstream_identity.headers(  # passes, but as no one
                 record.key, record.principal, route.name)

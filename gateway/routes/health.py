@@ -5,9 +5,11 @@ store, upstream health URLs, IdP metadata) and ``/metrics`` (Prometheus text for
 with ``access = "admin"``, members the rules let into ``/_gateway/admin``.
 
 ``/healthz`` and ``/readyz`` answer on any Host (probes use addresses). ``/readyz``
-names the failed checks and why (the store's error text names its host and port) only
-to a local client, a client in ``[metrics] allow_from``, or an admin; everyone else gets
-``{"status": "unavailable"}`` with the same 503. A loopback connection that carries
+names the failed checks and why (the store's error text names its host and port), and
+shows the configuration served (its fingerprint, since when, the last reload and its
+result: ``gateway.config_state``), only to a local client, a client in ``[metrics]
+allow_from``, or an admin; everyone else gets ``{"status": "unavailable"}`` with the
+same 503 (or ``{"status": "ok"}``). A loopback connection that carries
 ``X-Forwarded-For``, ``Forwarded`` or ``X-Real-IP`` is a proxy on this host relaying
 someone else (no ``trusted_proxies`` resolved it): it is not a local client.
 """
@@ -63,8 +65,12 @@ def routes(gw: Gateway) -> list[Route]:
             body: dict[str, object] = {"status": "unavailable", "version": VERSION}
             if await may_see_details(request):
                 body["failed"] = failed
+                body["config"] = gw.config_state.as_json()
             return JSONResponse(body, 503, headers=NO_STORE)
-        return JSONResponse({"status": "ok", "version": VERSION}, headers=NO_STORE)
+        ok: dict[str, object] = {"status": "ok", "version": VERSION}
+        if await may_see_details(request):
+            ok["config"] = gw.config_state.as_json()
+        return JSONResponse(ok, headers=NO_STORE)
 
     async def metrics(request: Request) -> Response:
         if by_admin:
@@ -78,6 +84,7 @@ def routes(gw: Gateway) -> list[Route]:
                                      "message": "Metrics are not served to this address."},
                                     403, headers=NO_STORE)
         gw.telemetry.refresh_state()
+        gw.telemetry.metrics.state.config = (gw.config_state.sha256, gw.config_state.loaded_at)
         body = await gw.telemetry.metrics.exposition(gw.stores)
         return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE})
 

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.errors import N_
 from gateway.routes.common import current_session
 from gateway.web import error_answer, render, to_response
 
@@ -33,19 +34,19 @@ def routes(gw: Gateway) -> list[Route]:
         binding = gw.cookies.read(request.scope["headers"], gw.cookies.stash_name)
         if gw.csrf.unsign(binding) != stash_id:
             return to_response(error_answer(
-                404, "Nothing to send", "There is no kept form for this browser.",
+                404, N_("Nothing to send"), N_("There is no kept form for this browser."),
                 accept=request.headers.get("accept", "")))
         kept = await gw.stash.take(stash_id)
         if kept is None:
             return to_response(error_answer(
-                404, "Nothing to send", "The kept form was already sent, or it expired.",
+                404, N_("Nothing to send"), N_("The kept form was already sent, or it expired."),
                 accept=request.headers.get("accept", "")))
         if kept.origin != gw.settings.public_url:
             log.warning("refused to replay a kept form for %s: posted from origin %r",
                         kept.target.partition("?")[0][:200], kept.origin[:200])
             response = to_response(error_answer(
-                403, "Not sent", "The kept form did not come from this site, so it was not "
-                "sent.", accept=request.headers.get("accept", "")))
+                403, N_("Not sent"), N_("The kept form did not come from this site, so it was "
+                                        "not sent."), accept=request.headers.get("accept", "")))
             response.headers.append("set-cookie", gw.cookies.clear_stash())
             return response
         response = to_response(render("replay.html", title="Sending your form",

@@ -33,11 +33,12 @@ class GatewayServices:
         self.cookies = gateway.cookies
         self.keys = gateway.stores.keys
 
-    async def finish_sign_in(self, signed_in: SignedIn,
-                             request: Request) -> tuple[SessionRecord, str]:
+    async def finish_sign_in(self, signed_in: SignedIn, request: Request, *,
+                             replaces: SessionRecord | None = None,
+                             ) -> tuple[SessionRecord, str]:
         return await self._gw.flows.sign_in.complete(
             signed_in, user_agent=request.headers.get("user-agent", ""),
-            client_ip=client_ip(request))
+            client_ip=client_ip(request), replaces=replaces)
 
     async def current_session(self, request: Request) -> SessionRecord | None:
         return await current_session(self._gw, request)

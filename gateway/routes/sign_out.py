@@ -2,9 +2,10 @@
 
 GET asks for confirmation (a link must never sign anyone out); a same-origin POST with
 the session's CSRF token signs out (``flows.sign_out``): the session ends here first,
-then the browser goes to the IdP's logout when the protocol has one. The confirmation
-page's CSP lets its form end in a redirect to that IdP (browsers apply ``form-action``
-to the redirects after a submission too).
+then the browser goes to the IdP's logout when the protocol has one (for a SAML IdP with
+POST-only Single Logout, first to the gateway's own page that posts it). The
+confirmation page's CSP lets its form end in a redirect to that IdP (browsers apply
+``form-action`` to the redirects after a submission too).
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ Checks of our own raise ``LoginFailed`` with the values they compared. python3-s
 only says which check failed; for its refusals the values are read here from the
 refused document (decrypted when it could be), so the explanation can show both sides:
 the certificates in the message's KeyInfo and those in our metadata, the Audience,
-Destination or InResponseTo seen and expected, the measured clock offset.
+Destination or InResponseTo seen and expected, the measured clock offset. For a refused
+signature: which of the Response and the Assertion arrived signed (the shape), whether
+the certificate in the message is one of the IdP's, and the ``signed_response`` setting
+that applied, so the advice can tell a shape the gateway was told to refuse from a
+signature that does not verify.
 
 Everything read from the message is escaped and truncated (``clean``): it describes a
 refused, possibly hostile message and is never trusted for anything else.
@@ -22,15 +26,19 @@ from gateway.saml.clock import explain_times
 from gateway.saml.registry import IdP
 from gateway.saml.response import clean
 from gateway.saml.sp_keys import fingerprint
-from gateway.saml.structure import parser
+from gateway.saml.structure import Signed, parser
 
 _NS = C.NSMAP
 _KEYINFO_CERTS = ".//ds:Signature/ds:KeyInfo/ds:X509Data/ds:X509Certificate"
 
 
 def add_details(exc: LoginFailed, *, xml: bytes, response: Any, idp: IdP, sp_entity_id: str,
-                acs_url: str, request_id: str | None, now: float) -> None:
-    """Fill in ``exc.details`` (keeping what the raising check already put there)."""
+                acs_url: str, request_id: str | None, now: float,
+                signed: Signed | None = None, signed_response: str | None = None) -> None:
+    """Fill in ``exc.details`` (keeping what the raising check already put there).
+    ``signed``: the shape ``check_structure`` read (None: refused before that);
+    ``signed_response``: the IdP's setting for a signed Response over an unsigned
+    Assertion."""
     details = exc.details
     details.setdefault("idp", idp.entity_id)
     raw = _parse(xml)
@@ -48,8 +56,13 @@ def add_details(exc: LoginFailed, *, xml: bytes, response: Any, idp: IdP, sp_ent
                 if value not in seen:
                     seen.append(value)
         details.setdefault("certificates_seen", ", ".join(seen) or "(none in KeyInfo)")
-        details.setdefault("certificates_expected",
-                           ", ".join(fingerprint(c) for c in idp.signing_certs))
+        expected = [fingerprint(c) for c in idp.signing_certs]
+        details.setdefault("certificates_expected", ", ".join(expected))
+        details.setdefault("certificate_known",
+                           "yes" if any(value in expected for value in seen) else "no")
+        details.setdefault("signed", _shape(signed, document))
+        if signed_response is not None:
+            details.setdefault("signed_response", signed_response)
     if document is None:
         return
     if exc.kind in ("expired", "not_yet_valid") and "offset_seconds" not in details:
@@ -71,6 +84,17 @@ def add_details(exc: LoginFailed, *, xml: bytes, response: Any, idp: IdP, sp_ent
         issuer = document.find("saml:Issuer", _NS)
         details["issuer"] = clean("".join(issuer.itertext()) if issuer is not None else "(none)")
         details["expected"] = idp.entity_id
+
+
+def _shape(signed: Signed | None, document: Any) -> str:
+    """The shape in words; an encrypted Assertion's own signature read after decryption."""
+    if signed is None:
+        return "(not read: refused before its signatures were looked at)"
+    if signed.assertion is None and document is not None:
+        assertion = document.find("saml:Assertion", _NS)
+        if assertion is not None:
+            signed = Signed(signed.response, assertion.find("ds:Signature", _NS) is not None)
+    return signed.shape
 
 
 def _parse(xml: bytes) -> Any:

@@ -69,7 +69,9 @@ def diff(old: IdP | None, new: IdP | None) -> list[str]:
     lines = []
     for label, before, after in (("display name", old.display_name, new.display_name),
                                  ("SSO endpoint", old.sso_url, new.sso_url),
-                                 ("SLO endpoint", old.slo_url, new.slo_url)):
+                                 ("SLO endpoint", old.slo_url, new.slo_url),
+                                 ("SLO endpoint (HTTP-POST)", old.slo_post_url,
+                                  new.slo_post_url)):
         if before != after:
             lines.append(f"{label}: {before or '(none)'} -> {after or '(none)'}")
     old_certs, new_certs = set(old.signing_certs), set(new.signing_certs)
@@ -106,10 +108,11 @@ def idp_warnings(idp: IdP, now: float) -> list[str]:
     for cert in map(cert_info, idp.signing_certs):
         if cert.sha1_signed:
             warnings.append(f"signing certificate {cert.sha256} is signed with SHA-1")
-    if not idp.slo_url:
-        warnings.append("no SingleLogoutService (HTTP-Redirect): sign-out will not reach "
-                        "the IdP")
-    for label, url in (("SSO", idp.sso_url), ("SLO", idp.slo_url)):
+    if not idp.slo_url and not idp.slo_post_url:
+        warnings.append("no SingleLogoutService (HTTP-Redirect or HTTP-POST): sign-out will "
+                        "not reach the IdP")
+    for label, url in (("SSO", idp.sso_url), ("SLO", idp.slo_url),
+                       ("SLO (HTTP-POST)", idp.slo_post_url)):
         if url.startswith("http://"):
             warnings.append(f"{label} endpoint uses plain http: {url}")
     if idp.valid_until is not None and idp.valid_until <= now:

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -138,25 +138,41 @@ class Source:
 
 async def download(url: str, timeout: float, limit: int) -> bytes:
     """The document at ``url``; raise ``MetadataRefused`` on any transport problem."""
-    try:
+    with transport_errors(url, timeout):
         async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout),
                                           trust_env=False) as http,
                     http.get(url, max_redirects=5) as resp):
-            if resp.status != 200:
-                raise MetadataRefused(f"{url}: answered HTTP {resp.status}")
-            if (resp.content_length or 0) > limit:
-                raise MetadataRefused(f"{url}: larger than max_bytes ({limit})")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > limit:
-                    raise MetadataRefused(f"{url}: larger than max_bytes ({limit})")
-            return bytes(body)
+            return await bounded_body(resp, url, limit)
+
+
+async def bounded_body(resp: aiohttp.ClientResponse, url: str, limit: int) -> bytes:
+    """A 200 answer's body, refused (``MetadataRefused``) past ``limit`` bytes."""
+    if resp.status != 200:
+        raise MetadataRefused(f"{url}: answered HTTP {resp.status}")
+    if (resp.content_length or 0) > limit:
+        raise MetadataRefused(f"{url}: larger than max_bytes ({limit})")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise MetadataRefused(f"{url}: larger than max_bytes ({limit})")
+    return bytes(body)
+
+
+@contextlib.contextmanager
+def transport_errors(url: str, timeout: float) -> Iterator[None]:
+    """A download's timeout and connection errors as ``MetadataRefused``."""
+    try:
+        yield
     except TimeoutError:
         raise MetadataRefused(f"{url}: no complete answer within {timeout:g} s") from None
     except aiohttp.ClientError as exc:
         raise MetadataRefused(f"{url}: unreachable ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]})") from None
+
+
+#: IdP changes of one refresh logged one by one; the rest are counted.
+LOGGED_CHANGES = 20
 
 
 def cache_paths(config: SourceConfig) -> tuple[Path, Path]:
@@ -308,6 +324,7 @@ class MetadataRefresher:
             log.warning("metadata of %s: %d IdP%s in use, %d skipped as unusable "
                         "(sso-gateway idp list shows why)", source.url, len(accepted.idps),
                         "s" if len(accepted.idps) != 1 else "", len(accepted.skipped))
+        changed: dict[str, list[str]] = {"added": [], "removed": [], "updated": []}
         for entity_id in sorted(before.keys() | after.keys()):
             old, new = before.get(entity_id), after.get(entity_id)
             if self._sp is not None and old is not None and old != new:
@@ -316,10 +333,24 @@ class MetadataRefresher:
             if initial or not lines:
                 continue
             change = "added" if old is None else "removed" if new is None else "updated"
-            log.warning("metadata of IdP %s %s (from %s): %s", entity_id, change, source.url,
-                        "; ".join(lines))
+            changed[change].append(entity_id)
+            if sum(map(len, changed.values())) <= LOGGED_CHANGES:
+                log.warning("metadata of IdP %s %s (from %s): %s", entity_id, change,
+                            source.url, "; ".join(lines))
+        total = sum(map(len, changed.values()))
+        if total == 1:  # one IdP: named in the audit line
+            [(change, [entity_id])] = [(k, v) for k, v in changed.items() if v]
             audit("metadata_change", change=change, entity_id=entity_id, source=source.url,
                   sha256=accepted.sha256)
+        elif total > 1:  # one line per refresh, however many IdPs an aggregate changed
+            counts = ", ".join(f"{len(v)} {k}" for k, v in changed.items() if v)
+            if total > LOGGED_CHANGES:
+                log.warning("metadata of %s refreshed: %s (the first %d are logged above)",
+                            source.url, counts, LOGGED_CHANGES)
+            audit("metadata_change", change="refreshed", entity_id=f"{total} IdPs",
+                  source=source.url, sha256=accepted.sha256, idps=len(after),
+                  added=len(changed["added"]), removed=len(changed["removed"]),
+                  updated=len(changed["updated"]))
 
     def drop_expired(self) -> None:
         """Remove URL IdPs whose validUntil has passed (no good refresh came in time)."""

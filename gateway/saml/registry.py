@@ -39,6 +39,7 @@ from onelogin.saml2.settings import validate_url
 from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
 
 from gateway.errors import ConfigError, UnknownIdP
+from gateway.saml.scopes import Scope, read_scopes
 
 log = logging.getLogger("gateway.metadata")
 _MD = f"{{{C.NS_MD}}}"
@@ -47,10 +48,42 @@ _MDRPI_NS = "urn:oasis:names:tc:SAML:metadata:rpi"
 _NS = {"md": C.NS_MD, "ds": C.NS_DS, "mdui": _MDUI_NS, "mdrpi": _MDRPI_NS}
 _DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
 _BAD_ENTITY_ID = re.compile(r"['\s\x00-\x1f]")
+_BAD_URL = re.compile(r"[\s\x00-\x1f\"'<>\\]")  # kept out of a logo's src
 # Signing keys: KeyDescriptors for signing, or with no ``use`` (meaning both uses).
 _SIGNING_CERTS = (
     "md:KeyDescriptor[not(@use) or @use='signing']/ds:KeyInfo/ds:X509Data/ds:X509Certificate"
 )
+
+
+#: A localized metadata value: (text, xml:lang), the language "" when none is given.
+Localized = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Logo:
+    """An ``mdui:Logo``: an https URL (no other is kept) and its size in pixels."""
+
+    url: str
+    width: int
+    height: int
+    lang: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UIInfo:
+    """What discovery shows and searches of an IdP: its ``mdui:UIInfo`` (display names,
+    else the OrganizationDisplayNames) and its ``mdui:DiscoHints`` domain hints."""
+
+    display_names: tuple[Localized, ...] = ()
+    descriptions: tuple[Localized, ...] = ()
+    keywords: tuple[Localized, ...] = ()  # as written: words split by spaces, "+" a space
+    information_urls: tuple[Localized, ...] = ()
+    privacy_urls: tuple[Localized, ...] = ()
+    logos: tuple[Logo, ...] = ()
+    domain_hints: tuple[str, ...] = ()  # lower-case
+
+
+NO_UI = UIInfo()
 
 
 @dataclass(frozen=True)
@@ -71,6 +104,11 @@ class IdP:
     # The earliest validUntil of the EntityDescriptor and its aggregates (POSIX seconds).
     valid_until: float | None = field(default=None, compare=False)
     url: str = field(default="", compare=False)  # the metadata URL, "" for a file
+    ui: UIInfo = field(default=NO_UI, compare=False, repr=False)  # for discovery
+    # The HTTP-POST SingleLogoutService, used only when there is no Redirect one ("" if none).
+    slo_post_url: str = ""
+    # The scopes its metadata lists (shibmd:Scope) for scoped attribute values.
+    scopes: tuple[Scope, ...] = field(default=(), compare=False)
 
     @property
     def origin(self) -> str:
@@ -92,6 +130,29 @@ class IdPRegistry:
         self.generation = 0  # bumped by every replace_source
         # Per source ("" for the files): the aggregate entities skipped, with the reason.
         self.skipped: dict[str, tuple[str, ...]] = {}
+        # Sources filled on demand (MDQ): what a visitor asked for, so never the default.
+        self._on_demand: set[str] = set()
+
+    def add_on_demand_source(self, name: str) -> None:
+        """Name a source whose IdPs are fetched on first use (MDQ): see ``on_demand``."""
+        self._on_demand.add(name)
+
+    @property
+    def on_demand(self) -> bool:
+        """Whether IdPs may arrive on first use: an empty registry can still sign in."""
+        return bool(self._on_demand)
+
+    def put(self, name: str, idp: IdP) -> None:
+        """Add (or replace) one IdP of an on-demand source (MDQ), keeping the others."""
+        self._on_demand.add(name)
+        others = [i for i in self._sources.get(name, ()) if i.entity_id != idp.entity_id]
+        self.replace_source(name, [*others, idp])
+
+    def drop(self, name: str, entity_id: str) -> None:
+        """Remove one IdP of an on-demand source (evicted from its cache, or expired)."""
+        current = self._sources.get(name, ())
+        if any(i.entity_id == entity_id for i in current):
+            self.replace_source(name, [i for i in current if i.entity_id != entity_id])
 
     def replace_source(self, name: str, idps: Iterable[IdP],
                        skipped: Iterable[str] | None = None) -> None:
@@ -160,7 +221,10 @@ class IdPRegistry:
         return sorted(self._idps.values(), key=lambda i: (i.display_name.casefold(), i.entity_id))
 
     def default(self) -> IdP | None:
-        """The only IdP when exactly one is configured (no discovery needed), else None."""
+        """The only IdP when exactly one is configured (no discovery needed), else None.
+        IdPs fetched on demand (MDQ) never make one the default: a visitor chose them."""
+        if self._on_demand:
+            return None
         if len(self._idps) == 1:
             return next(iter(self._idps.values()))
         return None
@@ -304,12 +368,17 @@ def _load_entity(path: Path, entity: Any, problems: list[str], url: str = "") ->
     descriptor = entity.find("md:IDPSSODescriptor", _NS)
     sso_url = _location(descriptor, "SingleSignOnService")
     slo_url = _location(descriptor, "SingleLogoutService")
+    # Single Logout by POST only when the IdP offers no Redirect endpoint.
+    slo_post_url = "" if slo_url else _location(descriptor, "SingleLogoutService",
+                                                 C.BINDING_HTTP_POST)
     if not sso_url:
         problems.append(f"{where}: no SingleSignOnService with the HTTP-Redirect binding")
     elif not validate_url(sso_url):
         problems.append(f"{where}: the SingleSignOnService Location is not a URL")
     if slo_url and not validate_url(slo_url):
         problems.append(f"{where}: the SingleLogoutService Location is not a URL")
+    if slo_post_url and not validate_url(slo_post_url):
+        problems.append(f"{where}: the SingleLogoutService (HTTP-POST) Location is not a URL")
 
     certs: list[str] = []
     bad_cert = False
@@ -335,9 +404,12 @@ def _load_entity(path: Path, entity: Any, problems: list[str], url: str = "") ->
     }
     if slo_url:
         settings["singleLogoutService"] = {"url": slo_url, "binding": C.BINDING_HTTP_REDIRECT}
+    elif slo_post_url:
+        settings["singleLogoutService"] = {"url": slo_post_url, "binding": C.BINDING_HTTP_POST}
+    ui = _ui_info(entity, descriptor)
     return IdP(
         entity_id=entity_id,
-        display_name=_display_name(entity) or entity_id,
+        display_name=_display_name(ui.display_names) or entity_id,
         sso_url=sso_url,
         slo_url=slo_url,
         signing_certs=tuple(certs),
@@ -345,30 +417,72 @@ def _load_entity(path: Path, entity: Any, problems: list[str], url: str = "") ->
         settings=settings,
         valid_until=valid_until(entity),
         url=url,
+        ui=ui,
+        slo_post_url=slo_post_url,
+        scopes=read_scopes(entity, where, _NS),
     )
 
 
-def _location(descriptor: Any, service: str) -> str:
-    """The Location of the first ``service`` endpoint with the HTTP-Redirect binding."""
+def _location(descriptor: Any, service: str, binding: str = C.BINDING_HTTP_REDIRECT) -> str:
+    """The Location of the first ``service`` endpoint with ``binding`` (HTTP-Redirect)."""
     for node in descriptor.iterfind(f"md:{service}", _NS):
-        if node.get("Binding") == C.BINDING_HTTP_REDIRECT:
+        if node.get("Binding") == binding:
             return str(node.get("Location") or "").strip()
     return ""
 
 
-def _display_name(entity: Any) -> str:
-    """mdui:DisplayName (English first), else the OrganizationDisplayName."""
-    for query in (
-        "md:IDPSSODescriptor/md:Extensions/mdui:UIInfo/mdui:DisplayName",
-        "md:Organization/md:OrganizationDisplayName",
-    ):
-        nodes = entity.xpath(query, namespaces=_NS)
-        nodes.sort(key=lambda n: n.get("{http://www.w3.org/XML/1998/namespace}lang") != "en")
-        for node in nodes:
-            text = " ".join((node.text or "").split())
-            if text:
-                return text
-    return ""
+_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+_MDUI = f"{{{_MDUI_NS}}}"
+# mdui:UIInfo children kept as localized texts → their slot in ``_ui_info``.
+_UI_TEXTS = {f"{_MDUI}{name}": n for n, name in enumerate(
+    ("DisplayName", "Description", "Keywords", "InformationURL", "PrivacyStatementURL"))}
+
+
+def _text(node: Any) -> str:
+    return " ".join((node.text or "").split())
+
+
+def _logo(node: Any) -> Logo | None:
+    """An mdui:Logo the sign-in page may show: an https URL and a sane size, else None."""
+    url = (node.text or "").strip()
+    try:
+        width, height = int(node.get("width") or ""), int(node.get("height") or "")
+    except ValueError:
+        return None
+    if (not url.startswith("https://") or not validate_url(url) or _BAD_URL.search(url)
+            or not (0 < width <= 1000 and 0 < height <= 1000)):
+        return None
+    return Logo(url, width, height, str(node.get(_LANG) or "").strip())
+
+
+def _ui_info(entity: Any, descriptor: Any) -> UIInfo:
+    """The IdP's mdui:UIInfo and mdui:DiscoHints (or the shared empty one), in one pass
+    over the IDPSSODescriptor's Extensions; without an mdui:DisplayName, the
+    OrganizationDisplayNames stand in as display names."""
+    texts: list[list[Localized]] = [[] for _ in _UI_TEXTS]
+    logos: list[Logo] = []
+    hints: dict[str, None] = {}
+    for block in descriptor.iterfind("md:Extensions/*", _NS):
+        if block.tag == f"{_MDUI}UIInfo":
+            for node in block:
+                slot = _UI_TEXTS.get(node.tag)
+                if slot is not None and (text := _text(node)):
+                    texts[slot].append((text, str(node.get(_LANG) or "").strip()))
+                elif node.tag == f"{_MDUI}Logo" and (logo := _logo(node)) is not None:
+                    logos.append(logo)
+        elif block.tag == f"{_MDUI}DiscoHints":
+            hints.update((_text(n).lower(), None) for n in block
+                         if n.tag == f"{_MDUI}DomainHint" and _text(n))
+    names = texts[0] or [(_text(n), str(n.get(_LANG) or "").strip()) for n in entity.iterfind(
+        "md:Organization/md:OrganizationDisplayName", _NS) if _text(n)]
+    ui = UIInfo(tuple(names), tuple(texts[1]), tuple(texts[2]), tuple(texts[3]),
+                tuple(texts[4]), tuple(logos), tuple(hints))
+    return NO_UI if ui == NO_UI else ui
+
+
+def _display_name(names: tuple[Localized, ...]) -> str:
+    """The English display name (mdui, else OrganizationDisplayName), else the first."""
+    return next((text for text, lang in names if lang == "en"), names[0][0] if names else "")
 
 
 def _short(exc: BaseException) -> str:

@@ -16,6 +16,10 @@ the library's own parsed and validated document:
   Destination and any URL that starts with ours), and every bearer
   SubjectConfirmationData's Recipient equal to it too (the library: substring);
 - exactly one Assertion, with an ID, and it is the one the signature reference points at;
+  an Assertion without a signature of its own only when the IdP's ``signed_response`` is
+  "accept" and the library was told to require the Response signature (``by_response``),
+  and then only as the child of a Response whose one signature references the Response
+  itself (so that signature covers it);
 - every bearer SubjectConfirmationData carries NotOnOrAfter (the library accepts one
   without, so an assertion could be confirmable forever) and InResponseTo equal to our
   request ID (the library compares it only when present, so a genuine assertion issued
@@ -186,12 +190,14 @@ class Auth(OneLogin_Saml2_Auth):  # type: ignore[misc]
 def check_response(
     auth: Auth, *, request_id: str | None, idp_entity_id: str, sp_entity_id: str,
     acs_url: str, now: float, max_issue_age: float = MAX_ISSUE_AGE,
-    skew: float = C.ALLOWED_CLOCK_DRIFT,
+    skew: float = C.ALLOWED_CLOCK_DRIFT, by_response: bool = False,
 ) -> Any:
     """The application's checks on a Response the library accepted; returns the Assertion.
 
     ``request_id`` None means an IdP-initiated login (the caller checked the IdP opted in):
-    then no InResponseTo may appear anywhere."""
+    then no InResponseTo may appear anywhere. ``by_response``: the library was told to
+    require the Response signature, which may then be the only one covering the
+    Assertion."""
     response = auth.response
     if response is None:  # pragma: no cover - process_response always builds one
         raise LoginFailed("malformed", "python3-saml accepted a response it did not parse.")
@@ -218,6 +224,8 @@ def check_response(
             "malformed", f"{where} has no Assertion ID or its Assertion is not the signed one."
         )
     assertion = assertions[0]
+    if assertion.find("ds:Signature", _NS) is None:
+        _check_covered_by_response(document, where, by_response)
     _check_issuer(assertion.findall("saml:Issuer", _NS), "Assertion", where, idp_entity_id)
     _check_audience(assertion, where, sp_entity_id)
     _check_subject_confirmations(assertion, where, request_id, acs_url)
@@ -225,6 +233,19 @@ def check_response(
     check_issue_instant(assertion, "Assertion", where, now, max_issue_age, skew)
     check_validity(assertion, where, now, skew)
     return assertion
+
+
+def _check_covered_by_response(document: Any, where: str, by_response: bool) -> None:
+    """An unsigned Assertion is accepted only under the one signature of its Response,
+    referencing the Response itself, which the library was told to require."""
+    signatures = OneLogin_Saml2_XML.query(document, "/samlp:Response/ds:Signature")
+    references = OneLogin_Saml2_XML.query(
+        document, "/samlp:Response/ds:Signature/ds:SignedInfo/ds:Reference")
+    response_id = document.get("ID")
+    if not by_response or len(signatures) != 1 or len(references) != 1 or not response_id \
+            or references[0].get("URI") != "#" + response_id:
+        raise LoginFailed("signature", f"{where} has an unsigned Assertion that no signature "
+                          "of its Response covers.")
 
 
 def _check_in_response_to(value: str | None, request_id: str | None, where: str) -> None:

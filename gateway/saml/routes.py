@@ -1,4 +1,5 @@
-"""``/saml/*``: SP metadata, the sign-in page and login start, the ACS, and the SLS.
+"""``/saml/*``: SP metadata, the sign-in page and login start, the ACS, the SLS, and
+the DiscoFeed (the IdP list as JSON for an external discovery service).
 
 Handlers parse the request, call the SAML login or Single Logout, and answer; sessions
 start and end through the gateway's ``SignInServices``. The gateway's sign-out page is
@@ -9,23 +10,27 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.answers import step_up_refusal
 from gateway.audit import audit
-from gateway.errors import LogoutFailed, UnknownIdP
+from gateway.errors import N_, LogoutFailed, StepUpFailed, TooManyRequests, UnknownIdP
 from gateway.paths import safe_next
-from gateway.protocol import SignInServices
+from gateway.protocol import SignInOptions, SignInServices
 from gateway.saml import sign_in
+from gateway.saml.discovery import Discovery
 from gateway.saml.login import SamlLogin
 from gateway.saml.slo import (
     MAX_MESSAGE_AGE,
     REQUEST,
     Examined,
     Message,
+    Outgoing,
     read_post,
     read_redirect,
 )
@@ -42,11 +47,25 @@ MAX_SLS_BODY = 256 * 1024
 REMEMBER_PATH = "/saml/"
 
 
+def post_page(message: Outgoing) -> Response:
+    """A logout message sent by HTTP-POST: a form that submits itself (a button without
+    scripts); the page's CSP lets a form go to that IdP's origin only."""
+    page = to_response(render("saml_post.html", title=N_("Signing you out"),
+                              message=N_("Your identity provider is being told that you "
+                                         "signed out."), action=message.url,
+                              fields=message.fields))
+    target = urlsplit(message.url)
+    page.headers["content-security-policy"] = page.headers["content-security-policy"].replace(
+        "form-action 'self'", f"form-action {target.scheme}://{target.netloc}")
+    return page
+
+
 def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
     """The SAML endpoints, bound to one gateway's services."""
     settings, cookies = services.settings, services.cookies
-    flow = SamlLogin(saml.sp, saml.registry, services, saml.clock)
+    flow = SamlLogin(saml.sp, saml.registry, services, saml.clock, mdq=saml.mdq)
     slo = saml.slo
+    discovery = Discovery(saml.registry)
 
     async def metadata(request: Request) -> Response:
         return Response(saml.metadata_xml, media_type="application/samlmetadata+xml",
@@ -54,22 +73,31 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
 
     async def login(request: Request) -> Response:
         next_url = safe_next(request.query_params.get("next"))
+        options = flow.options(request.query_params.multi_items())
+        if options.passive:
+            return await passive_login(request, next_url, options)
         chosen = request.query_params.get("idp")
         if chosen:
             # Before anything is written: a refused choice is recorded for `explain`, a
             # known one starts a pending sign-in; both count against the client's limit.
             await services.rate_limit(request, "logins", settings.limits.logins)
         try:
-            idp = flow.choose_idp(chosen)
+            idp = await flow.find_idp(chosen, request)
         except UnknownIdP as exc:
             return sign_in.unknown_idp(services, request, chosen or "", exc, next_url)
-        if idp is None or (not chosen and not settings.idp.auto_redirect):
+        at_session_idp = False
+        if options.step_up and not chosen:  # a step-up goes to the member's own IdP
+            session_idp = flow.session_idp(await services.current_session(request))
+            if session_idp is not None:
+                idp, at_session_idp = session_idp, True
+        if idp is None or (not chosen and not at_session_idp and not settings.idp.auto_redirect):
             if settings.idp.discovery_url and "ds" not in request.query_params:
                 return sign_in.discovery(settings, next_url)
-            return sign_in.page(cookies, saml.registry, request, next_url)
+            catalogue = await run_in_threadpool(discovery.catalogue)
+            return sign_in.page(settings, cookies, saml.registry, catalogue, request, next_url)
         if not chosen:  # the one IdP, straight away: the same limit
             await services.rate_limit(request, "logins", settings.limits.logins)
-        started = await flow.start(idp, next_url)
+        started = await flow.start(idp, next_url, options)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", started.binding_cookie)
@@ -78,16 +106,48 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
                                     cookies.remember_idp(idp.entity_id, path=REMEMBER_PATH))
         return response
 
+    async def passive_login(request: Request, next_url: str,
+                            options: SignInOptions) -> Response:
+        """IsPassive at the remembered (or only) IdP; straight back to ``next_url`` when
+        there is none, the visitor has a session, or the client is over its limit. Never
+        a page: a passive sign-in must not be seen."""
+        idp = flow.passive_idp(cookies.remembered_idp(request.scope["headers"]))
+        back = RedirectResponse(next_url, status_code=302)
+        back.headers["cache-control"] = "no-store"
+        if idp is None or await services.current_session(request) is not None:
+            return back
+        try:
+            await services.rate_limit(request, "logins", settings.limits.logins)
+        except TooManyRequests:
+            return back
+        started = await flow.start(idp, next_url, options)
+        response = RedirectResponse(started.redirect_url, status_code=302)
+        response.headers["cache-control"] = "no-store"
+        response.headers.append("set-cookie", started.binding_cookie)
+        return response
+
     async def acs(request: Request) -> Response:
         await services.rate_limit(request, "logins", settings.limits.logins)
         form = await read_form(request, MAX_ACS_BODY)
-        done = await flow.finish(form, request)
+        try:
+            done = await flow.finish(form, request)
+        except StepUpFailed as exc:  # the page needs what the IdP did not give: say what
+            reference = services.login_failed(exc)
+            return to_response(step_up_refusal(
+                exc.authn_context, fresh=exc.fresh, reference=reference,
+                accept=request.headers.get("accept", "")))
         response = RedirectResponse(done.next_url, status_code=302)
         response.headers["cache-control"] = "no-store"
-        response.headers.append("set-cookie", cookies.session(done.session_cookie_value))
+        if done.record is not None:  # None: a passive sign-in came back without one
+            response.headers.append("set-cookie", cookies.session(done.session_cookie_value))
         if done.clear_binding is not None:
             response.headers.append("set-cookie", done.clear_binding)
         return response
+
+    async def discofeed(request: Request) -> Response:
+        catalogue = await run_in_threadpool(discovery.catalogue)
+        await run_in_threadpool(catalogue.feed)  # built once per registry generation
+        return sign_in.feed(catalogue, request)
 
     def signed_out() -> Response:
         response = to_response(render("signed_out.html", title="Signed out"))
@@ -137,24 +197,31 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         log.info("LogoutRequest %s from IdP %s accepted", logout.request_id,
                  logout.idp.entity_id)
         await services.end_for_logout(logout.handle, logout.ends, idp=logout.idp.entity_id)
-        url = await run_in_threadpool(slo.answer, logout)
-        if url is None:
+        outgoing = await run_in_threadpool(slo.answer, logout)
+        if outgoing is None:
             return signed_out()
-        response = RedirectResponse(url, status_code=302)
-        response.headers["cache-control"] = "no-store"
+        response = post_page(outgoing) if outgoing.is_post else RedirectResponse(
+            outgoing.url, status_code=302, headers={"cache-control": "no-store"})
         if current is not None and logout.ends(current.principal):
             # The browser carrying the request was one of them: its cookie goes too.
             response.headers.append("set-cookie", cookies.clear_session())
         return response
 
+    async def logout_form(request: Request) -> Response:
+        """The page that posts a kept LogoutRequest to an IdP with POST-only Single Logout
+        (``SamlProtocol.start_logout``); the gateway session has ended already."""
+        await services.rate_limit(request, "logouts", settings.limits.logouts)
+        outgoing = await saml.take_logout_form(request.path_params["token"])
+        return signed_out() if outgoing is None else post_page(outgoing)
+
     def refused(request: Request, exc: LogoutFailed, kind: str) -> Response:
         ref = new_reference()
         log.warning("logout refused ref=%s kind=%s reason=%s", ref, exc.kind, exc.reason)
         if kind == REQUEST or kind == "unknown":
-            title, text = "Sign-out request refused", (
+            title, text = N_("Sign-out request refused"), N_(
                 "This sign-out request could not be accepted; nothing was changed.")
         else:
-            title, text = "Sign-out not confirmed", (
+            title, text = N_("Sign-out not confirmed"), N_(
                 "Your session on this site has ended, but your identity provider's "
                 "confirmation could not be accepted. Close the browser to be sure you are "
                 "signed out everywhere.")
@@ -166,4 +233,6 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         Route(sign_in.LOGIN_PATH, login),
         Route("/saml/acs", acs, methods=["POST"]),
         Route("/saml/sls", sls, methods=["GET", "POST"]),
+        Route("/saml/slo/post/{token}", logout_form),
+        *([Route(sign_in.FEED_PATH, discofeed)] if settings.idp.discofeed else []),
     ]

@@ -22,6 +22,10 @@ LogoutResponse that answers nothing pending) and only then does ``accept_request
 The Redirect signature is checked on the query string exactly as it arrived
 (``validate_signature_from_qs``): re-encoding would break senders that encode
 differently (ADFS's lower-case hex). Every function is synchronous: run it in a thread.
+
+Outgoing messages use the IdP's HTTP-Redirect SingleLogoutService when it has one, else
+its HTTP-POST one (``IdP.slo_post_url``): the message then carries an enveloped XML
+signature (RSA-SHA256, exclusive c14n) and goes out as a form (``Outgoing.fields``).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ from gateway.saml.response import clean, kind_for, saml_time
 from gateway.saml.sp import ServiceProvider
 
 __all__ = ["MAX_MESSAGE_AGE", "PENDING_TTL", "REQUEST", "RESPONSE", "Examined", "IdPLogout",
-           "LogoutAnswer", "LogoutStart", "Message", "SingleLogout", "read_post", "read_redirect"]
+           "LogoutAnswer", "LogoutStart", "Message", "Outgoing", "SingleLogout", "read_post",
+           "read_redirect"]
 
 MAX_MESSAGE_AGE = 300.0  # seconds since IssueInstant; the library's clock drift on top
 PENDING_TTL = 300.0  # how long an SP-initiated logout waits for its LogoutResponse
@@ -68,8 +73,21 @@ _ISSUER = f"{{{C.NS_SAML}}}Issuer"
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """A signed logout message on its way to an IdP: for HTTP-Redirect the URL with the
+    signed query (``fields`` empty); for HTTP-POST the form's action and its fields."""
+
+    url: str
+    fields: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_post(self) -> bool:
+        return bool(self.fields)
+
+
+@dataclass(frozen=True)
 class LogoutStart:
-    url: str  # the IdP's SLO URL with the signed HTTP-Redirect query
+    message: Outgoing  # a LogoutRequest, by the IdP's binding
     request_id: str  # store it: the LogoutResponse must answer exactly this
 
 
@@ -143,14 +161,22 @@ class SingleLogout:
         self.sls_url = sp.sls_url
 
     def start(self, idp: IdP, principal: Principal) -> LogoutStart:
-        """A signed LogoutRequest (Redirect binding) for the login behind ``principal``."""
-        auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), self._sp.settings_for(idp))
+        """A signed LogoutRequest for the login behind ``principal``: HTTP-Redirect when
+        the IdP offers it, else HTTP-POST."""
+        settings = self._sp.settings_for(idp)
         data = principal.protocol_data
         # The library pastes SessionIndex into its XML template unescaped.
-        url = auth.logout(return_to="/", name_id=data.get("name_id", ""),
-                          session_index=escape(data.get("session_index", "")) or None,
-                          name_id_format=data.get("name_id_format") or None)
-        return LogoutStart(url=url, request_id=auth.get_last_request_id())
+        name_id, session_index = data.get("name_id", ""), escape(data.get("session_index", ""))
+        name_id_format = data.get("name_id_format") or None
+        if not idp.slo_url:
+            request = OneLogin_Saml2_Logout_Request(
+                settings, name_id=name_id, session_index=session_index or None,
+                name_id_format=name_id_format)
+            return LogoutStart(_post(settings, REQUEST, request.get_xml()), str(request.id))
+        auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), settings)
+        url = auth.logout(return_to="/", name_id=name_id, session_index=session_index or None,
+                          name_id_format=name_id_format)
+        return LogoutStart(Outgoing(url), auth.get_last_request_id())
 
     def examine(self, message: Message) -> Examined:
         """The cheap checks, before anything costly: decode (within the size limits), parse,
@@ -230,20 +256,23 @@ class SingleLogout:
             raise LogoutFailed("status", f"{where} has status {clean(status, 120)}.")
         return LogoutAnswer(idp=idp, in_response_to=examined.in_response_to)
 
-    def answer(self, logout: IdPLogout) -> str | None:
-        """The signed LogoutResponse (Success) as a Redirect URL to the IdP, if it has SLO."""
+    def answer(self, logout: IdPLogout) -> Outgoing | None:
+        """The signed LogoutResponse (Success) to the IdP, by its SLO binding (Redirect,
+        else POST); ``None`` when it has no SingleLogoutService."""
         settings = self._sp.settings_for(logout.idp)
         target = settings.get_idp_slo_response_url()
         if not target:
             return None
         builder = OneLogin_Saml2_Logout_Response(settings)
         builder.build(logout.request_id)
+        if not logout.idp.slo_url:
+            return _post(settings, RESPONSE, builder.get_xml(), logout.relay_state)
         params = {RESPONSE: builder.get_response()}
         if logout.relay_state is not None:
             params["RelayState"] = logout.relay_state
         auth = OneLogin_Saml2_Auth(_request_data(self.sls_url), settings)
         auth.add_response_signature(params, C.RSA_SHA256)
-        return str(auth.redirect_to(target, params))
+        return Outgoing(str(auth.redirect_to(target, params)))
 
     # Internals -----------------------------------------------------------------------
 
@@ -289,6 +318,18 @@ class SingleLogout:
         except Exception as exc:
             raise LogoutFailed("malformed", f"{where} could not be processed "
                                f"({type(exc).__name__}: {clean(exc)}).") from exc
+
+
+def _post(settings: Any, kind: str, xml: str, relay_state: str | None = None) -> Outgoing:
+    """A logout message for the HTTP-POST binding: the enveloped signature (SP key,
+    RSA-SHA256) in the XML, base64 in the form field ``kind``."""
+    signed = OneLogin_Saml2_Utils.add_sign(xml, settings.get_sp_key(), settings.get_sp_cert(),
+                                           sign_algorithm=C.RSA_SHA256,
+                                           digest_algorithm=C.SHA256)
+    fields = [(kind, OneLogin_Saml2_Utils.b64encode(signed))]
+    if relay_state is not None:
+        fields.append(("RelayState", relay_state))
+    return Outgoing(settings.get_idp_data()["singleLogoutService"]["url"], tuple(fields))
 
 
 def _request_data(url: str, get_data: dict[str, str] | None = None,

@@ -14,7 +14,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ from gateway.saml.identifiers import PROTOCOL, checked, logout_handle
 from gateway.saml.registry import IdP, IdPRegistry
 from gateway.saml.response import Auth, check_response, clean, kind_for
 from gateway.saml.sp_keys import metadata_warnings, read_keypairs, sp_metadata
-from gateway.saml.structure import check_envelope, check_structure, parser
+from gateway.saml.structure import Signed, check_envelope, check_structure, parser
 
 log = logging.getLogger("gateway")
 ACS_PATH = "/saml/acs"
@@ -41,8 +41,9 @@ SLS_PATH = "/saml/sls"
 METADATA_PATH = "/saml/metadata"
 #: Seconds a built SP metadata document with a ``validUntil`` is served before a rebuild.
 METADATA_REBUILD = 3600.0
-# We identify members by an attribute, not by NameID, so we let the IdP pick the format:
-# asking for ``persistent`` makes IdPs that cannot issue one fail with InvalidNameIDPolicy.
+# By default we identify members by an attribute, not by NameID, so we let the IdP pick
+# the format: asking for ``persistent`` makes IdPs that cannot issue one fail with
+# InvalidNameIDPolicy. ``[[idps]] name_id_format`` asks one IdP for another format.
 NAMEID_FORMAT = C.NAMEID_UNSPECIFIED
 
 
@@ -71,6 +72,18 @@ class Peek:
     in_response_to: str | None
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An IdP's answer that is not a success: its StatusCode and second-level StatusCode
+    (e.g. ``…:status:Responder`` / ``…:status:NoPassive``), read unvalidated (IdPs rarely
+    sign a refusal), so only ever used to tell a refusal from a broken message."""
+
+    issuer: str
+    in_response_to: str | None
+    code: str
+    sub_code: str
+
+
 class ServiceProvider:
     """One SP (this gateway) in front of the IdPs of a registry."""
 
@@ -92,7 +105,7 @@ class ServiceProvider:
         self._skew = float(settings.idp.clock_skew)
         self._keys = read_keypairs(settings)  # current first; the next one during a rollover
         self._lock = threading.Lock()
-        self._cache: dict[tuple[IdP, int], OneLogin_Saml2_Settings] = {}
+        self._cache: dict[tuple[IdP, int, bool], OneLogin_Saml2_Settings] = {}
         self._metadata: tuple[float, str] | None = None  # (built at, XML)
         self._sp_only = self._build(None)
         for idp in registry.all():  # a bad IdP block fails at startup, not at first login
@@ -103,10 +116,18 @@ class ServiceProvider:
 
     # Public API ----------------------------------------------------------------------
 
-    def start_login(self, idp: IdP, relay_state: str) -> LoginRequest:
-        """An AuthnRequest for ``idp`` as an HTTP-Redirect URL, and its ID."""
-        auth = Auth(self._request_data("/saml/login"), self.settings_for(idp))
-        url = auth.login(return_to=relay_state)
+    def start_login(self, idp: IdP, relay_state: str, *, authn_context: Sequence[str] = (),
+                    force_authn: bool = False, is_passive: bool = False) -> LoginRequest:
+        """An AuthnRequest for ``idp`` as an HTTP-Redirect URL, and its ID.
+
+        ``authn_context``: a RequestedAuthnContext with these classes and Comparison
+        ``exact`` (the IdP uses one of them; settings are built for this request only);
+        ``force_authn``: ForceAuthn (authenticate again even with an IdP session);
+        ``is_passive``: IsPassive (no interaction: NoPassive if the IdP must ask)."""
+        settings = (self._build(idp, authn_context=tuple(authn_context)) if authn_context
+                    else self.settings_for(idp))
+        auth = Auth(self._request_data("/saml/login"), settings)
+        url = auth.login(return_to=relay_state, force_authn=force_authn, is_passive=is_passive)
         return LoginRequest(url=url, request_id=auth.get_last_request_id())
 
     def finish_login(self, saml_response: str, *, request_id: str, idp: IdP) -> LoginResult:
@@ -139,24 +160,56 @@ class ServiceProvider:
         text = "".join(issuer.itertext()).strip() if issuer is not None else ""
         return Peek(issuer=text, in_response_to=root.get("InResponseTo"))
 
+    def refusal(self, saml_response: str) -> Refusal | None:
+        """The IdP's refusal in a Response whose status is not Success, else ``None``
+        (a success, or not a readable Response). Raises ``LoginFailed`` for an envelope
+        that is refused unread (size, encoding, DOCTYPE)."""
+        _, xml = check_envelope(saml_response)
+        try:
+            root = etree.fromstring(xml, parser())
+        except etree.XMLSyntaxError:
+            return None
+        code = root.find("samlp:Status/samlp:StatusCode", C.NSMAP)
+        if root.tag != f"{{{C.NS_SAMLP}}}Response" or code is None:
+            return None
+        if code.get("Value") == C.STATUS_SUCCESS:
+            return None
+        sub = code.find("samlp:StatusCode", C.NSMAP)
+        issuer = root.find("saml:Issuer", C.NSMAP)
+        return Refusal(issuer="".join(issuer.itertext()).strip() if issuer is not None else "",
+                       in_response_to=root.get("InResponseTo"), code=code.get("Value") or "",
+                       sub_code=sub.get("Value") or "" if sub is not None else "")
+
     def _finish(self, saml_response: str, request_id: str | None, idp: IdP) -> LoginResult:
         encoded, xml = check_envelope(saml_response)
         auth: Auth | None = None
+        signed: Signed | None = None
         try:
-            check_structure(xml)
-            auth = Auth(
-                self._request_data(ACS_PATH, {"SAMLResponse": encoded}), self.settings_for(idp)
-            )
+            signed = check_structure(xml)
+            by_response = self.signed_by_response(idp, signed)
+            auth = Auth(self._request_data(ACS_PATH, {"SAMLResponse": encoded}),
+                        self.settings_for(idp, by_response=by_response))
             auth.decryption_alternatives = [
-                self.settings_for(idp, index) for index in range(1, len(self._keys))]
-            return self._validate(auth, request_id, idp)
+                self.settings_for(idp, index, by_response=by_response)
+                for index in range(1, len(self._keys))]
+            return self._validate(auth, request_id, idp, by_response)
         except LoginFailed as exc:
             add_details(exc, xml=xml, response=auth.response if auth else None, idp=idp,
                         sp_entity_id=self.entity_id, acs_url=self.acs_url,
-                        request_id=request_id, now=self._clock())
+                        request_id=request_id, now=self._clock(), signed=signed,
+                        signed_response=self._config.idp_options(idp.entity_id).signed_response)
             raise
 
-    def _validate(self, auth: Auth, request_id: str | None, idp: IdP) -> LoginResult:
+    def signed_by_response(self, idp: IdP, signed: Signed) -> bool:
+        """Whether the Response signature is what must cover this message's Assertion:
+        the Response is signed, the Assertion is not (or is encrypted, its own signature
+        unseen), and ``signed_response = "accept"`` for the IdP. Otherwise the Assertion
+        itself must carry a valid signature, as ever."""
+        return (signed.response and not signed.assertion
+                and self._config.idp_options(idp.entity_id).signed_response == "accept")
+
+    def _validate(self, auth: Auth, request_id: str | None, idp: IdP,
+                  by_response: bool) -> LoginResult:
         where = f"The SAML response from IdP {clean(idp.entity_id)}"
         attributes: dict[str, list[str]] = {}
         try:
@@ -187,6 +240,7 @@ class ServiceProvider:
             now=self._clock(),
             max_issue_age=self._max_issue_age,
             skew=self._skew,
+            by_response=by_response,
         )
         try:
             not_on_or_after = self._not_on_or_after(auth, assertion, where)
@@ -221,6 +275,8 @@ class ServiceProvider:
             session_not_on_or_after=float(session_end) if session_end else None,
             logout_handle=logout_handle(idp.entity_id, name_id),
             protocol_data=data,
+            scopes=idp.scopes,
+            persistent_id=name_id if data["name_id_format"] == C.NAMEID_PERSISTENT else "",
         )
         return LoginResult(
             signed_in=signed_in,
@@ -256,24 +312,31 @@ class ServiceProvider:
         """Warnings about the SP metadata lifetime settings, for ``sso-gateway check``."""
         return metadata_warnings(self._config.sp)
 
-    def settings_for(self, idp: IdP, key: int = 0) -> OneLogin_Saml2_Settings:
+    def settings_for(self, idp: IdP, key: int = 0, *,
+                     by_response: bool = False) -> OneLogin_Saml2_Settings:
         """The python3-saml settings for one IdP, built once and cached. ``key`` picks the
-        SP key pair (0 = current, which signs; 1 = next, during a rollover)."""
+        SP key pair (0 = current, which signs; 1 = next, during a rollover).
+        ``by_response``: for a message whose Response signature must cover its Assertion
+        (``signed_by_response``): the library then requires that signature instead of the
+        Assertion's (and still verifies an Assertion signature that is there)."""
         with self._lock:
-            cached = self._cache.get((idp, key))
+            cached = self._cache.get((idp, key, by_response))
             if cached is None:
-                cached = self._cache[(idp, key)] = self._build(idp, key)
+                cached = self._build(idp, key, by_response=by_response)
+                self._cache[(idp, key, by_response)] = cached
             return cached
 
     def forget(self, idp: IdP) -> None:
         """Drop the cached settings of one IdP version (its metadata was replaced)."""
         with self._lock:
             for key in range(len(self._keys)):
-                self._cache.pop((idp, key), None)
+                for by_response in (False, True):
+                    self._cache.pop((idp, key, by_response), None)
 
     # Internals -----------------------------------------------------------------------
 
-    def _build(self, idp: IdP | None, key: int = 0) -> OneLogin_Saml2_Settings:
+    def _build(self, idp: IdP | None, key: int = 0, *, by_response: bool = False,
+               authn_context: tuple[str, ...] = ()) -> OneLogin_Saml2_Settings:
         pair = self._keys[key]
         encrypted = idp is not None and self._config.idp_options(idp.entity_id).require_encryption
         data: dict[str, Any] = {
@@ -283,21 +346,24 @@ class ServiceProvider:
                 "entityId": self.entity_id,
                 "assertionConsumerService": {"url": self.acs_url, "binding": C.BINDING_HTTP_POST},
                 "singleLogoutService": {"url": self.sls_url, "binding": C.BINDING_HTTP_REDIRECT},
-                "NameIDFormat": NAMEID_FORMAT,
+                "NameIDFormat": (NAMEID_FORMAT if idp is None else
+                                 self._config.idp_options(idp.entity_id).name_id_format),
                 "x509cert": pair.cert_pem,
                 "privateKey": pair.key_pem,
             },
             "security": {
                 "authnRequestsSigned": self._config.sp.sign_authn_requests,
-                "wantAssertionsSigned": True,
-                "wantMessagesSigned": False,
+                # The SP metadata (built without an IdP) asks IdPs to sign assertions.
+                "wantAssertionsSigned": not by_response,
+                "wantMessagesSigned": by_response,
                 "rejectDeprecatedAlgorithm": True,
                 "signatureAlgorithm": C.RSA_SHA256,
                 "digestAlgorithm": C.SHA256,
                 "wantNameId": True,
                 "allowRepeatAttributeName": False,
                 "wantAttributeStatement": False,
-                "requestedAuthnContext": False,
+                "requestedAuthnContext": list(authn_context) or False,
+                "requestedAuthnContextComparison": "exact",
                 "logoutRequestSigned": True,
                 "logoutResponseSigned": True,
                 "wantAssertionsEncrypted": encrypted,

@@ -17,7 +17,16 @@ So, on the decoded bytes and before the library runs, every ``ds:Signature`` mus
 And the document as a whole: a ``samlp:Response`` root, no DOCTYPE, no comments,
 processing instructions or entity references anywhere inside it (the library strips
 comments while parsing, so a ``M10<!---->01`` reads as what was signed; refusing them
-keeps any other reader honest too), no ID value used twice, exactly one Assertion.
+keeps any other reader honest too), no SAML element whose text is split by a child
+element (``M10<x/>01``: the library reads only the text before it), no ID value used
+twice, exactly one Assertion (plain
+or encrypted) and it a child of the Response, and signatures only where a reader looks
+for them: at most one on the Response and one on that Assertion, nowhere else. So a
+Response signature (its Reference is the root's ID) covers the one Assertion there is.
+
+``check_structure`` answers which of the two carry a signature (``Signed``): the shape
+that picks python3-saml's settings for the message (``gateway.saml.sp``) and that
+``sso-gateway explain`` names. The signatures are only *verified* later, by the library.
 
 This is a second parse of the message, used only to refuse: nothing is ever read from
 it. Identity comes from the library's getters on the document it validated.
@@ -29,6 +38,7 @@ import base64
 import binascii
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Final
 
 from lxml import etree
@@ -61,6 +71,26 @@ _ASSERTION: Final = f"{{{C.NS_SAML}}}Assertion"
 _ENCRYPTED_ASSERTION: Final = f"{{{C.NS_SAML}}}EncryptedAssertion"
 
 
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """Which parts of a Response carry a signature, as it arrived (not yet verified)."""
+
+    response: bool
+    assertion: bool | None  # None: the Assertion is encrypted, its signature unseen
+
+    @property
+    def shape(self) -> str:
+        """The shape in words, as ``sso-gateway explain`` shows it."""
+        if self.assertion is None:
+            return ("response signed, assertion encrypted" if self.response
+                    else "response not signed, assertion encrypted")
+        return {(True, True): "response and assertion signed",
+                (True, False): "response signed, assertion not signed",
+                (False, True): "assertion signed, response not signed",
+                (False, False): "neither response nor assertion signed"}[
+                    (self.response, self.assertion)]
+
+
 def parser() -> etree.XMLParser:
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                            huge_tree=False, remove_comments=False, remove_pis=False)
@@ -86,8 +116,9 @@ def check_envelope(saml_response: str) -> tuple[str, bytes]:
     return compact, xml
 
 
-def check_structure(xml: bytes) -> None:
-    """Refuse (``LoginFailed``) a Response whose shape python3-saml should never see."""
+def check_structure(xml: bytes) -> Signed:
+    """Refuse (``LoginFailed``) a Response whose shape python3-saml should never see;
+    say which of the Response and its Assertion carry a signature."""
     try:
         root = etree.fromstring(xml, parser())
     except etree.XMLSyntaxError as exc:
@@ -103,15 +134,36 @@ def check_structure(xml: bytes) -> None:
                 "processing instruction" if isinstance(node, etree._ProcessingInstruction)
                 else "entity reference")
         raise LoginFailed("malformed", f"The SAMLResponse has a {what} inside it.")
+    for element in root.iter(f"{{{C.NS_SAML}}}*", f"{{{C.NS_SAMLP}}}*"):
+        if len(element) and ((element.text or "").strip()
+                             or any((child.tail or "").strip() for child in element)):
+            name = etree.QName(element).localname
+            raise LoginFailed("malformed", f"The SAMLResponse has a {name} whose text is "
+                              "split by an element inside it.")
     ids = Counter(e.get("ID") for e in root.iter() if isinstance(e.tag, str) and e.get("ID"))
     if any(count > 1 for count in ids.values()):
         raise LoginFailed("malformed", "The SAMLResponse uses an ID value more than once.")
-    assertions = sum(1 for e in root.iter(_ASSERTION, _ENCRYPTED_ASSERTION))
-    if assertions != 1:
+    assertions = list(root.iter(_ASSERTION, _ENCRYPTED_ASSERTION))
+    if len(assertions) != 1:
         raise LoginFailed("malformed",
-                          f"The SAMLResponse has {assertions} Assertion elements, not 1.")
-    for signature in root.iter(f"{{{DS}}}Signature"):
+                          f"The SAMLResponse has {len(assertions)} Assertion elements, not 1.")
+    assertion = assertions[0]
+    if assertion.getparent() is not root:
+        raise LoginFailed("malformed", "The SAMLResponse's Assertion is not a child of the "
+                          "Response.")
+    signatures = list(root.iter(f"{{{DS}}}Signature"))
+    for signature in signatures:
+        if signature.getparent() not in (root, assertion):
+            raise LoginFailed("signature", "The SAMLResponse has a signature that is neither "
+                              "the Response's nor its Assertion's.")
+    on_root = sum(1 for s in signatures if s.getparent() is root)
+    if on_root > 1 or len(signatures) - on_root > 1:
+        raise LoginFailed("signature", "The SAMLResponse has an element signed more than once.")
+    for signature in signatures:
         check_signature(signature)
+    return Signed(response=on_root == 1,
+                  assertion=None if assertion.tag == _ENCRYPTED_ASSERTION
+                  else len(signatures) > on_root)
 
 
 def check_signature(signature: Any) -> None:

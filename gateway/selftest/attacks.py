@@ -28,16 +28,24 @@ from gateway.selftest.forge import (
     shift_times,
 )
 from gateway.selftest.wrapping import (
+    assertion_out_of_signed_response,
     attacker_key_in_keyinfo,
     duplicate_signed_info,
+    evil_beside_signed_response,
     evil_in_ds_object,
     evil_in_extensions,
     genuine_in_advice,
+    response_signature_into_assertion,
+    response_signature_on_assertion_id,
+    response_signed_by_attacker,
+    response_signed_with,
     rsa_sha1,
     sha1_digest,
+    signed_response_in_extensions,
     signed_with,
     strip_all_signatures,
     strip_assertion_signature,
+    tamper_signed_response,
     xsw3,
     xsw4,
     xsw5,
@@ -78,6 +86,14 @@ def _comment_in(name: str) -> Callable[[Forge, Any], Any]:
     return apply
 
 
+def _element_in_member_id(assertion: Any) -> None:
+    """The IdP signed ``M10<b/>01`` (an element splitting the text): a reader that takes
+    the element's first text node reads ``M10``."""
+    value = attribute_value(assertion, "memberId")
+    value.text = "M10"
+    etree.SubElement(value, "b").tail = "01"
+
+
 def rewrap(forge: Forge, root: Any) -> Any:
     """A genuine signed Assertion issued for *another* request, in a fresh unsigned
     Response that answers the attacker's request."""
@@ -86,6 +102,13 @@ def rewrap(forge: Forge, root: Any) -> Any:
     genuine.set("InResponseTo", irt)
     genuine.set("ID", new_id())
     return genuine
+
+
+def rewrap_signed_response(forge: Forge, root: Any) -> Any:
+    """A genuine Response signed as a whole, issued for another request of the same
+    browser session, posted to answer this one."""
+    return forge.valid("_another-request", assertion_id=assertion_of(root).get("ID"),
+                       sign_assertion=False, sign_response=True)
 
 
 def rewrap_without_scd_irt(forge: Forge, root: Any) -> Any:
@@ -192,6 +215,8 @@ def doctype_in_utf16(forge: Forge, root: Any) -> bytes:
 
 
 X = xmlsec.constants  # transform and algorithm identifiers
+#: The base of the attacks on a Response signed as a whole over an unsigned Assertion.
+RESPONSE_SIGNED: Mapping[str, Any] = {"sign_assertion": False, "sign_response": True}
 
 ATTACKS: dict[str, Attack] = {
     # XML Signature Wrapping, as SAML Raider names the shapes
@@ -212,8 +237,6 @@ ATTACKS: dict[str, Attack] = {
     "assertion-signature-removed": Attack(strip_assertion_signature, "signature"),
     "all-signatures-removed": Attack(strip_all_signatures, "signature",
                                      base={"sign_response": True}),
-    "only-response-signed": Attack(lambda f, r: r, "signature",
-                                   base={"sign_assertion": False, "sign_response": True}),
     "attacker-key-with-cert-in-KeyInfo": Attack(attacker_key_in_keyinfo, "signature"),
     "RSA-SHA1-signature": Attack(rsa_sha1, "signature"),
     "SHA1-digest": Attack(sha1_digest, "signature"),
@@ -230,10 +253,44 @@ ATTACKS: dict[str, Attack] = {
     "second-Reference-with-SHA1": Attack(signed_with(extra_reference=X.TransformSha1),
                                          "signature", library_accepts=True),
     "duplicate-SignedInfo": Attack(duplicate_signed_info, "signature"),
+    # the same attacker against a Response signed as a whole over an unsigned Assertion
+    # (Keycloak's default shape, accepted with signed_response = "accept")
+    "signed-Response: XSW1": Attack(xsw_response(inside_signature=True), "malformed",
+                                    base=RESPONSE_SIGNED),
+    "signed-Response: XSW2": Attack(xsw_response(inside_signature=False), "malformed",
+                                    base=RESPONSE_SIGNED),
+    "signed-Response: Assertion edited": Attack(tamper_signed_response, "signature",
+                                                base=RESPONSE_SIGNED),
+    "signed-Response: evil Assertion beside it": Attack(
+        evil_beside_signed_response, "malformed", base=RESPONSE_SIGNED),
+    "signed-Response: whole, in Extensions of an evil one": Attack(
+        signed_response_in_extensions, "malformed", base=RESPONSE_SIGNED),
+    "signed-Response: its signature moved into the Assertion": Attack(
+        response_signature_into_assertion, "signature", base=RESPONSE_SIGNED),
+    "signed-Response: signature removed": Attack(
+        assertion_out_of_signed_response, "signature", base=RESPONSE_SIGNED),
+    "signed-Response: attacker key, certificate in KeyInfo": Attack(
+        response_signed_by_attacker, "signature", base=RESPONSE_SIGNED),
+    "signed-Response: Reference to the Assertion, not the Response": Attack(
+        response_signature_on_assertion_id, "signature", base=RESPONSE_SIGNED),
+    "signed-Response: XPath transform": Attack(
+        response_signed_with(transforms=(X.TransformEnveloped, X.TransformXPath,
+                                         X.TransformExclC14N), xpath="true()"),
+        "signature", library_accepts=True, base=RESPONSE_SIGNED),
+    "signed-Response: c14n-with-comments transform": Attack(
+        response_signed_with(transforms=(X.TransformEnveloped,
+                                         X.TransformExclC14NWithComments)),
+        "signature", library_accepts=True, base=RESPONSE_SIGNED),
+    "signed-Response: comment in NameID": Attack(_comment_in("NameID"), "malformed",
+                                                 library_accepts=True, base=RESPONSE_SIGNED),
+    "signed-Response: genuine, for another request": Attack(
+        rewrap_signed_response, "in_response_to", base=RESPONSE_SIGNED),
     # reading the signed text differently
     "comment-in-NameID": Attack(_comment_in("NameID"), "malformed", library_accepts=True),
     "comment-in-memberId": Attack(_comment_in("memberId"), "malformed", library_accepts=True,
                                   base={"attributes": {**ALICE, "memberId": ["M10011"]}}),
+    "element-splitting-memberId": Attack(_mutated(_element_in_member_id), "malformed",
+                                         library_accepts=True),
     # the Response around a genuine Assertion
     "rewrapped-assertion-of-another-request": Attack(rewrap, "subject_confirmation"),
     "rewrapped-assertion-without-SCD-InResponseTo": Attack(

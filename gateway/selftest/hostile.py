@@ -11,8 +11,8 @@ can try against forward-auth, the kept form, the proxy and the server.
   headers it got (``--echo-path``), else reported as not observable;
 * an upstream's ``Set-Cookie`` for the gateway's own cookies (item 9): not observable
   from outside, and said so;
-* the server (items 11 and 12): a 1 MB header gets 431, a WebSocket upgrade 501, a
-  second Host header 400;
+* the server (items 11 and 12): a 1 MB header gets 431, a cross-origin WebSocket
+  upgrade 403, a second Host header 400;
 * sign-in starts for an unknown IdP are rate limited (item 2): ``RATE_LIMIT`` runs last,
   since it spends the client's sign-in allowance for the minute.
 """
@@ -232,6 +232,7 @@ def _big_header(ctx: Context) -> bytes:
 def _websocket(ctx: Context) -> bytes:
     key = base64.b64encode(secrets.token_bytes(16)).decode()
     return (_request_line(ctx) + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Origin: https://sso-gateway-selftest.invalid\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
 
 
@@ -268,7 +269,7 @@ PROBES: list[Probe] = [
     Probe("upstream gets no X-Remote-User & co.", "not forwarded", _auth_headers_stripped),
     Probe("upstream Set-Cookie of the gateway's cookies", "dropped", _upstream_cookies),
     Probe("1 MB request header", "431", _status(431, _big_header)),
-    Probe("WebSocket upgrade", "501", _status(501, _websocket)),
+    Probe("cross-origin WebSocket upgrade", "403", _status(403, _websocket)),
     Probe("second Host header", "400", _status(400, _two_hosts)),
 ]
 #: Runs after every other case: it spends the client's sign-in allowance for the minute.

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import xmlsec
 from lxml import etree
 from onelogin.saml2.constants import OneLogin_Saml2_Constants as C
 
@@ -166,3 +167,84 @@ def duplicate_signed_info(forge: Forge, root: Any) -> Any:
     evil_info = copy.deepcopy(signature.find("ds:SignedInfo", NS))
     signature.find("ds:SignedInfo", NS).addnext(evil_info)
     return root
+
+
+# -- The same attacker against a Response signed as a whole, its Assertion unsigned
+#    (Keycloak's default shape, accepted with signed_response = "accept")
+
+
+def tamper_signed_response(forge: Forge, root: Any) -> Any:
+    """The attacker edits the Assertion under the Response signature."""
+    make_evil(assertion_of(root))
+    return root
+
+
+def evil_beside_signed_response(forge: Forge, root: Any) -> Any:
+    """An evil unsigned twin appended to the signed Response (after its signature)."""
+    root.append(evil_copy(assertion_of(root)))
+    return root
+
+
+def signed_response_in_extensions(forge: Forge, root: Any) -> Any:
+    """A fresh unsigned Response with no Assertion of its own carries the genuine signed
+    Response in samlp:Extensions, hoping a reader takes the one Assertion it finds."""
+    genuine = copy.deepcopy(root)
+    unsign(root)
+    root.remove(assertion_of(root))
+    root.set("ID", "_evil-response")
+    extensions = etree.Element(SAMLP + "Extensions")
+    root.find("saml:Issuer", NS).addnext(extensions)
+    extensions.append(genuine)
+    return root
+
+
+def response_signature_into_assertion(forge: Forge, root: Any) -> Any:
+    """The Response signature moved into the evil Assertion: a shape that looks like
+    "assertion signed", with a Reference that points at the Response."""
+    signature = signature_of(root)
+    root.remove(signature)
+    assertion = make_evil(assertion_of(root))
+    assertion.find("saml:Issuer", NS).addnext(signature)
+    return root
+
+
+def assertion_out_of_signed_response(forge: Forge, root: Any) -> Any:
+    """The Assertion of a signed Response, made evil, in the same Response unsigned."""
+    unsign(root)
+    make_evil(assertion_of(root))
+    return root
+
+
+def response_signed_by_attacker(forge: Forge, root: Any) -> Any:
+    """Evil Assertion, Response re-signed with the attacker's key (certificate in
+    KeyInfo)."""
+    key, cert = _attacker()
+    make_evil(assertion_of(unsign(root)))
+    return forge.sign(root, key_pem=key, cert_pem=cert)
+
+
+def response_signature_on_assertion_id(forge: Forge, root: Any) -> Any:
+    """The IdP's key signed, on the Response, a Reference to the Assertion's ID instead of
+    the Response's: nothing of the Response around the Assertion is then covered."""
+    unsign(root)
+    x = xmlsec.constants
+    template = xmlsec.template.create(root, x.TransformExclC14N, x.TransformRsaSha256)
+    root.find("saml:Issuer", NS).addnext(template)
+    reference = xmlsec.template.add_reference(template, x.TransformSha256,
+                                              uri="#" + assertion_of(root).get("ID"))
+    xmlsec.template.add_transform(reference, x.TransformExclC14N)
+    xmlsec.template.add_x509_data(xmlsec.template.ensure_key_info(template))
+    key = xmlsec.Key.from_memory(forge.key_pem, x.KeyDataFormatPem, None)
+    key.load_cert_from_memory(forge.cert_pem, x.KeyDataFormatPem)
+    context = xmlsec.SignatureContext()
+    context.key = key
+    xmlsec.tree.add_ids(root, ["ID"])
+    context.sign(template)
+    return root
+
+
+def response_signed_with(**recipe: Any) -> Callable[[Forge, Any], Any]:
+    """The Response re-signed by the IdP's key with an unusual recipe."""
+    def apply(forge: Forge, root: Any) -> Any:
+        return forge.sign_with(unsign(root), **recipe)
+    return apply

@@ -15,10 +15,14 @@ def registrations_csv(registrations: Iterable[Registration]) -> str:
     spreadsheet: a cell that would start a formula is quoted with a leading ``'``."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(["email", "registered_at", "consent"])
+    writer.writerow(["email", "registered_at", "consent", "subject", "verified_at"])
     for reg in registrations:
-        when = dt.datetime.fromtimestamp(reg.registered_at, dt.UTC).isoformat(timespec="seconds")
         # A leading = + - @ would make a spreadsheet run the cell as a formula.
         email = "'" + reg.email if reg.email[:1] in "=+-@" else reg.email
-        writer.writerow([email, when, reg.consent])
+        verified = "" if reg.verified_at is None else _iso(reg.verified_at)
+        writer.writerow([email, _iso(reg.registered_at), reg.consent, reg.subject, verified])
     return out.getvalue()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")

@@ -18,13 +18,24 @@ never fails the page (the idle clock may then run from the previous touch: at mo
 ``TOUCH_INTERVAL`` early).
 Each failure is logged and counted (``best_effort_failed``, the metric
 ``gateway_best_effort_failures_total{what}``).
+
+Sessions resolved once are kept in memory (``memory=True``), so a page view usually
+asks the store nothing. What another process or replica changes reaches this one
+through the store's change log (``SessionStore.changed_since``: every deletion and
+touch is logged atomically with it): memory is used only while the last read of that
+log started less than ``SYNC_INTERVAL`` ago, so a session revoked, signed out or ended
+by Single Logout anywhere is anonymous here within ``SYNC_INTERVAL`` plus one store
+round trip (the documented bound is one second). If the log cannot be read, or no
+longer reaches back far enough, memory is emptied and the store answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +59,11 @@ TOUCH_BACKOFF = 5.0
 # a member's sessions apart, and nothing that works as a cookie.
 HANDLE_LENGTH = 16
 _PRINCIPALS_LIMIT = 10_000
+#: Seconds a read of the change log keeps memory usable: the revocation bound, less a
+#: margin for the read itself (docs/architecture.md states one second).
+SYNC_INTERVAL = 0.5
+#: Sessions kept in memory at most (the oldest go first).
+MEMORY_LIMIT = 50_000
 log = logging.getLogger("gateway.sessions")
 _listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
 
@@ -92,9 +108,11 @@ class SessionManager:
     that does)."""
 
     def __init__(self, store: SessionStore, signer: CookieSigner, *, lifetime: float,
-                 idle_timeout: float, clock: Clock, keys: KeyStore | None = None) -> None:
+                 idle_timeout: float, clock: Clock, keys: KeyStore | None = None,
+                 memory: bool = False) -> None:
         """``keys`` holds the markers of sessions that ended by idling (without it, none
-        are kept and ``recently_ended`` is always false)."""
+        are kept and ``recently_ended`` is always false). ``memory`` keeps resolved
+        sessions in memory, kept true by the store's change log."""
         self.store = store
         self._keys = keys
         self._signer = signer
@@ -105,6 +123,18 @@ class SessionManager:
         # same JSON on every request was a measurable share of the hot path (bench/).
         self._principals: dict[str, Principal] = {}
         self._touch_paused_until = 0.0
+        self._memory = memory
+        self._records: dict[str, SessionRecord] = {}  # by key, oldest first
+        self._cursor = ""
+        self._synced = -1e9  # monotonic start of the last good read of the change log
+        self._sync: asyncio.Future[bool] | None = None
+        self._epoch = 0  # reads of the change log started so far
+        #: Resolves answered from memory and from the store, since the last report.
+        self.from_memory = 0
+        self.from_store = 0
+        #: Called with those two counts after each read of the change log (the metrics),
+        #: so the hot path itself only adds one to an int.
+        self.report: Callable[[int, int], None] | None = None
 
     def now(self) -> float:
         return self._clock()
@@ -124,12 +154,25 @@ class SessionManager:
         await self.store.put_session(stored)
         return self._record(stored), self._signer.sign(session_id)
 
-    async def resolve(self, cookie: str | None) -> SessionRecord | None:
-        """The live session for a cookie value, or ``None`` (bad signature, unknown, expired)."""
+    async def resolve(self, cookie: str | None, *, fresh: bool = False) -> SessionRecord | None:
+        """The live session for a cookie value, or ``None`` (bad signature, unknown, expired).
+        ``fresh``: from the store, never from memory (for an answer that is cached
+        elsewhere, whose own lifetime then spends the revocation bound)."""
         session_id = self._signer.unsign(cookie)
         if session_id is None:
             return None
         key = session_key(session_id)
+        if self._memory and not fresh and await self._synced_now():
+            record = self._records.get(key)
+            if record is not None:
+                now = self._clock()
+                if now >= record.expires:
+                    return None
+                if now - record.last_seen < TOUCH_INTERVAL:
+                    self.from_memory += 1
+                    return record
+        self.from_store += 1
+        epoch = self._epoch
         stored = await self.store.get_session(key)
         if stored is None:
             return None
@@ -140,6 +183,7 @@ class SessionManager:
             # Not best-effort: without the marker a form posted now could not be kept,
             # and a 503 (a store that cannot write cannot sign anyone in either) lets
             # the member send it again later instead of losing it.
+            self._forget([key])
             if await self.store.delete_session(key) and self._keys is not None:
                 await self._keys.add_once(Namespace.ENDED + key, "idle",
                                           max(stored.expires - now, 1.0))
@@ -153,7 +197,12 @@ class SessionManager:
                 best_effort_failed("touch", exc)
             else:
                 stored = stored.touched(now)
-        return self._record(stored)
+        record = self._record(stored)
+        if self._memory and epoch == self._epoch:
+            # Only when no read of the change log started meanwhile: one that did may
+            # already have passed this session's end, and would not drop it again.
+            self._remember(record)
+        return record
 
     async def recently_ended(self, cookie: str | None) -> bool:
         """Whether a cookie (that ``resolve`` found no live session for) belongs to a real
@@ -170,18 +219,21 @@ class SessionManager:
 
     async def end(self, key: str) -> bool:
         """End one session (sign-out); ``True`` if it was live."""
+        self._forget([key])
         return await self.store.delete_session(key)
 
     async def end_subject_sessions(self, subject: str, handle: str = "all") -> int:
         """End a subject's sessions: all of them, or the one whose ``handle`` is given.
         Returns how many ended."""
         if handle == "all":
+            self._forget(subject=subject)
             return await self.store.delete_subject_sessions(subject)
         if len(handle) != HANDLE_LENGTH:
             return 0
         ended = 0
         for stored in await self.store.list_sessions(subject):
             if stored.key.startswith(handle):
+                self._forget([stored.key])
                 ended += await self.store.delete_session(stored.key)
         return ended
 
@@ -194,8 +246,73 @@ class SessionManager:
         ended = 0
         for stored in await self.store.sessions_for_logout(logout_handle):
             if ends(self._principal(stored.principal_json)):
+                self._forget([stored.key])
                 ended += await self.store.delete_session(stored.key)
         return ended
+
+    async def _synced_now(self) -> bool:
+        """Whether memory may answer: the change log was read, from a start less than
+        ``SYNC_INTERVAL`` ago. One read at a time; requests meanwhile wait for it."""
+        if time.monotonic() - self._synced < SYNC_INTERVAL:
+            return True
+        if self._sync is None:
+            self._sync = asyncio.ensure_future(self._read_changes())
+        sync = self._sync
+        return await asyncio.shield(sync)
+
+    async def _read_changes(self) -> bool:
+        started = time.monotonic()
+        self._epoch += 1
+        if self.report is not None:
+            self.report(self.from_memory, self.from_store)
+        self.from_memory = self.from_store = 0
+        try:
+            changes = await self.store.changed_since(self._cursor)
+        except StoreError as exc:
+            log.warning("session change log unreadable, sessions come from the store: %s",
+                        exc.reason)
+            changes = None
+            ok = False
+        else:
+            ok = True
+        finally:
+            self._sync = None
+        if changes is None:
+            self._records.clear()
+            self._cursor = ""
+            if ok:  # a fresh cursor now; memory refills from the store
+                return await self._restart(started)
+            return False
+        self._cursor, keys = changes
+        for key in keys:
+            self._records.pop(key, None)
+        self._synced = started
+        return True
+
+    async def _restart(self, started: float) -> bool:
+        try:
+            changes = await self.store.changed_since("")
+        except StoreError:
+            return False
+        if changes is None:
+            return False
+        self._cursor = changes[0]
+        self._synced = started
+        return True
+
+    def _remember(self, record: SessionRecord) -> None:
+        if len(self._records) >= MEMORY_LIMIT:
+            self._records.pop(next(iter(self._records)))
+        self._records[record.key] = record
+
+    def _forget(self, keys: list[str] | None = None, subject: str = "") -> None:
+        """Drop sessions this process ended from its memory at once (other processes
+        learn it from the change log)."""
+        for key in keys or ():
+            self._records.pop(key, None)
+        if subject:
+            for key in [k for k, r in self._records.items() if r.principal.subject == subject]:
+                del self._records[key]
 
     def _record(self, stored: StoredSession) -> SessionRecord:
         return SessionRecord(stored.key, self._principal(stored.principal_json),

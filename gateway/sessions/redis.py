@@ -17,6 +17,9 @@ Keys, all under ``key_prefix`` (default ``gw:``), all but the last expiring on t
   sign-ins, ``COUNTED``), scored by their end: ``count_keys`` is one ``ZCOUNT``, not a
   scan plus a read per key; pruned on every add and by the purge;
 * ``purge-lock``  held (with a TTL) while one replica purges, so replicas take turns;
+* ``changes``  a stream of the keys of deleted and touched sessions (capped at about
+  ``CHANGES_KEPT`` entries), written by the same script that deletes or touches: what
+  replicas that keep sessions in memory read (``changed_since``);
 * ``registrations``  a list of e-mail registrations: records, the one key that does not
   expire (persist Redis, or back it up, if you use them).
 
@@ -45,10 +48,20 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
-from gateway.sessions.store import Clock, Namespace, Registration, StoredSession
+from gateway.sessions.store import (
+    Clock,
+    Namespace,
+    Registration,
+    StoredSession,
+    registration_criterion,
+)
 
 #: Key prefixes whose live keys are counted (a gauge): each has an index sorted set.
 COUNTED = (str(Namespace.LOGIN_STATE),)
+#: Entries the change stream keeps (about: trimmed with ``MAXLEN ~``).
+CHANGES_KEPT = 20_000
+#: Changes one ``changed_since`` returns at most (more: the reader forgets all).
+CHANGES_READ = 5_000
 #: Seconds a purge holds ``purge-lock`` at most (one replica purges at a time).
 PURGE_LOCK_SECONDS = 120
 HEARTBEAT_TTL_MS = 60_000
@@ -70,17 +83,25 @@ for i = 2, #KEYS do
 end
 """
 
-# KEYS: session, all-index; ARGV: session key. Returns 1 if the session existed.
+# KEYS: session, all-index, changes; ARGV: session key, changes kept. Returns 1 if the
+# session existed (and then logs it in the change stream).
 _DELETE = """
 local idx = redis.call('HMGET', KEYS[1], 'si', 'li')
 redis.call('ZREM', KEYS[2], ARGV[1])
 for _, k in ipairs(idx) do if k then redis.call('ZREM', k, ARGV[1]) end end
-return redis.call('DEL', KEYS[1])
+local gone = redis.call('DEL', KEYS[1])
+if gone == 1 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'k', ARGV[1])
+end
+return gone
 """
 
 # KEYS: session; ARGV: last_seen. Never creates a hash without a TTL.
 _TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_seen', ARGV[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'k', ARGV[2])
+end
 """
 
 # KEYS: once key[, index]; ARGV: encoded value, now, ttl ms[, member, end]. SET NX PX, with
@@ -111,6 +132,26 @@ if not cur then return 0 end
 local ends = tonumber(string.match(cur, '^([^\\n]*)'))
 if ends and ends > tonumber(ARGV[1]) then return 0 end
 return redis.call('DEL', KEYS[1])
+"""
+
+# KEYS: the registrations list; ARGV: criterion ("email"/"subject"/"before"), its value.
+# Removes the matching entries in one step and returns them.
+_DELETE_REGISTRATIONS = """
+local gone = {}
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local ok, r = pcall(cjson.decode, entry)
+  if ok then
+    local hit
+    if ARGV[1] == 'email' then hit = string.lower(tostring(r[1])) == ARGV[2]
+    elseif ARGV[1] == 'subject' then hit = r[4] == ARGV[2]
+    else hit = tonumber(r[2]) < tonumber(ARGV[2]) end
+    if hit then
+      redis.call('LREM', KEYS[1], 1, entry)
+      table.insert(gone, entry)
+    end
+  end
+end
+return gone
 """
 
 _FIELDS = ("subject", "logout_handle", "principal", "created", "last_seen", "expires",
@@ -156,6 +197,7 @@ class RedisStore:
         self._put, self._delete, self._touch, self._add_once, self._drop = (
             self._client.register_script(lua)
             for lua in (_PUT, _DELETE, _TOUCH, _ADD_ONCE, _DROP_EXPIRED))
+        self._delete_registrations = self._client.register_script(_DELETE_REGISTRATIONS)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -236,12 +278,14 @@ class RedisStore:
 
     async def touch_session(self, key: str, last_seen: float) -> None:
         with self._errors("touch_session"):
-            await self._touch(keys=[self._session(key)], args=[repr(last_seen)])
+            await self._touch(keys=[self._session(key), self._changes],
+                              args=[repr(last_seen), key, CHANGES_KEPT])
 
     async def delete_session(self, key: str) -> bool:
         with self._errors("delete_session"):
-            return bool(await self._delete(keys=[self._session(key), f"{self._p}sessions"],
-                                           args=[key]))
+            return bool(await self._delete(
+                keys=[self._session(key), f"{self._p}sessions", self._changes],
+                args=[key, CHANGES_KEPT]))
 
     async def _indexed(self, index: str) -> list[StoredSession]:
         with self._errors("list sessions"):
@@ -270,6 +314,40 @@ class RedisStore:
             return []
         found = await self._indexed(self._index("logout", logout_handle))
         return [s for s in found if s.logout_handle == logout_handle]
+
+    @property
+    def _changes(self) -> str:
+        return f"{self._p}changes"
+
+    async def changed_since(self, cursor: str) -> tuple[str, list[str]] | None:
+        # The cursor is "<last entry ID seen>/<entries ever added then>": the stream's
+        # ``entries-added`` then tells whether anything between was trimmed away.
+        last_id, _, added = cursor.partition("/")
+        with self._errors("changed_since"):
+            async with self.redis.pipeline(transaction=True) as pipe:  # one moment in time
+                pipe.xinfo_stream(self._changes)
+                pipe.xrange(self._changes, f"({last_id or '0-0'}", count=CHANGES_READ + 1)
+                info, entries = await pipe.execute(raise_on_error=False)
+        if isinstance(info, Exception):  # no stream: nothing was ever logged
+            info = {"last-generated-id": "0-0", "entries-added": 0, "length": 0}
+        if isinstance(entries, Exception):
+            return None
+        now_added = int(info.get("entries-added", -1))
+        top = str(info["last-generated-id"])
+        if not cursor:
+            return f"{top}/{now_added}", []
+        if not added.lstrip("-").isdigit() or _stream_id(last_id) > _stream_id(top):
+            return None  # not our cursor: another Redis, or one emptied since
+        if len(entries) > CHANGES_READ:
+            return None
+        if now_added >= 0 and int(added) >= 0:
+            gap = now_added - int(added) != len(entries)
+        else:  # before Redis 7: trimming starts at about CHANGES_KEPT entries
+            gap = int(info["length"]) >= CHANGES_KEPT * 0.9
+        if gap:
+            return None
+        keys = [str(fields["k"]) for _, fields in entries]
+        return f"{str(entries[-1][0]) if entries else last_id}/{now_added}", keys
 
     async def count_sessions(self) -> int:
         with self._errors("count_sessions"):
@@ -350,15 +428,28 @@ class RedisStore:
     # Expiring records live beside the keys, with the key text older versions wrote.
 
     async def add_registration(self, registration: Registration) -> None:
-        entry = json.dumps([registration.email, registration.registered_at, registration.consent])
+        r = registration
+        entry = json.dumps([r.email, r.registered_at, r.consent, r.subject, r.verified_at])
         with self._errors("add_registration"):
             await self.redis.rpush(f"{self._p}registrations", entry)
 
     async def list_registrations(self) -> list[Registration]:
         with self._errors("list_registrations"):
             entries = await self.redis.lrange(f"{self._p}registrations", 0, -1)
+        # Entries written before subjects were kept have three values: the rest default.
         found = [Registration(*json.loads(e)) for e in entries]
         return sorted(found, key=lambda r: r.registered_at)  # stable: ties keep push order
+
+    async def delete_registrations(self, *, email: str = "", subject: str = "",
+                                   registered_before: float | None = None
+                                   ) -> list[Registration]:
+        where, value = registration_criterion(email, subject, registered_before)
+        text = repr(value) if isinstance(value, float) else value
+        with self._errors("delete_registrations"):
+            gone = await self._delete_registrations(keys=[f"{self._p}registrations"],
+                                                    args=[where, text])
+        return sorted((Registration(*json.loads(e)) for e in gone),
+                      key=lambda r: r.registered_at)
 
     async def put_record(self, key: str, value: str, ttl: float) -> None:
         ends = self._clock() + ttl
@@ -405,6 +496,11 @@ class RedisStore:
             for name in names:
                 await self._drop(keys=[name], args=[repr(now)], client=pipe)
             return sum(int(x) for x in await pipe.execute())
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    millis, _, seq = text.partition("-")
+    return int(millis), int(seq or 0)
 
 
 def _glob(text: str) -> str:

@@ -39,7 +39,13 @@ from typing import Any, TypeVar
 
 from gateway.errors import StoreError
 from gateway.sessions.sqlite_upgrade import upgrade_sessions
-from gateway.sessions.store import Clock, Namespace, Registration, StoredSession
+from gateway.sessions.store import (
+    Clock,
+    Namespace,
+    Registration,
+    StoredSession,
+    registration_criterion,
+)
 
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
@@ -68,17 +74,40 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS registrations (
         email TEXT NOT NULL,
         registered_at REAL NOT NULL,
-        consent TEXT NOT NULL)""",
+        consent TEXT NOT NULL,
+        subject TEXT NOT NULL DEFAULT '',
+        verified_at REAL)""",
     """CREATE TABLE IF NOT EXISTS once (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL,
         expires REAL NOT NULL)""",
+    # The change log processes that keep sessions in memory read (``changed_since``):
+    # triggers write it in the transaction of every deletion and touch, whoever makes it.
+    """CREATE TABLE IF NOT EXISTS session_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS sessions_deleted AFTER DELETE ON sessions
+        BEGIN INSERT INTO session_changes (key) VALUES (old.key); END""",
+    """CREATE TRIGGER IF NOT EXISTS sessions_touched AFTER UPDATE ON sessions
+        BEGIN INSERT INTO session_changes (key) VALUES (old.key); END""",
 )
+#: Change-log rows kept (the purge trims older ones); a reader further behind forgets all.
+CHANGES_KEPT = 20_000
+#: Change-log rows one ``changed_since`` returns at most (more: the reader forgets all).
+CHANGES_READ = 5_000
 _INSERT = ("INSERT OR REPLACE INTO sessions (key, subject, logout_handle, principal, created,"
            " last_seen, expires, user_agent, client_ip) VALUES (?,?,?,?,?,?,?,?,?)")
 _LIVE = ("SELECT key, subject, logout_handle, principal, created, last_seen, expires,"
          " user_agent, client_ip FROM sessions WHERE expires > ?")
 _ORDER = " ORDER BY created, rowid"
+#: Columns a registrations table written by an older version lacks, added on open.
+_REGISTRATION_COLUMNS = (("subject", "TEXT NOT NULL DEFAULT ''"), ("verified_at", "REAL"))
+_REGISTRATION_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS registrations_email ON registrations (lower(email))",
+    "CREATE INDEX IF NOT EXISTS registrations_subject ON registrations (subject)",
+    "CREATE INDEX IF NOT EXISTS registrations_time ON registrations (registered_at)",
+)
+_REGISTRATION = "email, registered_at, consent, subject, verified_at"
 _Args = tuple[object, ...]
 
 
@@ -266,6 +295,9 @@ class SQLiteStore:
                                     (self._clock(),)))
         return int(row[0])
 
+    async def changed_since(self, cursor: str) -> tuple[str, list[str]] | None:
+        return await self._read(lambda db: _changes(db, cursor))
+
     # -- keys and counters ---------------------------------------------------------------
 
     async def add_once(self, key: str, value: str, ttl: float) -> bool:
@@ -314,14 +346,26 @@ class SQLiteStore:
     # -- records ---------------------------------------------------------------------------
 
     async def add_registration(self, registration: Registration) -> None:
-        await self._write(_changed("INSERT INTO registrations VALUES (?, ?, ?)",
-                                   (registration.email, registration.registered_at,
-                                    registration.consent)))
+        r = registration
+        await self._write(_changed(f"INSERT INTO registrations ({_REGISTRATION})"  # noqa: S608
+                                   " VALUES (?, ?, ?, ?, ?)",
+                                   (r.email, r.registered_at, r.consent, r.subject,
+                                    r.verified_at)))
 
     async def list_registrations(self) -> list[Registration]:
-        rows = await self._read(_all("SELECT email, registered_at, consent FROM registrations"
+        rows = await self._read(_all(f"SELECT {_REGISTRATION} FROM registrations"  # noqa: S608
                                      " ORDER BY registered_at, rowid"))
         return [Registration(*row) for row in rows]
+
+    async def delete_registrations(self, *, email: str = "", subject: str = "",
+                                   registered_before: float | None = None
+                                   ) -> list[Registration]:
+        where, value = registration_criterion(email, subject, registered_before)
+        column = {"email": "lower(email) = ?", "subject": "subject = ?",
+                  "before": "registered_at < ?"}[where]
+        rows = await self._write(_all(f"DELETE FROM registrations WHERE {column}"  # noqa: S608
+                                      f" RETURNING {_REGISTRATION}", (value,)))
+        return sorted((Registration(*row) for row in rows), key=lambda r: r.registered_at)
 
     async def put_record(self, key: str, value: str, ttl: float) -> None:
         # Expiring records share the ``once`` table: the key text is the one older
@@ -350,6 +394,9 @@ class SQLiteStore:
                     gone += batch
                     if batch < PURGE_BATCH:
                         break
+            await background.run(_changed(
+                "DELETE FROM session_changes WHERE seq <="
+                " (SELECT max(seq) FROM session_changes) - ?", (CHANGES_KEPT,)))
         finally:
             await self.take(PURGE_LOCK)
         return gone
@@ -360,12 +407,33 @@ PURGE_LOCK = "purge-lock"
 PURGE_LOCK_SECONDS = 120
 
 
+def _changes(db: sqlite3.Connection, cursor: str) -> tuple[str, list[str]] | None:
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'session_changes'").fetchone()
+    top = int(row[0]) if row else 0
+    if not cursor:
+        return str(top), []
+    if not cursor.isdigit() or int(cursor) > top:  # another file, or one made afresh
+        return None
+    after = int(cursor)
+    rows = db.execute("SELECT seq, key FROM session_changes WHERE seq > ? ORDER BY seq"
+                      " LIMIT ?", (after, CHANGES_READ + 1)).fetchall()
+    if after < top and (not rows or rows[0][0] != after + 1 or len(rows) > CHANGES_READ):
+        return None  # trimmed past the cursor (sequence numbers have no gaps), or too many
+    return (str(rows[-1][0]) if rows else cursor), [str(key) for _, key in rows]
+
+
 def _create_schema(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("BEGIN IMMEDIATE")
     try:
         upgrade_sessions(db, SCHEMA[0])
         for statement in SCHEMA:
+            db.execute(statement)
+        have = {row[1] for row in db.execute("PRAGMA table_info(registrations)")}
+        for column, kind in _REGISTRATION_COLUMNS:
+            if column not in have:
+                db.execute(f"ALTER TABLE registrations ADD COLUMN {column} {kind}")
+        for statement in _REGISTRATION_INDEXES:
             db.execute(statement)
         db.execute("COMMIT")
     finally:

@@ -43,6 +43,7 @@ class Namespace(StrEnum):
     ENDED = "ended:"  # a session that ended by idling, until its cookie's end (kept forms)
     FAILURE = "failure:"  # a refused sign-in, for `sso-gateway explain` (a record)
     HEARTBEAT = "health:"  # the readiness probe's write (``Backend.ping``)
+    CONFIRM = "confirm:"  # a registration waiting for its mailed link (by the link's hash)
 
 
 def session_key(session_id: str) -> str:
@@ -72,11 +73,32 @@ class StoredSession:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    """A visitor who gave an e-mail address for the free issue, and what they agreed to."""
+    """A visitor who gave an e-mail address for the free issue, and what they agreed to:
+    the consent wording itself, the reader's random ``subject`` (their sessions' subject;
+    "" for registrations kept before it was recorded) and when the address was confirmed
+    by a mailed link (``None``: not confirmed)."""
 
     email: str
     registered_at: float
     consent: str
+    subject: str = ""
+    verified_at: float | None = None
+
+
+def registration_criterion(email: str, subject: str,
+                           registered_before: float | None) -> tuple[str, str | float]:
+    """Which registrations ``RecordStore.delete_registrations`` deletes: ("email", the
+    address in lower case), ("subject", it) or ("before", the time); ``ValueError``
+    unless exactly one criterion is given."""
+    given: list[tuple[str, str | float]] = [
+        (name, value) for name, value in (("email", email.lower()), ("subject", subject))
+        if value]
+    if registered_before is not None:
+        given.append(("before", registered_before))
+    if len(given) != 1:
+        raise ValueError("delete_registrations takes exactly one of email, subject, "
+                         "registered_before")
+    return given[0]
 
 
 class SessionStore(Protocol):
@@ -107,6 +129,13 @@ class SessionStore(Protocol):
     async def count_sessions(self) -> int:
         """Live sessions (the metrics gauge; read at scrape time, not per request)."""
 
+    async def changed_since(self, cursor: str) -> tuple[str, list[str]] | None:
+        """Keys of the sessions deleted or touched after ``cursor``, with the cursor to ask
+        from next time; ``cursor=""`` gives the current cursor and no keys. ``None``: the
+        change log no longer reaches back to ``cursor`` (or the store was replaced), so
+        whoever keeps sessions in memory must forget them all. Every deletion and touch
+        is logged in the same atomic step that makes it."""
+
 
 class KeyStore(Protocol):
     """Values with an expiry: added once, read, taken once, or counted."""
@@ -129,13 +158,20 @@ class KeyStore(Protocol):
 
 
 class RecordStore(Protocol):
-    """Durable records: kept until they expire (failures) or an admin removes them."""
+    """Durable records: kept until they expire (failures) or are deleted."""
 
     async def add_registration(self, registration: Registration) -> None:
-        """Keep a registration (it never expires)."""
+        """Keep a registration (until ``delete_registrations`` removes it)."""
 
     async def list_registrations(self) -> list[Registration]:
         """Every registration, oldest first."""
+
+    async def delete_registrations(self, *, email: str = "", subject: str = "",
+                                   registered_before: float | None = None
+                                   ) -> list[Registration]:
+        """Delete, in one atomic step, the registrations of one address (compared in any
+        case), of one subject, or made before a time (retention); returns those deleted.
+        Exactly one criterion is given."""
 
     async def put_record(self, key: str, value: str, ttl: float) -> None:
         """Keep ``value`` under ``key`` for ``ttl`` seconds (replacing an older one)."""

@@ -7,7 +7,9 @@
   var none = document.getElementById("idp-none");
   if (!input || !list) { return; }
   function filter() {
-    var words = input.value.toLowerCase().split(/\s+/).filter(Boolean);
+    // Folded as the server folds names: lower case, accents removed.
+    var folded = input.value.toLowerCase().normalize("NFKD").replace(/[\u0300-\u036f]/g, "");
+    var words = folded.split(/\s+/).filter(Boolean);
     var shown = 0;
     Array.prototype.forEach.call(list.children, function (item) {
       var name = item.getAttribute("data-name") || "";

@@ -1,0 +1,164 @@
+"""Levers of the hot path, each measured on its own against what it would replace.
+
+Usage: ``python -m bench.levers [--lever client|server|all] [--rounds 5] [--seconds 5]``.
+
+One nginx upstream (the 20 KB page), a member signed in once through the dev IdP, and
+two gateways started side by side on the same configuration and store, differing in one
+thing; wrk (c=32, the session cookie) loads them in turns, ``--rounds`` times each, so
+drift on a shared machine hits both alike. Reported per variant: the median req/s and
+the median CPU µs per request (utime+stime of the server process tree over the run,
+the steadier figure).
+
+* ``client``: ``[proxy] client = "lean"`` against ``"aiohttp"`` (``sso-gateway serve``,
+  one worker, as in production).
+* ``server``: the same gateway ASGI app (``gateway.reload:app_from_env``, lean client)
+  under uvicorn as ``serve`` runs it against Granian (``pip install granian``; ASGI
+  interface, one worker, uvloop). Granian's own limits for the request head
+  (``--http1-buffer-size``) and its read timeout (``--http1-header-read-timeout``) are
+  set from ``[server]``, as near as Granian allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import login
+from bench.load import wrk
+from bench.run import PAGES, serve_idp
+from bench.servers import BENCH_LIMITS, Proc, _start, free_port, start_upstream
+from gateway.config import load_settings
+from gateway.demo.stack import prepare
+from gateway.devidp import create_app as create_idp_app
+
+RESULTS = Path(__file__).with_name("results") / "levers.json"
+
+
+def start_serve(workdir: Path, name: str, port: int, env: dict[str, str]) -> Proc:
+    """``sso-gateway serve`` (uvicorn, one worker) on ``port``, with ``env`` overrides."""
+    exe = Path(sys.executable).with_name("sso-gateway")
+    return _start(name, [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
+                         "--workers", "1", "--port", str(port)], port, workdir,
+                  env={**os.environ, **env})
+
+
+def start_granian(workdir: Path, port: int) -> Proc:
+    """The gateway's ASGI app (the same factory ``serve`` hands uvicorn) under Granian."""
+    exe = Path(sys.executable).with_name("granian")
+    if not exe.exists():
+        sys.exit("granian is missing: .venv/bin/pip install granian")
+    server = load_settings(workdir / "gateway.toml").server
+    metrics = workdir / "granian-metrics"
+    metrics.mkdir(exist_ok=True)
+    env = {**os.environ, "GATEWAY_CONFIG": str(workdir / "gateway.toml"),
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    args = [str(exe), "--interface", "asgi", "--factory", "gateway.reload:app_from_env",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--loop", "uvloop",
+            "--no-ws", "--log-level", "warning", "--no-access-log",
+            # [server] header_limit (hyper's read buffer is at least 8 KiB) and timeout
+            "--http1-buffer-size", str(max(server.header_limit, 8192)),
+            "--http1-header-read-timeout",
+            str(min(max(int(server.header_timeout * 1000), 1), 60000))]
+    return _start("granian", args, port, workdir, env=env)
+
+
+def run_pair(procs: dict[str, Proc], urls: dict[str, str], headers: dict[str, str],
+             rounds: int, seconds: float) -> dict[str, Any]:
+    """Each variant ``rounds`` times at c=32, in turns; medians per variant."""
+    for name, url in urls.items():  # both give the member the page; then warm up
+        answer = httpx.get(url, headers=headers, timeout=10)
+        if answer.status_code != 200 or len(answer.content) != PAGES["20k"][1]:
+            raise RuntimeError(f"{name}: {answer.status_code}, {len(answer.content)} bytes")
+        wrk(url, 16, 2, headers)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            proc = procs[name]
+            cpu = proc.cpu_seconds()
+            result = wrk(url, 32, seconds, headers)
+            if result.errors:
+                raise RuntimeError(f"{result.errors} failed requests to {name}")
+            used = (proc.cpu_seconds() - cpu) * 1e6 / max(result.requests, 1)
+            runs[name].append((result.rps, used))
+            print(f"  {name:<10} {result.rps:>8.0f} req/s  {used:>6.0f} µs CPU/req  "
+                  f"p99 {result.p99_ms:.1f} ms", flush=True)
+    return {name: {"rps_median": round(statistics.median(r for r, _ in rows)),
+                   "cpu_us_per_req_median": round(statistics.median(c for _, c in rows), 1),
+                   "runs": [[round(r), round(c, 1)] for r, c in rows]}
+            for name, rows in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lever", choices=["client", "server", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="gw-levers-"))
+    workdir.chmod(0o755)
+    procs: list[Proc] = []
+    report: dict[str, Any] = {"loadavg_at_start": os.getloadavg(), "rounds": args.rounds,
+                              "seconds_per_run": args.seconds}
+    try:
+        upstream = start_upstream(workdir, dict(PAGES.values()))
+        procs.append(upstream)
+        gw_port, idp_port = free_port(), free_port()
+        stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
+                        idp_url=f"http://127.0.0.1:{idp_port}",
+                        reader_url=f"http://127.0.0.1:{upstream.port}",
+                        extra_config=BENCH_LIMITS)
+        idp = serve_idp(create_idp_app(stack.idp), idp_port)
+        page = PAGES["20k"][0]
+        main_gw = start_serve(workdir, "gateway-lean", gw_port, {})
+        procs.append(main_gw)
+        cookie = login.real_login(stack, page)
+        # Every gateway is asked for the public host, whatever port it listens on.
+        headers = {"Cookie": cookie, "Host": f"127.0.0.1:{gw_port}"}
+        if args.lever in ("client", "all"):
+            other_port = free_port()
+            other = start_serve(workdir, "gateway-aiohttp", other_port,
+                                {"GATEWAY_PROXY__CLIENT": "aiohttp"})
+            procs.append(other)
+            print("client lever: [proxy] client, sso-gateway serve, 1 worker, 20 KB, c=32")
+            report["client"] = run_pair(
+                {"lean": main_gw, "aiohttp": other},
+                {"lean": stack.gateway_url + page,
+                 "aiohttp": f"http://127.0.0.1:{other_port}{page}"},
+                headers, args.rounds, args.seconds)
+            other.stop()
+        if args.lever in ("server", "all"):
+            granian_port = free_port()
+            granian = start_granian(workdir, granian_port)
+            procs.append(granian)
+            print("server lever: uvicorn (serve) against Granian, 1 worker, 20 KB, c=32")
+            report["server"] = run_pair(
+                {"uvicorn": main_gw, "granian": granian},
+                {"uvicorn": stack.gateway_url + page,
+                 "granian": f"http://127.0.0.1:{granian_port}{page}"},
+                headers, args.rounds, args.seconds)
+        idp.should_exit = True
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["loadavg_at_end"] = os.getloadavg()
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    for lever in ("client", "server"):
+        for name, row in report.get(lever, {}).items():
+            print(f"{lever:<7} {name:<8} median {row['rps_median']:>6} req/s, "
+                  f"{row['cpu_us_per_req_median']:>6} µs CPU/req")
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
