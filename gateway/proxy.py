@@ -245,13 +245,7 @@ class Proxy:
             raise RuntimeError("Proxy.start() was not awaited")
         if head.refused is not None:
             raise head.refused
-        headers = head.upstream.copy()
-        client = scope.get("client")
-        if client:
-            headers.append(("X-Forwarded-For", client[0]))
-        headers.extend(self._forwarded)
-        for name, value in add_headers:
-            headers.append((name.decode("latin-1"), header_text(value)))
+        headers = self._upstream_headers(scope, head.upstream, add_headers)
         body = _Body(receive, self._max_body) if head.has_body else None
         try:
             if self._lean is not None:
@@ -316,6 +310,19 @@ class Proxy:
             raise UpstreamError(f"{route.name}: {_describe(exc)}") from None
         return _AiohttpAnswer(resp)
 
+    def _upstream_headers(self, scope: Scope, client_headers: list[tuple[str, str]],
+                          add_headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+        """The client's forwardable headers, then the gateway's: the client's address, the
+        ``X-Forwarded-*`` of the public URL and ``add_headers`` (identity, request ID)."""
+        headers = client_headers.copy()
+        client = scope.get("client")
+        if client:
+            headers.append(("X-Forwarded-For", client[0]))
+        headers.extend(self._forwarded)
+        for name, value in add_headers:
+            headers.append((name.decode("latin-1"), header_text(value)))
+        return headers
+
     async def open_websocket(self, scope: Scope, head: RequestHead, *, route: Route,
                              target: str, add_headers: Sequence[tuple[bytes, bytes]],
                              max_message_bytes: int, heartbeat: float | None = None,
@@ -332,13 +339,8 @@ class Proxy:
         """
         if head.refused is not None:
             raise head.refused
-        headers = [h for h in head.upstream if h[0].lower() not in _WS_HANDSHAKE]
-        client = scope.get("client")
-        if client:
-            headers.append(("X-Forwarded-For", client[0]))
-        headers.extend(self._forwarded)
-        for name, value in add_headers:
-            headers.append((name.decode("latin-1"), header_text(value)))
+        headers = self._upstream_headers(
+            scope, [h for h in head.upstream if h[0].lower() not in _WS_HANDSHAKE], add_headers)
         if self._ws_session is None:
             self._ws_session = aiohttp.ClientSession(
                 # No pool limit here: gateway.websocket caps open connections per process.

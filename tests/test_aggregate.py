@@ -29,7 +29,7 @@ from gateway.saml.metadata_source import MetadataRefresher, Source
 from gateway.saml.registry import idps_from_tree, parse_xml
 from tests.browser import client, login, post_to_acs, sign_in_at_idp
 from tests.conftest import TLSFiles, audit_lines, bound_socket, port_of, run_stack, serving
-from tests.test_metadata_sources import FED, MetadataServer, _entity, sign, source
+from tests.test_metadata_sources import MetadataServer, _entity, from_url_only, sign, source
 
 _IDP_LINK = re.compile(r'href="(/saml/login\?idp=[^"]+)"')
 _SSO_REDIRECT = f'Binding="{C.BINDING_HTTP_REDIRECT}" Location="https://idp.example/sso"'
@@ -168,15 +168,10 @@ def test_a_member_signs_in_through_a_5000_idp_aggregate_with_unusable_entities(
     broken = broken_entities()
 
     def setup(demo: DemoStack) -> None:
-        (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
         dev = re.sub(r"<\?xml[^>]*\?>", "", idp_metadata(demo.idp))
         end = "</md:EntitiesDescriptor>"
-        server.docs["/fed.xml"] = sign(
-            generated.replace(end, "".join([*broken.values(), dev]) + end))
-        (demo.workdir / "fed.pem").write_text(FED[1])
-        with (demo.workdir / "gateway.toml").open("a") as toml:
-            toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\n'
-                       'signing_cert = "fed.pem"\n')
+        from_url_only(demo, server,
+                      generated.replace(end, "".join([*broken.values(), dev]) + end))
 
     caplog.set_level(logging.WARNING, "gateway.metadata")
     path = "/issues/2023-03/pages/14"
@@ -209,13 +204,8 @@ def test_a_member_signs_in_through_an_aggregate_with_unusable_entities(
         tmp_path: Path, tls: TLSFiles, server: MetadataServer,
         capsys: pytest.CaptureFixture[str]) -> None:
     def setup(demo: DemoStack) -> None:
-        (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
         dev = re.sub(r"<\?xml[^>]*\?>", "", idp_metadata(demo.idp))
-        server.docs["/fed.xml"] = sign(aggregate(*broken_entities().values(), dev, *_good(2)))
-        (demo.workdir / "fed.pem").write_text(FED[1])
-        with (demo.workdir / "gateway.toml").open("a") as toml:
-            toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\n'
-                       'signing_cert = "fed.pem"\n')
+        from_url_only(demo, server, aggregate(*broken_entities().values(), dev, *_good(2)))
 
     with run_stack(tmp_path, tls, setup=setup) as stack, client(stack) as http:
         done = login(http, stack, "/issues/2023-03/pages/14", "alice")

@@ -91,6 +91,15 @@ def test_control_the_unmodified_forgery_logs_in(stack: Stack, forge: Forge) -> N
 def test_attack_is_refused_at_the_acs(stack: Stack, forge: Forge, name: str,
                                       caplog: pytest.LogCaptureFixture) -> None:
     sessions = stack.session_count()
+    refused_at_the_acs(stack, forge, name, caplog)
+    assert stack.session_count() == sessions + 1
+
+
+def refused_at_the_acs(stack: Stack, forge: Forge, name: str,
+                       caplog: pytest.LogCaptureFixture) -> None:
+    """The attack ``name`` is refused at the ACS with its kind, and changes nothing; then
+    the genuine Response with the same Assertion ID signs in (one session more)."""
+    sessions = stack.session_count()
     assertion_id = now_id()
     with caplog.at_level(logging.WARNING, logger="gateway"), client(stack) as http:
         pending = begin(http, stack.url, forge.idp_entity_id)
@@ -105,7 +114,6 @@ def test_attack_is_refused_at_the_acs(stack: Stack, forge: Forge, name: str,
     # The forged copy did not consume the Assertion ID: the genuine one still logs in.
     assert assertion_id not in consumed_assertion_ids(stack.db)
     assert genuine_login(stack, forge, assertion_id).status_code == 302
-    assert stack.session_count() == sessions + 1
 
 
 def test_every_refusal_is_the_same_page(stack: Stack, forge: Forge) -> None:

@@ -93,6 +93,16 @@ def demo(tmp_path: Path) -> DemoStack:
     return prepare(tmp_path / "demo")
 
 
+def from_url_only(demo: DemoStack, server: MetadataServer, document: str) -> None:
+    """The demo's IdPs come from ``document`` (signed with the federation key, served at
+    ``/fed.xml``) through ``[[metadata]] url``, not from the dev IdP's metadata file."""
+    (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
+    server.docs["/fed.xml"] = sign(document)
+    (demo.workdir / "fed.pem").write_text(FED[1])
+    with (demo.workdir / "gateway.toml").open("a") as toml:
+        toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\nsigning_cert = "fed.pem"\n')
+
+
 async def test_signed_metadata_loads_and_bad_copies_never_replace_it(
         tmp_path: Path, server: MetadataServer, demo: DemoStack,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -297,12 +307,7 @@ def test_expiring_idp_certificate_is_flagged_in_the_logs(
 def test_a_member_signs_in_with_an_idp_from_a_metadata_url(
         tmp_path: Path, tls: TLSFiles, server: MetadataServer) -> None:
     def setup(demo: DemoStack) -> None:
-        (demo.workdir / "idp_metadata" / "devidp.xml").unlink()
-        server.docs["/fed.xml"] = sign(idp_metadata(demo.idp))
-        (demo.workdir / "fed.pem").write_text(FED[1])
-        with (demo.workdir / "gateway.toml").open("a") as toml:
-            toml.write(f'\n[[metadata]]\nurl = "{server.url}/fed.xml"\n'
-                       'signing_cert = "fed.pem"\n')
+        from_url_only(demo, server, idp_metadata(demo.idp))
 
     with run_stack(tmp_path, tls, setup=setup) as stack, client(stack) as http:
         done = login(http, stack, "/issues/2023-03/pages/14", "alice")

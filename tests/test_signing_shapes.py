@@ -39,7 +39,6 @@ from tests.forge import (
     acs,
     assertion_of,
     begin,
-    consumed_assertion_ids,
     encode,
     forge_attack,
     now_id,
@@ -53,7 +52,7 @@ from tests.pysaml2_idp import (
     NameID,
     PySaml2IdP,
 )
-from tests.test_attacks_saml import genuine_login, login_page_refusal
+from tests.test_attacks_saml import login_page_refusal, refused_at_the_acs
 from tests.test_interop_pysaml2 import IDENTITY, post_response, start_login
 
 ACCEPT = '\n[idp]\nsigned_response = "accept"\n'
@@ -142,19 +141,7 @@ def test_an_idp_can_refuse_what_the_default_accepts(
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_every_attack_is_still_refused_with_the_response_signed_shape_accepted(
         stack: Stack, forge: Forge, name: str, caplog: pytest.LogCaptureFixture) -> None:
-    sessions = stack.session_count()
-    assertion_id = now_id()
-    with caplog.at_level(logging.WARNING, logger="gateway"), client(stack) as http:
-        pending = begin(http, stack.url, forge.idp_entity_id)
-        forged = forge_attack(forge, name, pending.request_id, assertion_id)
-        answer = acs(http, stack.url, encode(forged), pending.relay_state)
-    reference = login_page_refusal(answer)
-    lines = [r.getMessage() for r in caplog.records if f"ref={reference}" in r.getMessage()]
-    assert lines and f"kind={ATTACKS[name].kind}" in lines[0], lines
-    assert stack.session_count() == sessions
-    assert stack.upstream.requests == []
-    assert assertion_id not in consumed_assertion_ids(stack.db)
-    assert genuine_login(stack, forge, assertion_id).status_code == 302
+    refused_at_the_acs(stack, forge, name, caplog)
 
 
 @pytest.mark.stack(shared=True, extra_config=REFUSE)
