@@ -1,6 +1,7 @@
 """Levers of the hot path, each measured on its own against what it would replace.
 
-Usage: ``python -m bench.levers [--lever client|server|all] [--rounds 5] [--seconds 5]``.
+Usage: ``python -m bench.levers [--lever client|server|all|against] [--against REV]
+[--rounds 5] [--seconds 5]``.
 
 One nginx upstream (the 20 KB page), a member signed in once through the dev IdP, and
 two gateways started side by side on the same configuration and store, differing in one
@@ -16,16 +17,26 @@ the steadier figure).
   interface, one worker, uvloop). Granian's own limits for the request head
   (``--http1-buffer-size``) and its read timeout (``--http1-header-read-timeout``) are
   set from ``[server]``, as near as Granian allows.
+* ``against`` (not part of ``all``): the working tree's gateway (``now``) against the
+  gateway as it was at git revision ``--against REV`` (default ``HEAD``; the variant is
+  named by its short hash), both ``sso-gateway serve``, one worker. ``git archive REV``
+  is unpacked into the run's temporary directory (no worktree to leave behind) and the
+  second gateway imports its package from there (``PYTHONPATH``, checked before it
+  starts); the working tree's configuration must be valid for REV too.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +52,7 @@ from gateway.demo.stack import prepare
 from gateway.devidp import create_app as create_idp_app
 
 RESULTS = Path(__file__).with_name("results") / "levers.json"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def start_serve(workdir: Path, name: str, port: int, env: dict[str, str]) -> Proc:
@@ -49,6 +61,52 @@ def start_serve(workdir: Path, name: str, port: int, env: dict[str, str]) -> Pro
     return _start(name, [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
                          "--workers", "1", "--port", str(port)], port, workdir,
                   env={**os.environ, **env})
+
+
+def unpack_revision(rev: str, dest: Path) -> tuple[str, str]:
+    """The tree of git revision ``rev`` unpacked into ``dest``; its full and short hash."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(REPO), *args], check=True,
+                              capture_output=True).stdout
+
+    try:
+        full = git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        sys.exit(f"--against {rev}: not a commit of {REPO}")
+    commit = full.decode().strip()
+    with tarfile.open(fileobj=io.BytesIO(git("archive", commit))) as tar:
+        tar.extractall(dest, filter="data")
+    return commit, git("rev-parse", "--short", commit).decode().strip()
+
+
+def start_revision(workdir: Path, checkout: Path, name: str, port: int) -> Proc:
+    """``sso-gateway serve`` with the package imported from ``checkout``, on the working
+    tree's configuration; exits with the reason if that is not the package imported or the
+    configuration is not valid for that revision."""
+    # The port as an override of ``listen``, not ``serve --port``, which older revisions lack.
+    env = {**os.environ, "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout),
+                                                       os.environ.get("PYTHONPATH")]))}
+    found = subprocess.run([sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+                           env=env, cwd=workdir, capture_output=True, text=True)
+    expected = checkout / "gateway" / "__init__.py"
+    if found.returncode or Path(found.stdout.strip()) != expected:
+        sys.exit(f"{name}: python imports gateway from {found.stdout.strip() or '?'}, "
+                 f"not {expected}: {found.stderr.strip()}")
+    print(f"{name}: gateway imported from {expected.parent}")
+    exe = Path(sys.executable).with_name("sso-gateway")
+    config = str(workdir / "gateway.toml")
+    check = subprocess.run([str(exe), "check", "--config", config], env=env, cwd=workdir,
+                           capture_output=True, text=True)
+    if check.returncode:
+        sys.exit(f"{name}: the working tree's configuration is not valid for this revision "
+                 f"(a setting it does not know yet?):\n{check.stderr.strip()}")
+    try:
+        return _start(name, [str(exe), "serve", "--config", config, "--workers", "1"], port,
+                      workdir, env=env)
+    except RuntimeError:  # the log goes with the temporary directory: show its end now
+        log = (workdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        sys.exit(f"{name} did not start; the end of its log:\n" + "\n".join(log[-15:]))
 
 
 def start_granian(workdir: Path, port: int) -> Proc:
@@ -99,16 +157,25 @@ def run_pair(procs: dict[str, Proc], urls: dict[str, str], headers: dict[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lever", choices=["client", "server", "all"], default="all")
+    parser.add_argument("--lever", choices=["client", "server", "all", "against"],
+                        default="all")
+    parser.add_argument("--against", metavar="REV",
+                        help="git revision for --lever against (default HEAD)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
+    if args.against is not None and args.lever != "against":
+        parser.error("--against goes with --lever against")
+    # SIGTERM as well as Ctrl-C: stop the servers and remove the temporary directory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="gw-levers-"))
     workdir.chmod(0o755)
     procs: list[Proc] = []
     report: dict[str, Any] = {"loadavg_at_start": os.getloadavg(), "rounds": args.rounds,
                               "seconds_per_run": args.seconds}
     try:
+        if args.lever == "against":  # a revision that does not exist fails before any server
+            commit, short = unpack_revision(args.against or "HEAD", workdir / "checkout")
         upstream = start_upstream(workdir, dict(PAGES.values()))
         procs.append(upstream)
         gw_port, idp_port = free_port(), free_port()
@@ -145,18 +212,39 @@ def main() -> None:
                 {"uvicorn": stack.gateway_url + page,
                  "granian": f"http://127.0.0.1:{granian_port}{page}"},
                 headers, args.rounds, args.seconds)
+        if args.lever == "against":
+            rev_port = free_port()
+            at_rev = start_revision(workdir, workdir / "checkout", f"gateway-{short}",
+                                    rev_port)
+            procs.append(at_rev)
+            print(f"against: the working tree (now) against {short} ({commit}), "
+                  "sso-gateway serve, 1 worker, 20 KB, c=32")
+            report = {"revision": short, "commit": commit, **report, **run_pair(
+                {"now": main_gw, short: at_rev},
+                {"now": stack.gateway_url + page,
+                 short: f"http://127.0.0.1:{rev_port}{page}"},
+                headers, args.rounds, args.seconds)}
         idp.should_exit = True
     finally:
         for proc in reversed(procs):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     report["loadavg_at_end"] = os.getloadavg()
+    # The file keeps the last client/server run (top level) and, under "against", the last
+    # against run with its own revision, rounds and load; a run replaces only its part.
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.lever == "against":
+        report = {**previous, "against": report}
+    elif "against" in previous:
+        report["against"] = previous["against"]
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    for lever in ("client", "server"):
+    levers = ("against",) if args.lever == "against" else ("client", "server")
+    for lever in levers:
         for name, row in report.get(lever, {}).items():
-            print(f"{lever:<7} {name:<8} median {row['rps_median']:>6} req/s, "
-                  f"{row['cpu_us_per_req_median']:>6} µs CPU/req")
+            if isinstance(row, dict):  # a variant (not the revision or the load)
+                print(f"{lever:<7} {name:<8} median {row['rps_median']:>6} req/s, "
+                      f"{row['cpu_us_per_req_median']:>6} µs CPU/req")
     print(f"written to {RESULTS}")
 
 
