@@ -186,6 +186,7 @@ class Gateway:
                 await protocol.stop()
             await self.proxy.close()
             await self.stores.backend.close()
+            self.telemetry.metrics.flush()  # the last second's proxied requests
 
     async def _purge_every(self, interval: float) -> None:
         """Delete what has expired in the store (pending sign-ins, the replay cache, rate

@@ -14,12 +14,16 @@ so it can go into logs, headers and pages as it is.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
-import secrets
+import math
+import os
 import sys
+import time
 from contextvars import ContextVar
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 MAX_REQUEST_ID = 64
@@ -59,8 +63,34 @@ def current_request_id() -> str:
     return ctx.request_id if ctx is not None else ""
 
 
+class _RandomIds:
+    """Request IDs: 8 random bytes as hex, taken from ``os.urandom`` 4 KiB at a time (one
+    system call for 512 IDs, not one each); a forked child starts its own supply."""
+
+    SUPPLY = 4096
+
+    def __init__(self) -> None:
+        self._bytes = b""
+        self._at = 0
+
+    def reset(self) -> None:
+        self._bytes, self._at = b"", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at + 8 > len(self._bytes):
+            self._bytes, at = os.urandom(self.SUPPLY), 0
+        self._at = at + 8
+        return self._bytes[at:at + 8].hex()
+
+
+_ids = _RandomIds()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
 def new_request_id() -> str:
-    return secrets.token_hex(8)
+    """A new request ID: 16 hex digits."""
+    return _ids.next()
 
 
 def clean_request_id(value: bytes) -> str | None:
@@ -71,6 +101,7 @@ def clean_request_id(value: bytes) -> str | None:
     return text if _ID_CHARS.issuperset(text) else None
 
 
+@functools.lru_cache(maxsize=4096)
 def session_hash(key: str) -> str:
     """A short, stable tag for a session in logs: it neither is nor reveals the cookie,
     the store key, or the handle the sessions pages use to end a session."""
@@ -79,6 +110,88 @@ def session_hash(key: str) -> str:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_BASE_KEYS = frozenset({"time", "level", "logger", "message", "request_id", "exception"})
+
+
+def _json_value(value: object) -> str:
+    """``value`` as ``json.dumps`` writes it (``ensure_ascii``, ``default=str``)."""
+    if type(value) is str:
+        return _json_str(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value, default=str)
+
+
+class _Clock:
+    """The ``time`` of a JSON line, its seconds formatted once a second."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def stamp(self, now: float) -> str:
+        second = int(now)
+        if second != self.second:
+            self.prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        return f"{self.prefix}.{int((now - second) * 1000):03d}Z"
+
+
+class AccessLog:
+    """The per-request ``gateway.access`` line, written without ``logging`` where it can be.
+
+    ``logging`` costs ≈ 18 µs a line (a ``LogRecord``, the handler chain, ``json.dumps``):
+    a tenth of a proxied request. When the only way out for ``gateway.access`` is the JSON
+    handler ``configure_logging`` installed (as ``sso-gateway serve`` runs), the line is
+    written to that handler's stream directly, the same line ``JsonFormatter`` makes.
+    Anything else (the text format, a handler or filter someone added, tests capturing
+    records) gets the record through ``logging`` as before."""
+
+    def __init__(self, name: str = "gateway.access") -> None:
+        self.logger = logging.getLogger(name)
+        self._clock = _Clock()
+
+    def write(self, message: str, fields: dict[str, object], request_id: str) -> None:
+        """One line: ``message`` with ``fields``, tagged with ``request_id``."""
+        handler = _json_handler
+        if handler is None or not self._direct(handler) or not _BASE_KEYS.isdisjoint(fields):
+            self.logger.info(message, extra={"fields": fields, "request_id": request_id})
+            return
+        parts = [f'{{"time":"{self._clock.stamp(time.time())}","level":"info",'
+                 f'"logger":{_json_str(self.logger.name)},"message":{_json_str(message)}']
+        if request_id:
+            parts.append(f',"request_id":{_json_str(request_id)}')
+        for key, value in fields.items():
+            parts.append(f",{_json_str(key)}:{_json_value(value)}")
+        parts.append("}\n")
+        line = "".join(parts)
+        with handler.lock:  # type: ignore[union-attr]
+            try:
+                handler.stream.write(line)
+                handler.stream.flush()
+            except Exception:
+                handler.handleError(logging.makeLogRecord({"msg": line}))
+
+    def _direct(self, handler: logging.Handler) -> bool:
+        """Would ``logging`` hand this logger's INFO records to ``handler`` alone, as is?"""
+        logger: logging.Logger | None = self.logger
+        if self.logger.filters or not self.logger.isEnabledFor(logging.INFO):
+            return False
+        if handler.filters or handler.level > logging.INFO:
+            return False
+        while logger is not None:
+            if logger is logging.root:
+                return len(logger.handlers) == 1 and logger.handlers[0] is handler
+            if logger.handlers or not logger.propagate:
+                return False
+            logger = logger.parent
+        return False
 
 
 class JsonFormatter(logging.Formatter):
@@ -138,8 +251,14 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
+# The root handler ``configure_logging`` installed for JSON lines (``AccessLog`` writes to
+# its stream directly while it is the only one), or None.
+_json_handler: StdStream | None = None
+
+
 def configure_logging(fmt: str, level: int = logging.INFO) -> None:
     """The process's log output: one handler on the root logger, in ``fmt`` (json|text)."""
+    global _json_handler
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -147,3 +266,4 @@ def configure_logging(fmt: str, level: int = logging.INFO) -> None:
     handler.setFormatter(formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
+    _json_handler = handler if fmt == "json" else None

@@ -35,6 +35,7 @@ from gateway.errors import LoginFailed, StoreError, UpstreamError, UpstreamTimeo
 from gateway.explain import Failure, keep_failure
 from gateway.logs import (
     CURRENT,
+    AccessLog,
     RequestContext,
     clean_request_id,
     current,
@@ -51,7 +52,7 @@ from gateway.version import VERSION
 if TYPE_CHECKING:
     from gateway.policy import Decision
 
-access_log = logging.getLogger("gateway.access")
+access_log = AccessLog()
 log = logging.getLogger("gateway")
 RECENT_FAILURES = 200
 _monotonic = time.monotonic
@@ -252,7 +253,7 @@ class Telemetry:
             fields["member_id"] = ctx.member_id
         if cut:
             fields["cut"] = True
-        access_log.info("request", extra={"fields": fields, "request_id": ctx.request_id})
+        access_log.write("request", fields, ctx.request_id)
 
 
 def response_cut(scope: Scope) -> None:

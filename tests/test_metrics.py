@@ -4,12 +4,15 @@ requests, an upstream that is down — every counter and the histogram moved as 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.stack import prepare
+from gateway.metrics import FLUSH_INTERVAL, Metrics
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
 from tests.conftest import Stack, TLSFiles, bound_socket, run_stack
 
@@ -139,3 +142,53 @@ def test_idps_added_while_running_get_gauges_and_labels(tmp_path: Path) -> None:
                                                     ("kind", "none")}))] == 1
     assert any(name == "gateway_certificate_expiry_days"
                and ("entity_id", later.entity_id) in labels for name, labels in samples)
+
+
+def _exported(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    assert metrics._registry is not None
+    return {key: sample for key, sample in
+            scrape_families(generate_latest(metrics._registry).decode()).items()
+            if not key[0].endswith("_created")}  # when each series was made: differs
+
+
+LATENCIES = [0.0, 0.001, 0.005, 0.0050001, 0.01, 0.3, 1.0, 29.9, 30.0, 31.0, 1e9]
+
+
+def test_proxied_requests_added_in_bulk_are_what_observe_gives() -> None:
+    """The bulk flush puts every latency in the bucket ``Histogram.observe`` would (a bound
+    inclusive, past the last one in +Inf) and adds the same sum and counts."""
+    bulk = Metrics(["reader"], [], time.time)
+    one_by_one = Metrics(["reader"], [], time.time)
+    for latency in LATENCIES:
+        bulk.proxied("reader", 200, latency)
+        one_by_one.latency.labels("reader").observe(latency)
+        one_by_one.requests.labels("reader", "2xx").inc()
+    bulk.proxied("reader", 503, None)
+    one_by_one.requests.labels("reader", "5xx").inc()
+    bulk.proxied("elsewhere", 200, 0.1)  # not a configured upstream: not a new series
+    bulk.flush()
+    exported = _exported(bulk)
+    assert exported == _exported(one_by_one)
+    assert value(exported, "gateway_upstream_response_seconds_count",
+                 upstream="reader") == len(LATENCIES)
+    assert value(exported, "gateway_upstream_response_seconds_bucket", upstream="reader",
+                 le="0.005") == 3  # 0, 0.001 and the bound itself
+    assert not any(("elsewhere" in dict(labels).values()) for _, labels in exported)
+
+
+def test_proxied_requests_reach_the_counters_within_a_second() -> None:
+    metrics = Metrics(["reader"], [], time.time)
+
+    async def count() -> tuple[float, float, float]:
+        metrics.proxied("reader", 200, 0.02)
+        before = value(_exported(metrics), "gateway_proxied_requests_total",
+                       upstream="reader", status_class="2xx")
+        await asyncio.sleep(FLUSH_INTERVAL / 2)
+        halfway = value(_exported(metrics), "gateway_proxied_requests_total",
+                        upstream="reader", status_class="2xx")
+        await asyncio.sleep(FLUSH_INTERVAL / 2 + 0.2)
+        after = value(_exported(metrics), "gateway_proxied_requests_total",
+                      upstream="reader", status_class="2xx")
+        return before, halfway, after
+
+    assert asyncio.run(count()) == (0.0, 0.0, 1.0)
