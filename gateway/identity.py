@@ -90,6 +90,9 @@ class UpstreamIdentity:
             wanted = {"subject", *claims}
             fields = tuple((name, h) for name, h in headers.items() if name in wanted)
             self._for[upstream.name] = (fields, claims)
+        # The encoded headers per (session, upstream), for as long as the session's
+        # principal is the same object (a session served from memory keeps its record).
+        self._encoded: dict[tuple[str, str], tuple[Principal, list[tuple[bytes, bytes]]]] = {}
         #: Every identity header name and the token header (normalised): the proxy drops
         #: client-sent copies of them.
         self.strip_names = frozenset(
@@ -105,10 +108,16 @@ class UpstreamIdentity:
         """The identity headers and the token header for one request to ``upstream``
         (which must be known)."""
         fields, claims = self._for[upstream]
-        out = [(header, _header_value(principal, name)) for name, header in fields]
-        out.append((self._token_header,
-                    self._tokens.token(principal, session_key, upstream, claims)))
-        return out
+        encoded = self._encoded.get((session_key, upstream))
+        if encoded is not None and encoded[0] is principal:
+            values = encoded[1]
+        else:
+            values = [(header, _header_value(principal, name)) for name, header in fields]
+            if len(self._encoded) >= _CACHE_LIMIT:
+                self._encoded.clear()  # bounded: at worst every session encodes once more
+            self._encoded[(session_key, upstream)] = (principal, values)
+        return [*values, (self._token_header,
+                          self._tokens.token(principal, session_key, upstream, claims))]
 
 
 def _check_claims(claims: Sequence[str], key: str) -> None:

@@ -22,6 +22,8 @@ _ALLOWED_RAW = _UNRESERVED | frozenset(b"!$&'()*+,=:@/%")
 # Encoded '%' too: an upstream that decodes twice would read "%252f" as "/".
 _REFUSED_DECODED = frozenset(b"/\\;\x00%")
 _SAFE_OUT = "/:@!$&'()*+,=-._~"
+# Bytes that stand for themselves, unchanged by decoding and by re-encoding (no '%').
+_PLAIN = bytes(sorted(_ALLOWED_RAW - {0x25}))
 MAX_PATH_BYTES = 4096
 
 
@@ -31,6 +33,10 @@ def canonical_path(raw: bytes) -> tuple[str, str]:
         raise AmbiguousPath("path does not start with '/'")
     if len(raw) > MAX_PATH_BYTES:
         raise AmbiguousPath("path is too long")
+    if not raw.translate(None, _PLAIN):  # most paths: no escapes, nothing to re-encode
+        text = raw.decode("ascii")
+        _check_segments(text)
+        return text, text
     out = bytearray()
     i, n = 0, len(raw)
     while i < n:
@@ -55,13 +61,20 @@ def canonical_path(raw: bytes) -> tuple[str, str]:
         raise AmbiguousPath("path is not valid UTF-8") from None
     if any(ch < " " or ch == "\x7f" for ch in text):
         raise AmbiguousPath("path contains a control character")
+    _check_segments(text)
+    return text, quote(text, safe=_SAFE_OUT)
+
+
+def _check_segments(text: str) -> None:
+    """Refuse dot segments and empty segments (``//``) in a decoded path."""
+    if "/." not in text and "//" not in text:
+        return
     segments = text.split("/")[1:]
     for index, segment in enumerate(segments):
         if segment in {".", ".."}:
             raise AmbiguousPath("path contains a dot segment")
         if segment == "" and index != len(segments) - 1:
             raise AmbiguousPath("path contains an empty segment ('//')")
-    return text, quote(text, safe=_SAFE_OUT)
 
 
 def safe_next(value: str | None) -> str:

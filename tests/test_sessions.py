@@ -217,3 +217,16 @@ async def test_principal_cache_is_bounded(sessions: SessionManager,
     assert len(sessions._principals) <= 2
     assert [r.principal.subject for r in await sessions.sessions()] == \
         [f"s{i}" for i in range(5)]
+
+
+def test_a_verified_cookie_is_remembered_only_as_itself() -> None:
+    signer = CookieSigner(["new-secret-0123456789abcdef", "old-secret-0123456789abcdef"],
+                          "session")
+    signed = signer.sign("session-key-1")
+    assert signer.unsign(signed) == signer.unsign(signed) == "session-key-1"
+    tampered = signed[:-1] + ("A" if signed[-1] != "A" else "B")
+    assert signer.unsign(tampered) is None
+    assert signer.unsign(signed.replace("session-key-1", "session-key-2")) is None
+    # Another purpose, or the same purpose under other secrets: not verified by the memory.
+    assert CookieSigner(["new-secret-0123456789abcdef"], "csrf").unsign(signed) is None
+    assert CookieSigner(["other-secret-0123456789abcd"], "session").unsign(signed) is None
