@@ -245,6 +245,10 @@ class Matching:
 
 
 EXACT = Matching()
+# The rules selected per (path, upstream), remembered up to this many paths of at most
+# this many characters (then forgotten all at once).
+_SELECTED_LIMIT = 4096
+_SELECTED_PATH_LIMIT = 512
 _SEVERITY = {"allow": 0, "register": 1, "login": 2, "step_up": 3, "deny": 4}
 
 
@@ -264,6 +268,8 @@ class Policy:
         self._ascii_rules = all(r.path.isascii() for r in rules)
         self._matching = {u.name: Matching.of(u) for u in upstreams}
         self._clock = clock
+        self._selected: dict[tuple[str, str | None],
+                             tuple[tuple[_CompiledRule, ...], list[str]]] = {}
         #: Every authentication context class some rule requires: the only ones a sign-in
         #: may ask the IdP for (a client cannot make the gateway request anything else).
         self.authn_contexts = frozenset(c for r in rules for c in r.require.authn_context)
@@ -287,24 +293,38 @@ class Policy:
         """The decision for ``path`` (canonical, without query) going to ``upstream`` (the
         name of the route it takes; None: matched exactly, as for the gateway's own
         pages). An unknown upstream name is a ``KeyError``."""
+        selected = self._selected.get((path, upstream))
+        if selected is None:
+            selected = self._select(path, EXACT if upstream is None else self.matching(upstream))
+            if len(path) <= _SELECTED_PATH_LIMIT:
+                if len(self._selected) >= _SELECTED_LIMIT:
+                    self._selected.clear()  # bounded: paths are the client's to choose
+                self._selected[(path, upstream)] = selected
+        rules, segs = selected
+        if len(rules) == 1:
+            return self._apply(rules[0], segs, principal)
+        decisions = [self._apply(rule, segs, principal) for rule in rules]
+        refused = [d for d in decisions if d.kind != "allow"]
+        if refused:
+            return max(refused, key=lambda d: _SEVERITY[d.kind])  # the first of the worst
+        return next((d for d in decisions if d.gated), decisions[0])
+
+    def _select(self, path: str, matching: Matching,
+                ) -> tuple[tuple[_CompiledRule, ...], list[str]]:
+        """The rules that decide ``path`` as ``matching`` reads it, and the segments they
+        read it by (the path alone chooses them: ``decide`` remembers them per path)."""
         segs = segments(path)
-        matching = EXACT if upstream is None else self.matching(upstream)
         if matching.exact:
             for rule in self._rules:
                 if rule.exact.match(segs):
-                    return self._apply(rule, segs, principal)
+                    return (rule,), segs
             raise AssertionError("the default rule matches every path")  # pragma: no cover
         readings = [segs]
         stem = matching.stem(segs[-1]) if segs and matching.suffixes else None
         if stem is not None:
             readings.append([*segs[:-1], stem])
         # A stripped suffix is a format, never part of an owner's identifier.
-        decisions = [self._apply(rule, readings[-1], principal)
-                     for rule in self._candidates(readings, matching.fold_case)]
-        refused = [d for d in decisions if d.kind != "allow"]
-        if refused:
-            return max(refused, key=lambda d: _SEVERITY[d.kind])  # the first of the worst
-        return next((d for d in decisions if d.gated), decisions[0])
+        return tuple(self._candidates(readings, matching.fold_case)), readings[-1]
 
     def _candidates(self, readings: list[list[str]], fold_case: bool) -> list[_CompiledRule]:
         """Every rule some reading of the path selects. Folded, the path may select any

@@ -444,3 +444,29 @@ def test_the_policy_lists_the_contexts_a_sign_in_may_ask_for(step_up_policy: Pol
 def test_sign_in_options_refused_where_they_cannot_work(rule: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Rule.model_validate(rule)
+
+
+def test_remembered_rule_choice_still_decides_per_member_and_stays_bounded() -> None:
+    from gateway import policy as policy_module
+
+    folded = Policy(RULES, upstreams=[Upstream(name="app", url="http://127.0.0.1:1",
+                                               case_insensitive=True,
+                                               strip_suffixes=[".json"])])
+    path = "/members/M1/notes/today"
+    for _ in range(2):  # the second round is answered from what the first remembered
+        assert folded.decide(path, person("M1")).kind == "allow"
+        assert folded.decide(path, person("M2")).failed == "owner"
+        assert folded.decide(path, None).kind == "login"
+        # The same path for a case-insensitive upstream is its own entry, read its way.
+        assert folded.decide("/Members/M1/Notes/x.json", person("M2"),
+                             upstream="app").failed == "owner"
+        assert folded.decide("/Members/M1/Notes/x.json", person("M1"),
+                             upstream="app").kind == "allow"
+    with pytest.raises(KeyError):
+        folded.decide(path, person("M1"), upstream="nowhere")
+    for i in range(policy_module._SELECTED_LIMIT + 10):
+        folded.decide(f"/public/{i}", None)
+    assert len(folded._selected) <= policy_module._SELECTED_LIMIT
+    long = "/public/" + "x" * policy_module._SELECTED_PATH_LIMIT
+    assert folded.decide(long, None).kind == "allow"
+    assert (long, None) not in folded._selected
