@@ -1,6 +1,6 @@
 """Levers of the hot path, each measured on its own against what it would replace.
 
-Usage: ``python -m bench.levers [--lever client|server|all|against] [--against REV]
+Usage: ``python -m bench.levers [--lever client|server|all|against|floor] [--against REV]
 [--rounds 5] [--seconds 5]``.
 
 One nginx upstream (the 20 KB page), a member signed in once through the dev IdP, and
@@ -23,6 +23,11 @@ the steadier figure).
   is unpacked into the run's temporary directory (no worktree to leave behind) and the
   second gateway imports its package from there (``PYTHONPATH``, checked before it
   starts); the working tree's configuration must be valid for REV too.
+* ``floor`` (not part of ``all``): the gateway beside two bare Python proxies of the same
+  page through the same upstream client with none of the gateway's work
+  (``bench.floor``): an ASGI app under uvicorn (``asgi``) and an asyncio protocol writing
+  to the socket itself (``raw``). The gaps are the gateway's own work and the ASGI
+  server's.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from gateway.devidp import create_app as create_idp_app
 
 RESULTS = Path(__file__).with_name("results") / "levers.json"
 REPO = Path(__file__).resolve().parent.parent
+SEPARATE = ("against", "floor")  # levers kept under their own key, not part of "all"
 
 
 def start_serve(workdir: Path, name: str, port: int, env: dict[str, str]) -> Proc:
@@ -109,6 +115,14 @@ def start_revision(workdir: Path, checkout: Path, name: str, port: int) -> Proc:
         sys.exit(f"{name} did not start; the end of its log:\n" + "\n".join(log[-15:]))
 
 
+def start_floor(workdir: Path, kind: str, upstream_port: int, page: str) -> Proc:
+    """A bare proxy of ``page`` (``bench.floor``): ``asgi`` or ``raw``."""
+    port = free_port()
+    return _start(f"floor-{kind}", [sys.executable, "-m", "bench.floor", kind, str(port),
+                                    str(upstream_port), page], port, workdir,
+                  env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def start_granian(workdir: Path, port: int) -> Proc:
     """The gateway's ASGI app (the same factory ``serve`` hands uvicorn) under Granian."""
     exe = Path(sys.executable).with_name("granian")
@@ -157,7 +171,7 @@ def run_pair(procs: dict[str, Proc], urls: dict[str, str], headers: dict[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lever", choices=["client", "server", "all", "against"],
+    parser.add_argument("--lever", choices=["client", "server", "all", "against", "floor"],
                         default="all")
     parser.add_argument("--against", metavar="REV",
                         help="git revision for --lever against (default HEAD)")
@@ -224,22 +238,33 @@ def main() -> None:
                 {"now": stack.gateway_url + page,
                  short: f"http://127.0.0.1:{rev_port}{page}"},
                 headers, args.rounds, args.seconds)}
+        if args.lever == "floor":
+            bare = {kind: start_floor(workdir, kind, upstream.port, page)
+                    for kind in ("asgi", "raw")}
+            procs.extend(bare.values())
+            print("floor: the gateway (serve, 1 worker) against bare Python proxies of the "
+                  "same page, 20 KB, c=32")
+            report = {**report, **run_pair(
+                {"gateway": main_gw, **bare},
+                {"gateway": stack.gateway_url + page,
+                 **{k: f"http://127.0.0.1:{p.port}{page}" for k, p in bare.items()}},
+                headers, args.rounds, args.seconds)}
         idp.should_exit = True
     finally:
         for proc in reversed(procs):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     report["loadavg_at_end"] = os.getloadavg()
-    # The file keeps the last client/server run (top level) and, under "against", the last
-    # against run with its own revision, rounds and load; a run replaces only its part.
+    # The file keeps the last client/server run (top level) and, under "against" and
+    # "floor", the last such run with its own rounds and load; a run replaces only its part.
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if args.lever == "against":
-        report = {**previous, "against": report}
-    elif "against" in previous:
-        report["against"] = previous["against"]
+    if args.lever in SEPARATE:
+        report = {**previous, args.lever: report}
+    else:
+        report.update({k: previous[k] for k in SEPARATE if k in previous})
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    levers = ("against",) if args.lever == "against" else ("client", "server")
+    levers = (args.lever,) if args.lever in SEPARATE else ("client", "server")
     for lever in levers:
         for name, row in report.get(lever, {}).items():
             if isinstance(row, dict):  # a variant (not the revision or the load)
