@@ -14,6 +14,7 @@ import email.policy
 import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import sqlite3
@@ -34,7 +35,7 @@ import uvicorn
 from aiosmtpd.controller import Controller
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,6 +47,9 @@ from gateway.config import Settings, load_settings
 from gateway.demo.reader import create_reader
 from gateway.demo.stack import DemoStack, prepare
 from gateway.devidp import create_app as create_idp_app
+from gateway.devidp.settings import CERT_FILE as IDP_CERT_FILE
+from gateway.devidp.settings import KEY_FILE as IDP_KEY_FILE
+from gateway.keys import generate_self_signed
 from gateway.protocol import LoginProtocol
 from gateway.server import uvicorn_options
 from gateway.sessions.manager import SYNC_INTERVAL
@@ -92,6 +96,13 @@ class ThreadServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+def stop_together(*servers: ThreadServer) -> None:
+    """Ask every server to stop at once, so that they shut down side by side (uvicorn
+    takes about 0.2 s each); each ``serving`` block then waits for its own."""
+    for server in servers:
+        server.server.should_exit = True
 
 
 @contextmanager
@@ -199,6 +210,30 @@ def serve_gateway(settings: Settings, sock: socket.socket, *,
         yield server
 
 
+_DEMO_KEYS: dict[str, tuple[str, str]] = {}
+
+
+def seed_demo_keys(workdir: Path) -> None:
+    """Give a new demo work directory the test session's SP and dev IdP key pairs, which
+    ``prepare`` keeps as it keeps an admin's: each pair is a real RSA-3072 key and
+    certificate made once per session, instead of two new ones for every stack."""
+    if not _DEMO_KEYS:
+        _DEMO_KEYS["sp"] = generate_self_signed("sso-gateway demo SP")
+        _DEMO_KEYS["idp"] = generate_self_signed("sso-gateway development IdP")
+    certs = workdir / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    for which, key_name, cert_name in (("sp", "sp.key", "sp.crt"),
+                                       ("idp", IDP_KEY_FILE, IDP_CERT_FILE)):
+        key_path, cert_path = certs / key_name, certs / cert_name
+        if key_path.exists() or cert_path.exists():
+            continue
+        key_pem, cert_pem = _DEMO_KEYS[which]
+        with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                       "w") as fh:
+            fh.write(key_pem)
+        cert_path.write_text(cert_pem)
+
+
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     """A self-signed server certificate for 127.0.0.1 and localhost."""
@@ -287,6 +322,7 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
     direct_url = f"{scheme}://127.0.0.1:{port_of(gw_sock)}"
     if "[limits]" not in extra_config:  # tests sign in far more often than people do
         extra_config += "\n[limits]\nlogins = 100000\nregistrations = 100000\nlogouts = 100000\n"
+    seed_demo_keys(workdir)
     demo = prepare(workdir, gateway_url=public_url or direct_url,
                    idp_url=f"http://{idp_host}:{port_of(idp_sock)}",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}",
@@ -298,10 +334,13 @@ def run_stack(workdir: Path, tls: TLSFiles, *, idp_host: str = "127.0.0.1",
     upstream_app = upstream.app() if not reader else create_reader(
         gateway_url=demo.gateway_url, data_dir=workdir / "reader",
         jwks_verify=tls.client_context() if gateway_tls else True)
-    with (serving(upstream_app, up_sock),
-          serving(create_idp_app(demo.idp), idp_sock),
-          serve_gateway(demo.settings, gw_sock, tls=tls if gateway_tls else None)):
-        yield Stack(demo, upstream, tls, direct_url)
+    with (serving(upstream_app, up_sock) as up_server,
+          serving(create_idp_app(demo.idp), idp_sock) as idp_server,
+          serve_gateway(demo.settings, gw_sock, tls=tls if gateway_tls else None) as gateway):
+        try:
+            yield Stack(demo, upstream, tls, direct_url)
+        finally:
+            stop_together(gateway, idp_server, up_server)
 
 
 @dataclass
@@ -457,3 +496,27 @@ def inbox() -> Iterator[tuple[Inbox, int]]:
         yield handler, port
     finally:
         controller.stop()
+
+
+# -- Certificates -----------------------------------------------------------------------
+
+_CERTIFICATE_KEY: list[rsa.RSAPrivateKey] = []
+
+
+def certificate(common_name: str, days: int = 3650) -> str:
+    """A new self-signed RSA-3072 certificate (PEM), for an IdP in metadata whose key never
+    signs in the test: each call gives a certificate of its own (name, serial, validity),
+    all over one key made once per session rather than a new key each time."""
+    if not _CERTIFICATE_KEY:
+        _CERTIFICATE_KEY.append(rsa.generate_private_key(public_exponent=65537, key_size=3072))
+    key = _CERTIFICATE_KEY[0]
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

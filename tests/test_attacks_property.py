@@ -37,6 +37,7 @@ from gateway.paths import canonical_path
 from gateway.policy import Policy
 from gateway.principal import Principal
 from gateway.saml import IdP, IdPRegistry, LoginResult, ServiceProvider
+from tests.conftest import seed_demo_keys
 from tests.forge import NS, forge_for_demo, parse, unsign
 
 REQUEST_ID = "_pending-request-for-hypothesis"
@@ -67,6 +68,7 @@ def signed_content(xml: bytes) -> bytes | None:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     workdir: Path = tmp_path_factory.mktemp("property")
+    seed_demo_keys(workdir)
     demo = prepare(workdir, gateway_url="https://127.0.0.1:9443",
                    idp_url="http://127.0.0.1:9001", reader_url="http://127.0.0.1:9002")
     registry = IdPRegistry.load_dir(demo.settings.idp.metadata_dir)

@@ -52,11 +52,23 @@ _REFERENCE = re.compile(r"reference <strong><code>([0-9A-Z]+)</code>")
 pytestmark = pytest.mark.stack(shared=True, extra_config=EXTRA_CONFIG)
 
 
+@pytest.fixture(scope="module")
+def _sp_by_stack() -> dict[int, tuple[Stack, ServiceProvider, IdP]]:
+    return {}
+
+
 @pytest.fixture
-def sp_and_idp(stack: Stack) -> tuple[ServiceProvider, IdP]:
-    settings = stack.demo.settings
-    registry = IdPRegistry.load_dir(settings.idp.metadata_dir)
-    return ServiceProvider(settings, registry), registry.get(stack.demo.idp.entity_id)
+def sp_and_idp(stack: Stack, _sp_by_stack: dict[int, tuple[Stack, ServiceProvider, IdP]]
+               ) -> tuple[ServiceProvider, IdP]:
+    """The stack's SP and dev IdP, built once per (shared) stack as the gateway builds its
+    own once: an SP keeps only caches, and building one reads its RSA key (0.1 s)."""
+    if id(stack) not in _sp_by_stack:  # the entry holds the stack: its id stays its own
+        settings = stack.demo.settings
+        registry = IdPRegistry.load_dir(settings.idp.metadata_dir)
+        _sp_by_stack[id(stack)] = (stack, ServiceProvider(settings, registry),
+                                   registry.get(stack.demo.idp.entity_id))
+    _, sp, idp = _sp_by_stack[id(stack)]
+    return sp, idp
 
 
 def login_page_refusal(answer: httpx.Response) -> str:

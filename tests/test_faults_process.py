@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from gateway.demo.stack import prepare
-from tests.conftest import bound_socket, port_of
+from tests.conftest import bound_socket, port_of, seed_demo_keys
 
 CHUNK = 1024
 
@@ -102,6 +102,7 @@ def serve(tmp_path: Path, upstream: str, extra: str, *, workers: int = 1,
     with bound_socket() as sock:
         port = port_of(sock)
     url = f"http://127.0.0.1:{port}"
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9", reader_url=upstream,
             extra_config=extra)
     temp = tmp_path / "tmp"

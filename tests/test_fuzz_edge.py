@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message
 
 from gateway.app import create_app
 from gateway.demo.stack import prepare
-from tests.conftest import bound_socket, port_of
+from tests.conftest import bound_socket, port_of, seed_demo_keys
 
 HEADER_BYTES = st.binary(max_size=40).map(
     lambda b: bytes(c for c in b if c not in b"\r\n\x00"))  # what an HTTP parser lets through
@@ -40,6 +40,7 @@ HEADER_NAMES = st.sampled_from([b"accept", b"cookie", b"origin", b"sec-fetch-mod
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
     workdir = tmp_path_factory.mktemp("fuzz")
     dead = bound_socket()
+    seed_demo_keys(workdir)
     demo = prepare(workdir, gateway_url="http://127.0.0.1:8000",
                    idp_url="http://127.0.0.1:8001",
                    reader_url=f"http://127.0.0.1:{port_of(dead)}",

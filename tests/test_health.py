@@ -24,6 +24,7 @@ from tests.conftest import (
     Stack,
     bound_socket,
     port_of,
+    seed_demo_keys,
     serve_gateway,
     serving,
 )
@@ -35,6 +36,7 @@ def gateway(workdir: Path, *, extra_config: str = "", clock: Callable[[], float]
     """The gateway alone (no IdP is needed to answer probes), over plain http on loopback."""
     sock = bound_socket()
     url = f"http://127.0.0.1:{port_of(sock)}"
+    seed_demo_keys(workdir)
     prepare(workdir, gateway_url=url, idp_url="http://127.0.0.1:9",
             reader_url="http://127.0.0.1:9", extra_config=extra_config)
     if edit is not None:

@@ -20,7 +20,7 @@ import pytest
 from gateway.cli import main
 from gateway.demo.stack import DemoStack, prepare
 from tests.browser import client, login
-from tests.conftest import Stack
+from tests.conftest import Stack, seed_demo_keys
 
 PAGE = "/issues/2023-03/pages/14"
 JSON = {"accept": "application/json"}
@@ -87,6 +87,7 @@ def test_owner_rule_with_two_parameters_compares_the_named_one(stack: Stack) -> 
 def test_check_refuses_rules_that_would_match_as_something_else(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], rule: str, error: str) -> None:
     """Before: `check` said OK, and the rule matched as a literal (or the wrong parameter)."""
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path)
     config = demo.workdir / "gateway.toml"
     config.write_text(config.read_text() + f"\n[[rules]]\n{rule}\n")

@@ -34,7 +34,15 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.demo.stack import prepare, servers
 from gateway.proxy_headers import norm
-from tests.conftest import Stack, TLSFiles, bound_socket, port_of, serve_gateway, serving
+from tests.conftest import (
+    Stack,
+    TLSFiles,
+    bound_socket,
+    port_of,
+    seed_demo_keys,
+    serve_gateway,
+    serving,
+)
 
 PLAIN_SERVER = "\n[server]\nheader_timeout = 1\nkeepalive_timeout = 1\nlimit_concurrency = 40\n"
 
@@ -254,6 +262,7 @@ def test_no_server_header(hostile: tuple[str, str], tls: TLSFiles) -> None:
 
 
 def test_demo_runs_the_gateway_as_serve_does(tmp_path: Path) -> None:
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path, gateway_url="http://127.0.0.1:18000",
                    idp_url="http://127.0.0.1:18001", reader_url="http://127.0.0.1:18002")
     config = servers(demo)[0].config
@@ -426,6 +435,7 @@ def served(tmp_path: Path, extra: str) -> Iterator[str]:
     with bound_socket() as sock:
         port = port_of(sock)
     url = f"http://127.0.0.1:{port}"
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9",
             reader_url="http://127.0.0.1:9", extra_config=extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -476,6 +486,7 @@ def test_serve_bounds_heads_and_slow_clients(tmp_path: Path) -> None:
 def test_server_settings_are_checked(tmp_path: Path) -> None:
     from gateway.errors import ConfigError
 
+    seed_demo_keys(tmp_path)
     server = prepare(tmp_path).settings.server
     assert (server.header_limit, server.header_timeout) == (64 * 1024, 30)
     assert (server.keepalive_timeout, server.limit_concurrency) == (5, 1000)

@@ -19,7 +19,7 @@ from gateway.devidp.metadata import idp_metadata
 from gateway.keys import generate_self_signed, pem_body
 from gateway.saml.metadata_report import cert_info
 from gateway.saml.metadata_source import cache_paths
-from tests.conftest import bound_socket, port_of, serving
+from tests.conftest import bound_socket, certificate, port_of, serving
 from tests.test_metadata_sources import MetadataServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +28,8 @@ FED = generate_self_signed("federation")
 
 def metadata(base_url: str, *, days: int = 3650, slo: bool = True) -> tuple[str, str]:
     """(metadata XML, certificate PEM) of an IdP at ``base_url``."""
-    key, cert = generate_self_signed(base_url, days=days)
-    xml = idp_metadata(DevIdPSettings(base_url=base_url, key_pem=key, cert_pem=cert,
+    cert = certificate(base_url, days=days)  # the IdP's key never signs here
+    xml = idp_metadata(DevIdPSettings(base_url=base_url, key_pem="", cert_pem=cert,
                                       sp_entity_id="sp", sp_acs_url="https://sp/acs",
                                       require_signed_requests=False))
     if not slo:

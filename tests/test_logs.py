@@ -118,7 +118,7 @@ def test_a_filter_or_quiet_level_is_respected(monkeypatch: pytest.MonkeyPatch) -
 
 def test_text_format_goes_through_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     root = logging.getLogger()
-    saved = list(root.handlers)
+    saved, level = list(root.handlers), root.level
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     try:
@@ -129,6 +129,7 @@ def test_text_format_goes_through_logging(monkeypatch: pytest.MonkeyPatch) -> No
             root.removeHandler(handler)
         for handler in saved:
             root.addHandler(handler)
+        root.setLevel(level)
     assert stream.getvalue() == "INFO gateway.access request status=200 path=/x [rid-6]\n"
 
 

@@ -32,13 +32,12 @@ from gateway.config import MetadataSource
 from gateway.demo.stack import DemoStack
 from gateway.devidp import DevIdPSettings
 from gateway.devidp.metadata import idp_metadata
-from gateway.keys import generate_self_signed
 from gateway.saml import IdPRegistry
 from gateway.saml.mdq import ACCEPT, MdqService, askable, cache_dir, request_url
 from gateway.sessions import KeyStore
 from gateway.sessions.store import open_store
 from tests.browser import client, post_to_acs, sign_in_at_idp
-from tests.conftest import Stack, TLSFiles, bound_socket, port_of, run_stack, serving
+from tests.conftest import Stack, TLSFiles, bound_socket, certificate, port_of, run_stack, serving
 from tests.forge import encode, forge_for_demo
 from tests.test_metadata_sources import FED, OTHER, sign, with_valid_until
 
@@ -83,8 +82,8 @@ def mdq_server() -> Iterator[MdqServer]:
 
 
 def entity(entity_id: str, **extra: str) -> str:
-    """Metadata of an IdP (its own fresh key) with ``entity_id``."""
-    cert = generate_self_signed(entity_id)[1]
+    """Metadata of an IdP (its own fresh certificate) with ``entity_id``."""
+    cert = certificate(entity_id)
     settings = DevIdPSettings(base_url="https://idp.example", key_pem="", cert_pem=cert,
                               sp_entity_id="sp", sp_acs_url="https://sp/acs",
                               require_signed_requests=False, entity_id=entity_id)

@@ -38,7 +38,16 @@ from gateway.saml import IdPRegistry, ServiceProvider
 from gateway.saml.metadata_source import MetadataRefresher, cache_paths, duration
 from gateway.saml.registry import idps_from_tree, parse_xml
 from tests.browser import client, login
-from tests.conftest import TLSFiles, audit_lines, bound_socket, port_of, run_stack, serving
+from tests.conftest import (
+    TLSFiles,
+    audit_lines,
+    bound_socket,
+    certificate,
+    port_of,
+    run_stack,
+    seed_demo_keys,
+    serving,
+)
 
 FED = generate_self_signed("federation signer")
 OTHER = generate_self_signed("someone else")
@@ -90,6 +99,7 @@ def source(tmp_path: Path, url: str, **options: Any) -> MetadataSource:
 
 @pytest.fixture
 def demo(tmp_path: Path) -> DemoStack:
+    seed_demo_keys(tmp_path / "demo")
     return prepare(tmp_path / "demo")
 
 
@@ -252,7 +262,7 @@ async def test_background_refresh_and_restart_without_network(
 
 
 def _entity(entity_id: str, authority: str = "") -> str:
-    cert = generate_self_signed(entity_id)[1]
+    cert = certificate(entity_id)
     settings = DevIdPSettings(base_url="https://idp.example", key_pem="", cert_pem=cert,
                               sp_entity_id="sp", sp_acs_url="https://sp/acs",
                               require_signed_requests=False, entity_id=entity_id)
@@ -290,7 +300,7 @@ def test_expiring_idp_certificate_is_flagged_in_the_logs(
         caplog: pytest.LogCaptureFixture) -> None:
     registry = IdPRegistry()
     xml = _entity("https://soon.example/idp")
-    soon_cert = generate_self_signed("soon", days=10)[1]
+    soon_cert = certificate("soon", days=10)
     old = re.search(r"<ds:X509Certificate>([^<]+)<", xml)
     assert old
     xml = xml.replace(old.group(1), pem_body(soon_cert))

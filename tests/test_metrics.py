@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.demo.stack import prepare
 from gateway.metrics import FLUSH_INTERVAL, Metrics
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
-from tests.conftest import Stack, TLSFiles, bound_socket, run_stack
+from tests.conftest import Stack, TLSFiles, bound_socket, run_stack, seed_demo_keys
 
 PAGE = "/issues/2023-03/pages/14"
 
@@ -111,6 +111,7 @@ def test_idps_added_while_running_get_gauges_and_labels(tmp_path: Path) -> None:
     from gateway.sessions import open_store
     from gateway.telemetry import Telemetry
 
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path, gateway_url="http://127.0.0.1:8000",
                    idp_url="http://127.0.0.1:8001", reader_url="http://127.0.0.1:8002")
     registry = IdPRegistry.load_dir(demo.settings.idp.metadata_dir)

@@ -36,7 +36,14 @@ from gateway.config import load_settings
 from gateway.demo.stack import prepare
 from gateway.keys import generate_identity_key, pem_body, write_keypair
 from gateway.reload import LiveGateway
-from tests.conftest import EchoUpstream, bound_socket, port_of, serving, wait_until_healthy
+from tests.conftest import (
+    EchoUpstream,
+    bound_socket,
+    port_of,
+    seed_demo_keys,
+    serving,
+    wait_until_healthy,
+)
 
 NEW_IDP = "http://127.0.0.1:19/metadata"  # the dev IdP's metadata with another address
 MEMBER_PAGE = "/news/today"  # no rule matches: the default (member) applies
@@ -89,6 +96,7 @@ def serve_process(workdir: Path, upstream: str, *, extra: str = "", workers: int
     with bound_socket() as sock:
         port = port_of(sock)
     url = f"{scheme}://127.0.0.1:{port}"
+    seed_demo_keys(workdir)
     prepare(workdir, gateway_url=url, idp_url="http://127.0.0.1:9", reader_url=upstream,
             extra_config='\n[logging]\naudit = "audit.log"\n' + extra)
     text = (workdir / "gateway.toml").read_text()
@@ -307,6 +315,7 @@ def _open_files() -> int:
 def test_twenty_reloads_leak_no_files_threads_or_tasks(tmp_path: Path, upstream: str) -> None:
     """Each reload starts a gateway (store connections and their threads, the upstream
     pool, the purge timer) and closes the previous one: nothing piles up."""
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url="http://127.0.0.1:9", idp_url="http://127.0.0.1:9",
             reader_url=upstream)
     app = LiveGateway(load_settings(tmp_path / "gateway.toml", environ={}))
@@ -344,6 +353,7 @@ def test_reload_takes_an_sp_key_rollover_and_a_new_identity_key(tmp_path: Path) 
     """The rollover steps of docs/operations.md, each followed by a reload: the next SP
     key is published beside the current one, then promoted; a new identity-token key
     signs and is in the JWKS."""
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url="http://127.0.0.1:9", idp_url="http://127.0.0.1:9",
             reader_url="http://127.0.0.1:9")
     toml = tmp_path / "gateway.toml"

@@ -37,6 +37,7 @@ from tests.conftest import (
     memory_sees_it,
     port_of,
     run_stack,
+    seed_demo_keys,
     serve_gateway,
 )
 from tests.test_login_hostile import PAGE, Pending, forge
@@ -217,6 +218,7 @@ def test_redis_lost_and_back(tmp_path: Path, tls: TLSFiles) -> None:
 
 def test_check_reports_the_store_with_its_password_masked(
         tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_demo_keys(tmp_path)
     config = prepare(tmp_path).workdir / "gateway.toml"
     sqlite_line = 'url = "sqlite:///gateway.db"'
     with bound_socket() as sock:

@@ -30,7 +30,15 @@ from gateway.paths import safe_next
 from gateway.principal import Principal
 from gateway.protocol import LoginProtocol, SignedIn, SignInServices
 from gateway.saml import SamlProtocol
-from tests.conftest import EchoUpstream, TLSFiles, bound_socket, port_of, serve_gateway, serving
+from tests.conftest import (
+    EchoUpstream,
+    TLSFiles,
+    bound_socket,
+    port_of,
+    seed_demo_keys,
+    serve_gateway,
+    serving,
+)
 
 PAGE = "/issues/2023-03/pages/14"
 ISSUER = "urn:test:ticket-office"
@@ -100,6 +108,7 @@ def running(tmp_path: Path, tls: TLSFiles) -> Iterator[Running]:
     gw_sock, up_sock = bound_socket(), bound_socket()
     url = f"https://127.0.0.1:{port_of(gw_sock)}"
     # The dev IdP is configured (SAML stays available) but never visited.
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9",
                    reader_url=f"http://127.0.0.1:{port_of(up_sock)}")
     ticket = TicketProtocol()

@@ -49,6 +49,7 @@ from tests.conftest import (
     bound_socket,
     port_of,
     run_stack,
+    seed_demo_keys,
     serve_gateway,
     serving,
     wait_until_healthy,
@@ -160,6 +161,7 @@ def test_selftest_names_the_replay_when_the_replay_cache_is_off(
     sock = bound_socket()
     url = f"https://127.0.0.1:{port_of(sock)}"
     # Only the gateway runs: the self-test signs as the IdP itself and never visits it.
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9",
                    reader_url="http://127.0.0.1:9")
     with serve_gateway(demo.settings, sock, tls=tls) as server:

@@ -19,6 +19,7 @@ from gateway.cli import main
 from gateway.config import load_settings, secret_weakness
 from gateway.demo.stack import prepare
 from gateway.errors import ConfigError
+from tests.conftest import seed_demo_keys
 
 WEAK = {
     "one character": "a" * 48,
@@ -34,6 +35,7 @@ WEAK = {
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url="http://127.0.0.1:8000", idp_url="http://127.0.0.1:8001",
             reader_url="http://127.0.0.1:8002")
     return tmp_path

@@ -23,7 +23,7 @@ from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
 from gateway.cli import main
 from gateway.config import load_settings
 from gateway.demo.stack import prepare
-from tests.conftest import bound_socket, port_of, serve_gateway
+from tests.conftest import bound_socket, port_of, seed_demo_keys, serve_gateway
 
 DAY = 86400
 
@@ -34,6 +34,7 @@ def gateway(workdir: Path, extra_config: str = "",
     """The gateway alone (its metadata needs no IdP to answer), over http on loopback."""
     sock = bound_socket()
     url = f"http://127.0.0.1:{port_of(sock)}"
+    seed_demo_keys(workdir)
     prepare(workdir, gateway_url=url, idp_url="http://127.0.0.1:9",
             reader_url="http://127.0.0.1:9", extra_config=extra_config)
     settings = load_settings(workdir / "gateway.toml", environ={})
@@ -86,6 +87,7 @@ def test_configured_validity_and_cache_duration_are_served_and_kept_ahead(
 
 def check_output(workdir: Path, capsys: pytest.CaptureFixture[str],
                  sp_lines: str = "") -> tuple[int, str]:
+    seed_demo_keys(workdir)
     prepare(workdir, gateway_url="http://127.0.0.1:8000", idp_url="http://127.0.0.1:8001",
             reader_url="http://127.0.0.1:8002",
             extra_config=sp_section(sp_lines) if sp_lines else "")

@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from gateway.cli import main
 from gateway.demo.stack import prepare
 from gateway.tls import new_context
-from tests.conftest import bound_socket, port_of
+from tests.conftest import bound_socket, port_of, seed_demo_keys
 from tests.test_reload import Load, serve_process
 
 NO_VERIFY = ssl.create_default_context()
@@ -225,6 +225,7 @@ def _check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 
 def test_check_validates_the_tls_pair(tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url="https://127.0.0.1:8443", extra_config=(
         '\n[server]\ntls_cert_file = "tls.crt"\ntls_key_file = "tls.key"\n'))
     key = write_pair(tmp_path, 1)

@@ -24,7 +24,7 @@ import httpx
 from gateway.config import load_settings
 from gateway.demo.stack import DemoStack, prepare, servers
 from gateway.errors import ConfigError
-from tests.conftest import TLSFiles, bound_socket, nginx_process, port_of, run_stack
+from tests.conftest import TLSFiles, bound_socket, nginx_process, port_of, run_stack, seed_demo_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 FIVE = "\n[limits]\nlogins = 5\n"
@@ -70,6 +70,7 @@ def demo_gateway(workdir: Path) -> Iterator[DemoStack]:
     for _ in range(3):
         with bound_socket() as sock:
             ports.append(port_of(sock))
+    seed_demo_keys(workdir)
     stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{ports[0]}",
                     idp_url=f"http://127.0.0.1:{ports[1]}",
                     reader_url=f"http://127.0.0.1:{ports[2]}", extra_config=FIVE)
@@ -170,6 +171,7 @@ def test_behind_the_reference_nginx_each_client_has_its_own_limit(
 
 def test_trusted_proxies_are_addresses_or_networks(tmp_path: Path) -> None:
     """A host name would be compared as a literal and never match: refused, by key."""
+    seed_demo_keys(tmp_path)
     stack = prepare(tmp_path)
     toml = tmp_path / "gateway.toml"
     text = toml.read_text()

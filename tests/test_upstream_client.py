@@ -28,7 +28,7 @@ from gateway.config_schema import ProxySettings
 from gateway.demo.stack import prepare
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.upstream_client import HEAD_LIMIT, Origin, UpstreamClient
-from tests.conftest import TLSFiles, serving
+from tests.conftest import TLSFiles, seed_demo_keys, serving
 from tests.test_proxy import _bound_socket, gateway_app, make_proxy
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -190,6 +190,7 @@ async def test_a_head_answer_has_no_body_and_its_extra_bytes_are_not_reused(
 
 
 def test_the_client_setting_reaches_the_proxy(tmp_path: Path) -> None:
+    seed_demo_keys(tmp_path)
     demo = prepare(tmp_path, extra_config='\n[proxy]\nclient = "aiohttp"\n')
     assert create_app(demo.settings).proxy.client == "aiohttp"
     default = demo.settings.model_copy(update={"proxy": ProxySettings()})

@@ -33,7 +33,15 @@ from gateway.reload import LiveGateway
 from gateway.server import uvicorn_options
 from gateway.sessions import CookieSigner, SessionManager, open_store
 from tests.browser import client, login
-from tests.conftest import Stack, TLSFiles, bound_socket, port_of, run_stack, serving
+from tests.conftest import (
+    Stack,
+    TLSFiles,
+    bound_socket,
+    port_of,
+    run_stack,
+    seed_demo_keys,
+    serving,
+)
 from tests.test_slo import sign_out_at_gateway
 
 PAGE = "/issues/2023-03/pages/14"
@@ -420,6 +428,7 @@ def test_a_reload_ends_the_old_configurations_sockets_with_1012(
     url = f"https://127.0.0.1:{port_of(gw_sock)}"
     extra = _CONFIG.format(live=port_of(up_sock), gone=1, limit=LIMIT, idle=30,
                            interval=CHECK_INTERVAL) + "\n[server]\nshutdown_timeout = 1\n"
+    seed_demo_keys(tmp_path)
     prepare(tmp_path, gateway_url=url, idp_url="http://127.0.0.1:9",
             reader_url="http://127.0.0.1:9", extra_config=extra)
     settings = load_settings(tmp_path / "gateway.toml", environ={})
