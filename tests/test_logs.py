@@ -34,15 +34,15 @@ FIELDS: list[dict[str, object]] = [
 
 
 @contextmanager
-def json_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """``configure_logging("json")`` as ``serve`` has it, its stream a buffer; pytest's own
+def serve_logging(monkeypatch: pytest.MonkeyPatch, fmt: str = "json") -> Iterator[io.StringIO]:
+    """``configure_logging(fmt)`` as ``serve`` has it, its stream a buffer; pytest's own
     capture handlers are set aside while it is on."""
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     try:
-        logs.configure_logging("json")
+        logs.configure_logging(fmt)
         yield stream
     finally:
         for handler in list(root.handlers):
@@ -70,7 +70,7 @@ def test_direct_line_is_the_formatters_line(monkeypatch: pytest.MonkeyPatch,
         raise AssertionError("the line went through logging")
 
     monkeypatch.setattr(access.logger, "info", through_logging)
-    with json_logging(monkeypatch) as stream:
+    with serve_logging(monkeypatch) as stream:
         access.write("request", dict(fields), "rid-1")
     text = stream.getvalue()
     assert text.endswith("}\n") and text.count("\n") == 1 and text.isascii()
@@ -86,7 +86,7 @@ def test_direct_line_is_the_formatters_line(monkeypatch: pytest.MonkeyPatch,
 
 def test_any_other_handler_gets_the_record(monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    with json_logging(monkeypatch) as stream:
+    with serve_logging(monkeypatch) as stream:
         # pytest's capture handler on the root: the record must reach it, not the stream.
         logging.getLogger().addHandler(caplog.handler)
         with caplog.at_level(logging.INFO, logger="gateway.access"):
@@ -99,7 +99,7 @@ def test_any_other_handler_gets_the_record(monkeypatch: pytest.MonkeyPatch,
 
 def test_a_filter_or_quiet_level_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
     access = logging.getLogger("gateway.access")
-    with json_logging(monkeypatch) as stream:
+    with serve_logging(monkeypatch) as stream:
         dropped = logging.Filter("nothing-matches")
         access.addFilter(dropped)
         try:
@@ -117,19 +117,8 @@ def test_a_filter_or_quiet_level_is_respected(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_text_format_goes_through_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    try:
-        logs.configure_logging("text")
+    with serve_logging(monkeypatch, "text") as stream:
         AccessLog().write("request", {"status": 200, "path": "/x"}, "rid-6")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved:
-            root.addHandler(handler)
-        root.setLevel(level)
     assert stream.getvalue() == "INFO gateway.access request status=200 path=/x [rid-6]\n"
 
 
