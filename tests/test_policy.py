@@ -458,6 +458,7 @@ def test_remembered_rule_choice_still_decides_per_member_and_stays_bounded() -> 
         assert folded.decide(path, person("M2")).failed == "owner"
         assert folded.decide(path, None).kind == "login"
         # The same path for a case-insensitive upstream is its own entry, read its way.
+        assert folded.decide("/Members/M1/Notes/x.json", person("M2")).kind == "allow"
         assert folded.decide("/Members/M1/Notes/x.json", person("M2"),
                              upstream="app").failed == "owner"
         assert folded.decide("/Members/M1/Notes/x.json", person("M1"),
