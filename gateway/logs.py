@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii as _json_str
@@ -72,16 +73,19 @@ class _RandomIds:
     def __init__(self) -> None:
         self._bytes = b""
         self._at = 0
+        self._lock = threading.Lock()  # servers in threads (tests) share the supply
 
     def reset(self) -> None:
         self._bytes, self._at = b"", 0
+        self._lock = threading.Lock()
 
     def next(self) -> str:
-        at = self._at
-        if at + 8 > len(self._bytes):
-            self._bytes, at = os.urandom(self.SUPPLY), 0
-        self._at = at + 8
-        return self._bytes[at:at + 8].hex()
+        with self._lock:
+            at = self._at
+            if at + 8 > len(self._bytes):
+                self._bytes, at = os.urandom(self.SUPPLY), 0
+            self._at = at + 8
+            return self._bytes[at:at + 8].hex()
 
 
 _ids = _RandomIds()
