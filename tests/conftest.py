@@ -162,6 +162,8 @@ def nginx_process(directory: Path, probe_url: str) -> Iterator[None]:
     answers; stopped afterwards. Fails with nginx's error log if it does not start."""
     nginx = "/usr/sbin/nginx"
     assert Path(nginx).exists(), "Debian's nginx is required (`make test` installs it)"
+    # Daemonised, nginx would outlive the test: this process could not stop it.
+    assert "daemon off;" in (directory / "nginx.conf").read_text(), "nginx.conf: daemon off;"
     proc = subprocess.Popen([nginx, "-c", str(directory / "nginx.conf"), "-p", str(directory)])
     try:
         deadline = time.monotonic() + 10

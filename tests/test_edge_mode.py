@@ -48,9 +48,10 @@ def edge(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[St
         assert main(["nginx-config", "--config", str(config), "--full", "--listen",
                      f"127.0.0.1:{port}", "--gateway", gateway, "--cache-dir",
                      str(tmp / "cache"), "--out", str(tmp / "nginx.conf")]) == 0
-        # One process as the test's user (the work directory is private to it).
+        # One process in the foreground (stopped with the test), as the test's user (the
+        # work directory is private to it).
         text = (tmp / "nginx.conf").read_text().replace("/var/lib/nginx", str(tmp)).replace(
-            "worker_processes auto;", "master_process off; worker_processes 1;")
+            "worker_processes auto;", "daemon off; master_process off; worker_processes 1;")
         (tmp / "nginx.conf").write_text(text)
         with nginx_process(tmp, f"http://127.0.0.1:{port}/healthz"):
             yield stack
