@@ -51,9 +51,8 @@ import httpx
 from bench import login
 from bench.load import wrk
 from bench.run import PAGES, serve_idp
-from bench.servers import BENCH_LIMITS, Proc, _start, free_port, start_upstream
+from bench.servers import Proc, _start, free_port, prepare_stack, start_upstream
 from gateway.config import load_settings
-from gateway.demo.stack import prepare
 from gateway.devidp import create_app as create_idp_app
 
 RESULTS = Path(__file__).with_name("results") / "levers.json"
@@ -143,9 +142,10 @@ def start_granian(workdir: Path, port: int) -> Proc:
     return _start("granian", args, port, workdir, env=env)
 
 
-def run_pair(procs: dict[str, Proc], urls: dict[str, str], headers: dict[str, str],
+def run_pair(procs: dict[str, Proc], page: str, headers: dict[str, str],
              rounds: int, seconds: float) -> dict[str, Any]:
-    """Each variant ``rounds`` times at c=32, in turns; medians per variant."""
+    """Each variant ``rounds`` times at c=32 on ``page``, in turns; medians per variant."""
+    urls = {name: f"http://127.0.0.1:{proc.port}{page}" for name, proc in procs.items()}
     for name, url in urls.items():  # both give the member the page; then warm up
         answer = httpx.get(url, headers=headers, timeout=10)
         if answer.status_code != 200 or len(answer.content) != PAGES["20k"][1]:
@@ -192,11 +192,7 @@ def main() -> None:
             commit, short = unpack_revision(args.against or "HEAD", workdir / "checkout")
         upstream = start_upstream(workdir, dict(PAGES.values()))
         procs.append(upstream)
-        gw_port, idp_port = free_port(), free_port()
-        stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
-                        idp_url=f"http://127.0.0.1:{idp_port}",
-                        reader_url=f"http://127.0.0.1:{upstream.port}",
-                        extra_config=BENCH_LIMITS)
+        stack, gw_port, idp_port = prepare_stack(workdir, upstream.port)
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         page = PAGES["20k"][0]
         main_gw = start_serve(workdir, "gateway-lean", gw_port, {})
@@ -210,22 +206,16 @@ def main() -> None:
                                 {"GATEWAY_PROXY__CLIENT": "aiohttp"})
             procs.append(other)
             print("client lever: [proxy] client, sso-gateway serve, 1 worker, 20 KB, c=32")
-            report["client"] = run_pair(
-                {"lean": main_gw, "aiohttp": other},
-                {"lean": stack.gateway_url + page,
-                 "aiohttp": f"http://127.0.0.1:{other_port}{page}"},
-                headers, args.rounds, args.seconds)
+            report["client"] = run_pair({"lean": main_gw, "aiohttp": other}, page, headers,
+                                        args.rounds, args.seconds)
             other.stop()
         if args.lever in ("server", "all"):
             granian_port = free_port()
             granian = start_granian(workdir, granian_port)
             procs.append(granian)
             print("server lever: uvicorn (serve) against Granian, 1 worker, 20 KB, c=32")
-            report["server"] = run_pair(
-                {"uvicorn": main_gw, "granian": granian},
-                {"uvicorn": stack.gateway_url + page,
-                 "granian": f"http://127.0.0.1:{granian_port}{page}"},
-                headers, args.rounds, args.seconds)
+            report["server"] = run_pair({"uvicorn": main_gw, "granian": granian}, page,
+                                        headers, args.rounds, args.seconds)
         if args.lever == "against":
             rev_port = free_port()
             at_rev = start_revision(workdir, workdir / "checkout", f"gateway-{short}",
@@ -234,10 +224,7 @@ def main() -> None:
             print(f"against: the working tree (now) against {short} ({commit}), "
                   "sso-gateway serve, 1 worker, 20 KB, c=32")
             report = {"revision": short, "commit": commit, **report, **run_pair(
-                {"now": main_gw, short: at_rev},
-                {"now": stack.gateway_url + page,
-                 short: f"http://127.0.0.1:{rev_port}{page}"},
-                headers, args.rounds, args.seconds)}
+                {"now": main_gw, short: at_rev}, page, headers, args.rounds, args.seconds)}
         if args.lever == "floor":
             bare = {kind: start_floor(workdir, kind, upstream.port, page)
                     for kind in ("asgi", "raw")}
@@ -245,10 +232,7 @@ def main() -> None:
             print("floor: the gateway (serve, 1 worker) against bare Python proxies of the "
                   "same page, 20 KB, c=32")
             report = {**report, **run_pair(
-                {"gateway": main_gw, **bare},
-                {"gateway": stack.gateway_url + page,
-                 **{k: f"http://127.0.0.1:{p.port}{page}" for k, p in bare.items()}},
-                headers, args.rounds, args.seconds)}
+                {"gateway": main_gw, **bare}, page, headers, args.rounds, args.seconds)}
         idp.should_exit = True
     finally:
         for proc in reversed(procs):

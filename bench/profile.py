@@ -20,8 +20,7 @@ from pathlib import Path
 from bench import login
 from bench.load import wrk
 from bench.run import PAGES, serve_idp
-from bench.servers import BENCH_LIMITS, free_port, start_gateway, start_upstream
-from gateway.demo.stack import prepare
+from bench.servers import prepare_stack, start_gateway, start_upstream
 from gateway.devidp import create_app as create_idp_app
 
 OUT = Path(__file__).with_name("results") / "profile.txt"
@@ -67,11 +66,7 @@ def main() -> None:
     upstream = start_upstream(workdir, dict(PAGES.values()))
     gateway = None
     try:
-        gw_port, idp_port = free_port(), free_port()
-        stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
-                        idp_url=f"http://127.0.0.1:{idp_port}",
-                        reader_url=f"http://127.0.0.1:{upstream.port}",
-                        extra_config=BENCH_LIMITS)
+        stack, gw_port, idp_port = prepare_stack(workdir, upstream.port)
         serve_idp(create_idp_app(stack.idp), idp_port)
         gateway = start_gateway(workdir, gw_port, 1)
         path = PAGES["20k"][0]

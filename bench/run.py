@@ -27,17 +27,16 @@ import uvicorn
 from bench import login, memory
 from bench.load import Result, wrk
 from bench.servers import (
-    BENCH_LIMITS,
     Proc,
     free_port,
     prepare_mellon,
+    prepare_stack,
     start_apache,
     start_edge,
     start_gateway,
     start_mellon,
     start_upstream,
 )
-from gateway.demo.stack import prepare
 from gateway.devidp import create_app as create_idp_app
 from gateway.devidp.metadata import idp_metadata
 
@@ -122,11 +121,7 @@ def main() -> None:
     try:
         upstream = start_upstream(workdir, dict([*PAGES.values(), SMALL]))
         procs.append(upstream)
-        gw_port, idp_port = free_port(), free_port()
-        stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
-                        idp_url=f"http://127.0.0.1:{idp_port}",
-                        reader_url=f"http://127.0.0.1:{upstream.port}",
-                        extra_config=BENCH_LIMITS)
+        stack, gw_port, idp_port = prepare_stack(workdir, upstream.port)
         edge_port = free_port()
         config = workdir / "gateway.toml"  # the edge mode's nginx is one more public host
         config.write_text(f'allowed_hosts = ["127.0.0.1:{edge_port}"]\n' + config.read_text())

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.demo.stack import DemoStack, prepare
 from gateway.keys import pem_body, write_keypair
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -301,3 +302,14 @@ def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
 
 # Every benchmark login comes from 127.0.0.1: lift the per-address sign-in limit.
 BENCH_LIMITS = "\n[limits]\nlogins = 1000000\n"
+
+
+def prepare_stack(workdir: Path, upstream_port: int) -> tuple[DemoStack, int, int]:
+    """The demo's files in ``workdir`` for a gateway and a dev IdP on free loopback ports,
+    in front of the upstream on ``upstream_port``, with ``BENCH_LIMITS``: the stack, the
+    gateway's port and the IdP's port."""
+    gw_port, idp_port = free_port(), free_port()
+    stack = prepare(workdir, gateway_url=f"http://127.0.0.1:{gw_port}",
+                    idp_url=f"http://127.0.0.1:{idp_port}",
+                    reader_url=f"http://127.0.0.1:{upstream_port}", extra_config=BENCH_LIMITS)
+    return stack, gw_port, idp_port

@@ -42,7 +42,7 @@ from gateway.config import Settings
 from gateway.cookies import STASH_PATH, Cookies, header
 from gateway.errors import N_, AmbiguousPath, CrossSite, GatewayError, StoreError
 from gateway.identity import UpstreamIdentity
-from gateway.paths import canonical_path, check_query
+from gateway.paths import request_target
 from gateway.policy import Decision, Policy
 from gateway.proxy import Proxy
 from gateway.proxy_headers import RequestHead
@@ -139,10 +139,8 @@ class HotPath:
                 400, N_("Unknown site"), N_("This gateway does not serve that host name."),
                 accept=head.accept))
             return
-        query: bytes = scope.get("query_string", b"")
         try:
-            path, encoded = canonical_path(raw_path)
-            check_query(query)
+            path, target = request_target(raw_path, scope.get("query_string", b""))
         except AmbiguousPath as exc:
             ref = new_reference()
             log.warning("refused path ref=%s reason=%s", ref, exc.reason)
@@ -151,8 +149,6 @@ class HotPath:
         if path in OWN_PATHS or path.startswith(self._own_prefixes):
             await self._own(scope, receive, send)
             return
-        # check_query let only printable ASCII through: the decode cannot fail.
-        target = encoded + ("?" + query.decode("ascii") if query else "")
         await self._serve(scope, receive, send, head, path, target)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, head: RequestHead,

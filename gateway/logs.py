@@ -131,20 +131,24 @@ def _json_value(value: object) -> str:
 
 
 class _Clock:
-    """The ``time`` of a JSON line, its seconds formatted once a second."""
+    """The ``time`` of a JSON line (UTC, milliseconds), its seconds formatted once a
+    second; the cache is one tuple, so threads sharing it never mix two seconds."""
 
-    __slots__ = ("prefix", "second")
+    __slots__ = ("_cached",)
 
     def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
+        self._cached = (-1, "")
 
     def stamp(self, now: float) -> str:
         second = int(now)
-        if second != self.second:
-            self.prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self.second = second
-        return f"{self.prefix}.{int((now - second) * 1000):03d}Z"
+        micro = round((now - second) * 1_000_000)  # as datetime rounds it
+        if micro == 1_000_000:
+            second, micro = second + 1, 0
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, dt.datetime.fromtimestamp(second, dt.UTC)
+                                     .strftime("%Y-%m-%dT%H:%M:%S"))
+        return f"{cached[1]}.{micro // 1000:03d}Z"
 
 
 class AccessLog:
@@ -201,10 +205,13 @@ class AccessLog:
 class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "message", "request_id"?, **fields}`` on one line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": self._clock.stamp(record.created),
             "level": record.levelname.lower(), "logger": record.name,
             "message": record.getMessage(),
         }

@@ -77,6 +77,15 @@ def _check_segments(text: str) -> None:
             raise AmbiguousPath("path contains an empty segment ('//')")
 
 
+def request_target(raw_path: bytes, query: bytes) -> tuple[str, str]:
+    """A request's canonical path (decoded, for the rules) and the target the upstream
+    gets (that path encoded, and the query as sent), or ``AmbiguousPath``."""
+    path, encoded = canonical_path(raw_path)
+    check_query(query)
+    # check_query let only printable ASCII through: the decode cannot fail.
+    return path, encoded + ("?" + query.decode("ascii") if query else "")
+
+
 def safe_next(value: str | None) -> str:
     """A post-login destination: a local path on this origin, else ``/``.
 

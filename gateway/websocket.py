@@ -54,7 +54,7 @@ from gateway.errors import (
 )
 from gateway.identity import UpstreamIdentity
 from gateway.logs import current_request_id, session_hash
-from gateway.paths import canonical_path, check_query
+from gateway.paths import request_target
 from gateway.policy import Policy
 from gateway.proxy import WS_CLOSE_TIMEOUT, Proxy, Route, SocketClosed, UpstreamSocket
 from gateway.proxy_headers import RequestHead
@@ -187,10 +187,8 @@ class WebSocketGate:
                                 "This gateway does not serve that host name.",
                                 accept=head.accept)
         raw_path = (scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
-        query: bytes = scope.get("query_string", b"")
         try:
-            path, encoded = canonical_path(raw_path)
-            check_query(query)
+            path, target = request_target(raw_path, scope.get("query_string", b""))
         except AmbiguousPath as exc:
             ref = new_reference()
             log.warning("refused WebSocket path ref=%s reason=%s", ref, exc.reason)
@@ -214,7 +212,6 @@ class WebSocketGate:
         route = self._proxy.route(path)
         decision = self._policy.decide(path, record.principal if record else None,
                                        upstream=route.name if route is not None else None)
-        target = encoded + ("?" + query.decode("ascii") if query else "")
         if decision.kind == "deny" and record is not None:
             self._telemetry.denied(record, decision, path)
         answer = decision_answer(decision, record, target=target, accept=head.accept,

@@ -9,6 +9,7 @@ goes through ``logging`` (so nothing that captures records misses one).
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -139,3 +140,13 @@ def test_request_ids_are_random_hex_and_not_shared_with_a_forked_child() -> None
     parent = [new_request_id() for _ in range(4)]
     assert len(child) == 4 and not set(child) & set(parent)
 
+
+
+@pytest.mark.parametrize("now", [0.0, 18203485.694999967, 1e9 + 0.0005, 1e9 + 0.9999996,
+                                 1.7e9 + 0.9999999, 1796596111.9734468, 4e9 - 0.5])
+def test_line_times_are_the_ones_datetime_writes(now: float) -> None:
+    clock = logs._Clock()
+    clock.stamp(now - 1)  # a cached second before it
+    expected = (dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z"))
+    assert clock.stamp(now) == expected

@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl
 import pytest
 
 from gateway.errors import AmbiguousPath
-from gateway.paths import canonical_path, check_query, safe_next, with_next
+from gateway.paths import canonical_path, check_query, request_target, safe_next, with_next
 
 
 @pytest.mark.parametrize(("raw", "decoded", "encoded"), [
@@ -75,3 +75,13 @@ def test_with_next_quotes_the_whole_target(target: str, expected: str) -> None:
     # The sign-in gets the target back whole, and it is still a safe local destination.
     [(name, value)] = parse_qsl(url.partition("?")[2])
     assert name == "next" and value == target
+
+
+def test_request_target_is_the_canonical_path_and_the_query_as_sent() -> None:
+    assert request_target(b"/issues/%7e%C3%A9/p", b"a=1&b=%2F") == (
+        "/issues/~\u00e9/p", "/issues/~%C3%A9/p?a=1&b=%2F")
+    assert request_target(b"/plain", b"") == ("/plain", "/plain")
+    with pytest.raises(AmbiguousPath):
+        request_target(b"/a/%2e%2e/b", b"")
+    with pytest.raises(AmbiguousPath):
+        request_target(b"/a", b"q=\xff")
