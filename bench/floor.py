@@ -1,7 +1,7 @@
 """The floor under the hot path: a bare Python proxy with none of the gateway's work.
 
-``python -m bench.floor asgi|raw PORT UPSTREAM_PORT PATH`` serves, on ``PORT``, every
-request with the page ``PATH`` fetched from the upstream through the gateway's own
+``python -m bench.floor asgi|raw PORT UPSTREAM_PORT PATH [WORKERS]`` serves, on
+``PORT``, every request with the page ``PATH`` fetched from the upstream through the gateway's own
 upstream client (``gateway.upstream_client``): no session, policy, header filtering,
 identity, log line or metrics.
 
@@ -9,7 +9,9 @@ identity, log line or metrics.
 * ``raw``: an asyncio protocol on uvloop with httptools' parser, writing the upstream's
   head and body to the socket itself (no ASGI messages).
 
-``bench.levers --lever floor`` loads both beside the gateway; what the gateway costs
+With ``WORKERS`` > 1 (default 1), that many forked processes accept on one listening
+socket, as ``serve --workers`` does. ``bench.levers --lever floor`` loads both beside the
+gateway and Apache with mod_auth_mellon; what the gateway costs
 above ``asgi`` is its own work, what ``asgi`` costs above ``raw`` is the ASGI server's.
 Not a server to run: it answers every request with the same page and no checks.
 """
@@ -17,6 +19,10 @@ Not a server to run: it answers every request with the same page and no checks.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import signal
+import socket
 import sys
 from typing import Any
 
@@ -26,6 +32,7 @@ import uvloop
 
 from gateway.upstream_client import Origin, Response, UpstreamClient
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 _DROP = frozenset({b"connection", b"keep-alive", b"date", b"server"})
 
 
@@ -40,7 +47,7 @@ class _Fetch:
                                          None, length=None, connect_timeout=5, timeout=30)
 
 
-def serve_asgi(port: int, fetch: _Fetch) -> None:
+def serve_asgi(sock: socket.socket, fetch: _Fetch) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -56,8 +63,9 @@ def serve_asgi(port: int, fetch: _Fetch) -> None:
                 break
         resp.release()
 
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning",
+                            access_log=False, lifespan="off")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class _Raw(asyncio.Protocol):
@@ -92,16 +100,26 @@ class _Raw(asyncio.Protocol):
         resp.release()
 
 
-def serve_raw(port: int, fetch: _Fetch) -> None:
+def serve_raw(sock: socket.socket, fetch: _Fetch) -> None:
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(
-            lambda: _Raw(fetch), "127.0.0.1", port)
+            lambda: _Raw(fetch), sock=sock)
         await server.serve_forever()
 
     uvloop.run(main())
 
 
+def main(kind: str, port: int, upstream_port: int, path: str, workers: int) -> None:
+    """Listen on ``port``, fork ``workers`` - 1 more processes, and serve in each."""
+    sock = socket.create_server(("127.0.0.1", port), backlog=2048)
+    for _ in range(workers - 1):
+        if os.fork() == 0:  # a child serves on the same socket, and ends with its parent
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            break
+    serve = serve_asgi if kind == "asgi" else serve_raw
+    serve(sock, _Fetch(upstream_port, path))
+
+
 if __name__ == "__main__":
-    kind, port, upstream_port, path = sys.argv[1:5]
-    fetch = _Fetch(int(upstream_port), path)
-    (serve_asgi if kind == "asgi" else serve_raw)(int(port), fetch)
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+         int(sys.argv[5]) if len(sys.argv) > 5 else 1)

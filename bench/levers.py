@@ -50,8 +50,15 @@ import httpx
 
 from bench import login
 from bench.load import wrk
-from bench.run import PAGES, serve_idp
-from bench.servers import Proc, _start, free_port, prepare_stack, start_upstream
+from bench.run import PAGES, serve_idp, start_mellon_stack
+from bench.servers import (
+    Proc,
+    _start,
+    free_port,
+    prepare_stack,
+    start_upstream,
+    wait_for_processes,
+)
 from gateway.config import load_settings
 from gateway.devidp import create_app as create_idp_app
 
@@ -60,12 +67,17 @@ REPO = Path(__file__).resolve().parent.parent
 SEPARATE = ("against", "floor")  # levers kept under their own key, not part of "all"
 
 
-def start_serve(workdir: Path, name: str, port: int, env: dict[str, str]) -> Proc:
-    """``sso-gateway serve`` (uvicorn, one worker) on ``port``, with ``env`` overrides."""
+def start_serve(workdir: Path, name: str, port: int, env: dict[str, str],
+                workers: int = 1) -> Proc:
+    """``sso-gateway serve`` (uvicorn, ``workers`` workers) on ``port``, with ``env``
+    overrides."""
     exe = Path(sys.executable).with_name("sso-gateway")
-    return _start(name, [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
-                         "--workers", "1", "--port", str(port)], port, workdir,
+    proc = _start(name, [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
+                         "--workers", str(workers), "--port", str(port)], port, workdir,
                   env={**os.environ, **env})
+    if workers > 1:  # the supervisor listens before its workers have started
+        wait_for_processes(proc, workers + 1)
+    return proc
 
 
 def unpack_revision(rev: str, dest: Path) -> tuple[str, str]:
@@ -114,12 +126,17 @@ def start_revision(workdir: Path, checkout: Path, name: str, port: int) -> Proc:
         sys.exit(f"{name} did not start; the end of its log:\n" + "\n".join(log[-15:]))
 
 
-def start_floor(workdir: Path, kind: str, upstream_port: int, page: str) -> Proc:
-    """A bare proxy of ``page`` (``bench.floor``): ``asgi`` or ``raw``."""
+def start_floor(workdir: Path, kind: str, upstream_port: int, page: str,
+                workers: int = 1) -> Proc:
+    """A bare proxy of ``page`` (``bench.floor``): ``asgi`` or ``raw``, in ``workers``
+    processes."""
     port = free_port()
-    return _start(f"floor-{kind}", [sys.executable, "-m", "bench.floor", kind, str(port),
-                                    str(upstream_port), page], port, workdir,
+    proc = _start(f"floor-{kind}", [sys.executable, "-m", "bench.floor", kind, str(port),
+                                    str(upstream_port), page, str(workers)], port, workdir,
                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    if workers > 1:  # the parent listens before it forks the others
+        wait_for_processes(proc, workers)
+    return proc
 
 
 def start_granian(workdir: Path, port: int) -> Proc:
@@ -143,20 +160,23 @@ def start_granian(workdir: Path, port: int) -> Proc:
 
 
 def run_pair(procs: dict[str, Proc], page: str, headers: dict[str, str],
-             rounds: int, seconds: float) -> dict[str, Any]:
-    """Each variant ``rounds`` times at c=32 on ``page``, in turns; medians per variant."""
+             rounds: int, seconds: float,
+             own_headers: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Each variant ``rounds`` times at c=32 on ``page``, in turns; medians per variant.
+    Every variant is sent ``headers``, except those ``own_headers`` names."""
     urls = {name: f"http://127.0.0.1:{proc.port}{page}" for name, proc in procs.items()}
-    for name, url in urls.items():  # both give the member the page; then warm up
-        answer = httpx.get(url, headers=headers, timeout=10)
+    sent = {name: (own_headers or {}).get(name, headers) for name in urls}
+    for name, url in urls.items():  # each gives the member the page; then warm up
+        answer = httpx.get(url, headers=sent[name], timeout=10)
         if answer.status_code != 200 or len(answer.content) != PAGES["20k"][1]:
             raise RuntimeError(f"{name}: {answer.status_code}, {len(answer.content)} bytes")
-        wrk(url, 16, 2, headers)
+        wrk(url, 16, 2, sent[name])
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
             proc = procs[name]
             cpu = proc.cpu_seconds()
-            result = wrk(url, 32, seconds, headers)
+            result = wrk(url, 32, seconds, sent[name])
             if result.errors:
                 raise RuntimeError(f"{result.errors} failed requests to {name}")
             used = (proc.cpu_seconds() - cpu) * 1e6 / max(result.requests, 1)
@@ -175,11 +195,15 @@ def main() -> None:
                         default="all")
     parser.add_argument("--against", metavar="REV",
                         help="git revision for --lever against (default HEAD)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of the gateway and the bare proxies (--lever floor)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     if args.against is not None and args.lever != "against":
         parser.error("--against goes with --lever against")
+    if args.workers != 1 and args.lever != "floor":
+        parser.error("--workers goes with --lever floor")
     # SIGTERM as well as Ctrl-C: stop the servers and remove the temporary directory.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="gw-levers-"))
@@ -195,7 +219,7 @@ def main() -> None:
         stack, gw_port, idp_port = prepare_stack(workdir, upstream.port)
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         page = PAGES["20k"][0]
-        main_gw = start_serve(workdir, "gateway-lean", gw_port, {})
+        main_gw = start_serve(workdir, "gateway-lean", gw_port, {}, args.workers)
         procs.append(main_gw)
         cookie = login.real_login(stack, page)
         # Every gateway is asked for the public host, whatever port it listens on.
@@ -226,33 +250,41 @@ def main() -> None:
             report = {"revision": short, "commit": commit, **report, **run_pair(
                 {"now": main_gw, short: at_rev}, page, headers, args.rounds, args.seconds)}
         if args.lever == "floor":
-            bare = {kind: start_floor(workdir, kind, upstream.port, page)
+            bare = {kind: start_floor(workdir, kind, upstream.port, page, args.workers)
                     for kind in ("asgi", "raw")}
             procs.extend(bare.values())
-            print("floor: the gateway (serve, 1 worker) against bare Python proxies of the "
-                  "same page, 20 KB, c=32")
-            report = {**report, **run_pair(
-                {"gateway": main_gw, **bare}, page, headers, args.rounds, args.seconds)}
+            mellon, mellon_idp = start_mellon_stack(workdir, stack, upstream.port)
+            procs.append(mellon)
+            mellon_cookie = login.mellon_login(f"http://127.0.0.1:{mellon.port}", page)
+            mellon_idp.should_exit = True
+            print(f"floor: the gateway (serve) against bare Python proxies of the same page "
+                  f"and Apache with mod_auth_mellon, {args.workers} worker(s), 20 KB, c=32")
+            report = {**report, "workers": args.workers, **run_pair(
+                {"gateway": main_gw, **bare, "mellon": mellon}, page, headers, args.rounds,
+                args.seconds, own_headers={"mellon": {"Cookie": mellon_cookie}})}
         idp.should_exit = True
     finally:
         for proc in reversed(procs):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     report["loadavg_at_end"] = os.getloadavg()
-    # The file keeps the last client/server run (top level) and, under "against" and
-    # "floor", the last such run with its own rounds and load; a run replaces only its part.
+    # The file keeps the last client/server run (top level) and, under "against", "floor"
+    # (one worker) and "floor_<N>w", the last such run with its own rounds and load; a run
+    # replaces only its part.
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    key = args.lever if args.workers == 1 else f"{args.lever}_{args.workers}w"
     if args.lever in SEPARATE:
-        report = {**previous, args.lever: report}
+        report = {**previous, key: report}
     else:
-        report.update({k: previous[k] for k in SEPARATE if k in previous})
+        report.update({k: v for k, v in previous.items()
+                       if k.startswith(SEPARATE) and isinstance(v, dict)})
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    levers = (args.lever,) if args.lever in SEPARATE else ("client", "server")
+    levers = (key,) if args.lever in SEPARATE else ("client", "server")
     for lever in levers:
         for name, row in report.get(lever, {}).items():
             if isinstance(row, dict):  # a variant (not the revision or the load)
-                print(f"{lever:<7} {name:<8} median {row['rps_median']:>6} req/s, "
+                print(f"{lever:<8} {name:<8} median {row['rps_median']:>6} req/s, "
                       f"{row['cpu_us_per_req_median']:>6} µs CPU/req")
     print(f"written to {RESULTS}")
 

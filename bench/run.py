@@ -37,6 +37,7 @@ from bench.servers import (
     start_mellon,
     start_upstream,
 )
+from gateway.demo.stack import DemoStack
 from gateway.devidp import create_app as create_idp_app
 from gateway.devidp.metadata import idp_metadata
 
@@ -104,6 +105,19 @@ def serve_idp(app: object, port: int) -> uvicorn.Server:
     return server
 
 
+def start_mellon_stack(workdir: Path, stack: DemoStack,
+                       upstream_port: int) -> tuple[Proc, uvicorn.Server]:
+    """Apache with mod_auth_mellon in front of the upstream, and a dev IdP of its own that
+    knows it as its SP (served in this process until ``should_exit``)."""
+    sp = prepare_mellon(workdir)
+    idp_port = free_port()
+    idp = replace(stack.idp, base_url=f"http://127.0.0.1:{idp_port}", entity_id="",
+                  sp_entity_id=sp.entity_id, sp_acs_url=sp.acs_url, sp_sls_url="",
+                  sp_cert_pem=sp.cert_pem, require_signed_requests=False)
+    server = serve_idp(create_idp_app(idp), idp_port)
+    return start_mellon(workdir, sp, upstream_port, idp_metadata(idp)), server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
@@ -128,15 +142,7 @@ def main() -> None:
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         apache = start_apache(workdir, upstream.port)
         procs.append(apache)
-        # Apache with mod_auth_mellon, and a dev IdP of its own that knows it as its SP.
-        mellon_sp = prepare_mellon(workdir)
-        mellon_idp_port = free_port()
-        mellon_idp = replace(stack.idp, base_url=f"http://127.0.0.1:{mellon_idp_port}",
-                             entity_id="", sp_entity_id=mellon_sp.entity_id,
-                             sp_acs_url=mellon_sp.acs_url, sp_sls_url="",
-                             sp_cert_pem=mellon_sp.cert_pem, require_signed_requests=False)
-        idp_for_mellon = serve_idp(create_idp_app(mellon_idp), mellon_idp_port)
-        mellon = start_mellon(workdir, mellon_sp, upstream.port, idp_metadata(mellon_idp))
+        mellon, idp_for_mellon = start_mellon_stack(workdir, stack, upstream.port)
         procs.append(mellon)
         base = {"direct": f"http://127.0.0.1:{upstream.port}",
                 "apache": f"http://127.0.0.1:{apache.port}",

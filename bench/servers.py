@@ -293,11 +293,17 @@ def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
             "--workers", str(workers)]
     proc = _start(f"gateway-{workers}w", args, port, workdir, env=dict(os.environ))
     if workers > 1:  # the supervisor listens before its workers have started
-        deadline = time.monotonic() + 20
-        while len(proc.pids()) < workers + 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
+        wait_for_processes(proc, workers + 1)
     return proc
+
+
+def wait_for_processes(proc: Proc, count: int) -> None:
+    """Until ``proc``'s tree has ``count`` processes (at most 20 s), then a second more for
+    the last to start serving."""
+    deadline = time.monotonic() + 20
+    while len(proc.pids()) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
 
 
 # Every benchmark login comes from 127.0.0.1: lift the per-address sign-in limit.
