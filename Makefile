@@ -48,7 +48,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
-	$(BIN)/mypy gateway
+	$(BIN)/mypy gateway bench
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .cache

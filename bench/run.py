@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from bench import login, memory
 from bench.load import Result, wrk
@@ -96,7 +97,7 @@ def machine() -> dict[str, object]:
             "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
 
 
-def serve_idp(app: object, port: int) -> uvicorn.Server:
+def serve_idp(app: ASGIApp, port: int) -> uvicorn.Server:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -180,7 +181,8 @@ def main() -> None:
         procs.append(edge)
         base["edge"] = f"http://127.0.0.1:{edge_port}"
 
-        targets = {"direct": (upstream, {}), "apache": (apache, {}),
+        targets: dict[str, tuple[Proc | Group, dict[str, str]]] = {
+                   "direct": (upstream, {}), "apache": (apache, {}),
                    "mellon": (mellon, {"Cookie": mellon_cookie}),
                    "gateway": (gateway, {"Cookie": cookie}), "anonymous": (gateway, {}),
                    "edge": (Group(edge, gateway), {"Cookie": cookie})}
