@@ -273,6 +273,35 @@ class TestSessionMemory:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
 
+    @pytest.mark.parametrize("how", ["log_read_failed", "fresh_before_first_read"])
+    async def test_nothing_is_remembered_without_a_cursor(
+            self, stores: Stores, twin: Stores, clock: FakeClock, how: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A session read while the change log's position is unknown (a read of it just
+        failed, or none was made yet) is not kept in memory: the next read starts from
+        "now" and would never see an end made in between."""
+        here, there = self.manager(stores, clock), self.manager(twin, clock)
+        principal = Principal(subject="A!M1", idp="A", attributes={"member_id": ("M1",)})
+        record, cookie = await here.create(principal)
+        if how == "log_read_failed":
+            real = twin.sessions.changed_since
+            failures = [StoreError("the change log timed out")]
+
+            async def flaky(cursor: str) -> tuple[str, list[str]] | None:
+                if failures:
+                    raise failures.pop()
+                return await real(cursor)
+
+            monkeypatch.setattr(twin.sessions, "changed_since", flaky)
+            assert await there.resolve(cookie) == record  # from the store
+        else:
+            assert await there.resolve(cookie, fresh=True) == record
+        assert await here.end_subject_sessions("A!M1") == 1
+        deadline = asyncio.get_running_loop().time() + SYNC_INTERVAL + 0.5
+        while await there.resolve(cookie) is not None:  # within the bound elsewhere
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+
     async def test_memory_is_bounded_by_time_and_the_store_decides_after_a_gap(
             self, stores: Stores, twin: Stores, clock: FakeClock) -> None:
         here, there = self.manager(stores, clock), self.manager(twin, clock)

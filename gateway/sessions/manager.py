@@ -198,9 +198,11 @@ class SessionManager:
             else:
                 stored = stored.touched(now)
         record = self._record(stored)
-        if self._memory and epoch == self._epoch:
-            # Only when no read of the change log started meanwhile: one that did may
-            # already have passed this session's end, and would not drop it again.
+        if self._memory and self._cursor and epoch == self._epoch:
+            # Only from a known place in the change log (none yet, or the last read
+            # failed: the next read starts from "now" and would never see an end made
+            # in between), and only when no read started meanwhile (it may already
+            # have passed this session's end, and would not drop it again).
             self._remember(record)
         return record
 
