@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         sys.stdout.write(text)
         return 0
+    # 0600 also when the file was there: it may hold [forward_auth] shared_secret.
     fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     print(f"wrote {args.out}", file=sys.stderr)

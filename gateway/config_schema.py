@@ -157,6 +157,9 @@ class LimitSettings(_Model):
     """Per client address, per minute; counted in the store, so they hold across replicas."""
 
     logins: int = Field(30, ge=1)  # sign-in starts (known IdP or not) and ACS posts
+    # Not per client: sign-ins in progress in the whole gateway (each is kept for
+    # [idp] login_timeout); past it a sign-in start answers 503 and nothing is kept.
+    pending_logins: int = Field(10000, ge=1)
     registrations: int = Field(10, ge=1)
     logouts: int = Field(30, ge=1)  # logout messages at the SLS (/saml/sls)
     kept_forms: int = Field(5, ge=0)  # forms kept across a sign-in (0: keep none)
@@ -168,6 +171,11 @@ class LimitSettings(_Model):
     failure_records: int = Field(100, ge=0)
     # Per e-mail address and hour: confirmation mails of the registration gate.
     verification_mails: int = Field(3, ge=1)
+    # Not per client: new registrations per hour, by everyone (with verification: requests
+    # for a link); past it the form answers 503 and nothing is kept.
+    registrations_total: int = Field(100, ge=1)
+    # Not per client: confirmation mails per hour, to everyone; past it no mail goes.
+    verification_mails_total: int = Field(100, ge=1)
 
 
 class IdPSettings(_Model):

@@ -8,7 +8,6 @@
     │   ├── BodyTooLarge         413 a request body over the configured limit
     │   ├── CrossSite            403 a state-changing request sent from another site
     │   └── TooManyRequests      429 a client over its rate limit
-    │       └── TooManyMails     429 too many confirmation mails to one address
     ├── SignInError              400: a sign-in protocol message was refused
     │   ├── LoginFailed          400 a login was refused (the user sees only a reference)
     │   │   └── StepUpFailed     403 a step-up sign-in came back without what the page needs
@@ -17,6 +16,7 @@
     ├── InvalidToken             401 an identity token failed verification (services)
     └── ServiceError             5xx: something the gateway depends on failed
         ├── StoreError           503 the session store is unreachable or failed
+        ├── SignInsBusy          503 too many sign-ins in progress ([limits] pending_logins)
         ├── MailError            503 the SMTP relay did not take a mail
         └── UpstreamError        502 the upstream could not be reached
             ├── UpstreamTimeout  504 the upstream did not answer in time
@@ -104,13 +104,6 @@ class TooManyRequests(ClientError):
                         "again.")
 
 
-class TooManyMails(TooManyRequests):
-    """Too many verification mails to one address (the gateway is no mail bomb)."""
-
-    public_message = N_("Several confirmation mails were sent to this address already. "
-                        "Please check your inbox (and spam folder), or try again in an hour.")
-
-
 # -- a sign-in protocol message was refused -----------------------------------------------
 
 
@@ -187,6 +180,13 @@ class ServiceError(GatewayError):
 
 
 class StoreError(ServiceError):
+    public_message = N_("Sign-in is temporarily unavailable. Please try again in a moment.")
+
+
+class SignInsBusy(ServiceError):
+    """The gateway holds ``[limits] pending_logins`` sign-ins in progress already: a new
+    one is not started (nothing is signed or stored) until some finish or expire."""
+
     public_message = N_("Sign-in is temporarily unavailable. Please try again in a moment.")
 
 

@@ -13,7 +13,8 @@ path and the proxy need; the path is split from its query and canonicalised once
   and ``Proxy.forward``.
 
 A form posted from this site by a browser whose session just ended by idling is kept
-across the sign-in (``PostStash``) and replayed afterwards. Nothing else an anonymous
+across the sign-in (``PostStash``), for the subject of that session, and replayed
+afterwards to a session of the same subject only. Nothing else an anonymous
 client sends is written to the store: the cookie must be one of a real session that
 ended (``SessionManager.recently_ended``; a junk or forged cookie is refused before the
 store is asked), and kept forms are limited per client and minute and in total per
@@ -47,7 +48,7 @@ from gateway.policy import Decision, Policy
 from gateway.proxy import Proxy
 from gateway.proxy_headers import RequestHead
 from gateway.rate_limits import over_limit
-from gateway.sessions import CookieSigner, KeyStore, SessionManager
+from gateway.sessions import CookieSigner, KeyStore, SessionManager, SessionRecord
 from gateway.stash import MAX_STASH_BYTES, STASH_TTL, PostStash
 from gateway.telemetry import Telemetry
 from gateway.web import Answer, error_answer, new_reference, send_answer
@@ -185,11 +186,11 @@ class HotPath:
             if (top_level and decision.kind in ("login", "step_up") and method == "POST"
                     and head.session is not None and head.content_type.startswith(_FORM)):
                 try:
-                    origin = await self._may_keep(scope, head,
-                                                  live=decision.kind == "step_up")
-                    if origin:
+                    subject = await self._may_keep(
+                        scope, head, record if decision.kind == "step_up" else None)
+                    if subject:
                         await self._keep_form_and_sign_in(receive, send, target, head.accept,
-                                                          origin, decision)
+                                                          subject, decision)
                         return
                 except StoreError as exc:
                     await self._fail(send, exc, head.accept)
@@ -241,21 +242,24 @@ class HotPath:
         return 302, [(b"location", location.encode()), header(self._cookies.passive_tried()),
                      (b"cache-control", b"no-store")], b""
 
-    async def _may_keep(self, scope: Scope, head: RequestHead, *, live: bool = False) -> str:
-        """The origin to record with the form if it may be kept, else ``""``: this site
+    async def _may_keep(self, scope: Scope, head: RequestHead,
+                        live: SessionRecord | None) -> str:
+        """The subject to keep the form for if it may be kept, else ``""``: this site
         vouched for it (``Origin``, or ``Sec-Fetch-Site: same-origin``), its cookie is one
-        of a real session that just ended (or, ``live``, of the member's session that
-        needs a step-up), and the limits allow one more. Cheapest first: a junk cookie
-        costs no store access, and only a real ended session's cookie reaches the
-        counters."""
-        if head.origin == self._origin or (not head.origin
-                                           and head.fetch_site == b"same-origin"):
-            origin = self._origin.decode("latin-1")
-        else:
-            return ""  # nothing says where the form came from: not kept
+        of a real session that just ended and whose subject is known (or ``live``, the
+        member's session that needs a step-up), and the limits allow one more. Cheapest
+        first: a junk cookie costs no store access, and only a real ended session's
+        cookie reaches the counters."""
+        if head.origin != self._origin and (head.origin
+                                            or head.fetch_site != b"same-origin"):
+            return ""  # nothing says the form came from this site: not kept
         if not self._kept_forms or not self._kept_forms_total:
             return ""
-        if not live and not await self._sessions.recently_ended(head.session):
+        if live is not None:
+            subject = live.principal.subject
+        else:
+            subject = await self._sessions.recently_ended(head.session) or ""
+        if not subject:
             return ""
         client = scope.get("client")
         address = client[0] if client else "unknown"
@@ -268,11 +272,12 @@ class HotPath:
             log.warning("form not kept: over %d kept forms in %d s (kept_forms_total)",
                         self._kept_forms_total, STASH_TTL)
             return ""
-        return origin
+        return subject
 
     async def _keep_form_and_sign_in(self, receive: Receive, send: Send, target: str,
-                                     accept: str, origin: str, decision: Decision) -> None:
-        """A form posted without a live session: keep it, sign in, replay it afterwards."""
+                                     accept: str, subject: str, decision: Decision) -> None:
+        """A form posted by ``subject``'s session that ended or needs a step-up: keep it,
+        sign in, replay it afterwards (to ``subject`` only)."""
         body = bytearray()
         more = True
         while more and len(body) <= MAX_STASH_BYTES:
@@ -287,7 +292,9 @@ class HotPath:
                 retry_url=sign_in_location(decision, target, self._sign_in_url)))
             return
         try:
-            stash_id = await self._stash.keep(target, bytes(body), origin=origin)
+            stash_id = await self._stash.keep(target, bytes(body),
+                                              origin=self._origin.decode("latin-1"),
+                                              subject=subject)
         except StoreError as exc:
             await self._fail(send, exc, accept)
             return

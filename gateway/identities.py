@@ -18,6 +18,8 @@ eduPersonScopedAffiliation, subject-id, pairwise-id by default) are checked firs
 Shibboleth does: a value must be ``<something>@<scope>`` (one ``@``) with a scope the IdP
 vouches for (``SignedIn.scopes``, from its metadata, or ``[[idps]] scopes``), otherwise
 it is dropped and the drop logged (the IdP, the attribute and the scope, never the value).
+Scopes are domains: a scope that is not ASCII is never in scope, and ASCII scopes compare
+with only A-Z folded.
 
 Who the principal is (``subject``) comes from where the IdP's ``subject`` says:
 
@@ -35,6 +37,13 @@ A value that would become a subject may not contain ``!``, so it can never pose 
 another IdP's namespaced subject. When the subject comes from elsewhere the member number
 is optional and only an attribute. An IdP's ``allowed_entitlements`` drops every other
 entitlement it asserts.
+
+Who may meet a rule: an entitlement, a status or an attribute is whatever an IdP
+asserts, so a rule that asks for one is met by any IdP that asserts it, unless the rule
+names its IdPs (``require.idp``) or the IdPs' entitlements are filtered
+(``allowed_entitlements``, per issuer, as Shibboleth SP's attribute filter).
+``open_to_any_idp`` says when a rule is not bound so (the admin console refuses such a
+rule); ``warnings`` names other entitlement rules several IdPs may meet.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-from gateway.config import IdPOptions, Settings
+from gateway.config import IdPOptions, Requirement, Settings
 from gateway.errors import LoginFailed
 from gateway.principal import ENTITLEMENTS, MEMBER_ID, STATUS, Principal
 from gateway.protocol import SignedIn
@@ -111,6 +120,19 @@ class IdentityRules:
                     f"for is {options.name_id_format}; set [[idps]] name_id_format = "
                     "\"persistent\", or members of an IdP that picks another format cannot "
                     "sign in")
+        for rule in settings.rules:
+            wanted = rule.require.entitlement
+            if rule.access not in ("member", "owner") or not wanted or rule.require.idp:
+                continue
+            granting = sorted(e for e in set(entity_ids)
+                              if _may_assert(settings.idp_options(e), wanted))
+            if len(granting) > 1:
+                shown = ", ".join(granting[:3]) + (", …" if len(granting) > 3 else "")
+                found.append(
+                    f"rule {rule.path}: {len(granting)} IdPs may assert {' and '.join(wanted)} "
+                    f"and so decide who gets in ({shown}); if only some are trusted for it, "
+                    "name them (require.idp) or filter the others' entitlements "
+                    "(allowed_entitlements)")
         return found
 
     def _principal(self, signed_in: SignedIn) -> Principal:
@@ -164,7 +186,7 @@ class IdentityRules:
                   ) -> tuple[dict[str, Sequence[str]], dict[str, list[str]]]:
         """The released attributes without the scoped values out of the IdP's scopes, and
         what was dropped (released name → the dropped values' scopes, "" for none)."""
-        extra = {scope.casefold() for scope in options.scopes}
+        extra = {scope.lower() for scope in options.scopes}  # ASCII (the schema checks)
         released: dict[str, Sequence[str]] = {}
         dropped: dict[str, list[str]] = {}
         for name, given in signed_in.released.items():
@@ -174,7 +196,8 @@ class IdentityRules:
             kept = []
             for value in [given] if isinstance(given, str) else given:
                 scope = _scope_of(value) if isinstance(value, str) else ""
-                if scope and (scope.casefold() in extra
+                # A domain is ASCII: only A-Z fold, so the long s (U+017F) is never "s".
+                if scope and scope.isascii() and (scope.lower() in extra
                               or any(s.matches(scope) for s in signed_in.scopes)):
                     kept.append(value)
                 else:
@@ -191,6 +214,52 @@ class IdentityRules:
                             "one of its scopes", len(scopes), name, signed_in.idp,
                             ", ".join(named[:_LOGGED_SCOPES]))
         return released, dropped
+
+
+def open_to_any_idp(settings: Settings, require: Requirement) -> str:
+    """Whom ``require`` lets in when any IdP the gateway trusts (every IdP of a federation
+    aggregate or MDQ too) may meet it, or "" when only IdPs the configuration names can:
+    ``require.idp`` names them, a required scoped attribute (``[idp] scoped_attributes``,
+    every accepted value ``…@<scope>``) can only come from an IdP that vouches for its
+    scope, or ``[idp] allowed_entitlements`` keeps a required entitlement from every IdP
+    without its own ``[[idps]] allowed_entitlements``."""
+    if require.idp or _scoped(settings, require.attributes):
+        return ""
+    if not require.entitlement:
+        return ("any member of any IdP (it requires no entitlement, no idp and no scoped "
+                "attribute)")
+    named = " and ".join(require.entitlement)
+    default = settings.idp.allowed_entitlements
+    if default is None:
+        return (f"any IdP that asserts the entitlement {named} (every IdP keeps every "
+                "entitlement it asserts: [idp] allowed_entitlements is not set)")
+    if set(require.entitlement) <= set(default):
+        return (f"any IdP that asserts the entitlement {named} ([idp] allowed_entitlements "
+                "lets every IdP assert it)")
+    return ""
+
+
+def _scoped(settings: Settings, attributes: Mapping[str, Sequence[str]]) -> bool:
+    """Whether one of these required attributes is carried only by scoped attributes (for
+    every IdP: ``[attributes]`` and each ``[[idps]]`` override) and every value it accepts
+    has a scope: only an IdP that vouches for that scope can assert such a value."""
+    scoped = set(settings.idp.scoped_attributes)
+
+    def carried_scoped(name: str) -> bool:
+        maps = [settings.attributes.get(name, [])]
+        maps += [o.attributes[name] for o in settings.idps
+                 if o.attributes and name in o.attributes]
+        return all(released and set(released) <= scoped for released in maps)
+
+    return any(carried_scoped(name) and all(_scope_of(v) for v in accepted)
+               for name, accepted in attributes.items())
+
+
+def _may_assert(options: IdPOptions, entitlements: Sequence[str]) -> bool:
+    """Whether an IdP's entitlements, as its ``allowed_entitlements`` filter them, may
+    hold all of these."""
+    allowed = options.allowed_entitlements
+    return allowed is None or set(entitlements) <= set(allowed)
 
 
 def _scope_of(value: str) -> str:

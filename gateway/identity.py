@@ -186,13 +186,17 @@ class TokenIssuer:
 
 
 def verify_token(token: str | bytes, jwks: Mapping[str, Any], audience: str, *,
-                 issuer: str | None = None, leeway: float = 5.0) -> dict[str, Any]:
+                 issuer: str, leeway: float = 5.0) -> dict[str, Any]:
     """Verify a gateway identity token against a JWKS; return its claims.
 
+    ``issuer`` is required: the gateway's ``public_url`` (the ``iss`` it signs with), so
+    a token another gateway minted with a key the JWKS shares is refused.
     Raises ``InvalidToken`` for a bad signature, an unknown ``kid``, another
     audience or issuer, an expired token, or anything malformed. Only ES256 is
     accepted, whatever the token's header claims.
     """
+    if not issuer:
+        raise ValueError("verify_token needs the gateway's public_url as issuer")
     try:
         header = jwt.get_unverified_header(token)
         keys = {k.get("kid"): k for k in jwks.get("keys", [])}

@@ -39,6 +39,15 @@ COOKIE_PASSES = 8
 PROTOCOL_PREFIXES = ("/saml/",)
 _AUTH = "/_sso_gateway_auth"
 _NAME = re.compile(r"[A-Za-z0-9-]+")
+#: What a shared secret may hold to be written in double quotes: visible ASCII and space,
+#: but no quote, backslash or "$" (nginx would read a variable; it has no escape for it).
+_QUOTABLE = re.compile(r"[ !#%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z{|}~]+")
+#: Answer headers by which a proxied server steers nginx itself. From an upstream (or
+#: what it relays) they are never followed: X-Accel-Redirect would move the request into
+#: another upstream's location, with the member's identity headers and token. Nginx never
+#: passes them to the client either (its default ``proxy_hide_header``). X-Accel-Buffering
+#: is followed: it only lets an upstream stream its own answer (server-sent events).
+STEERING = ("X-Accel-Redirect", "X-Accel-Expires", "X-Accel-Limit-Rate", "X-Accel-Charset")
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,10 @@ def nginx_config(settings: Settings, options: EdgeOptions = EdgeOptions()) -> st
     add("  proxy_set_header Host $http_host;  # the gateway answers its public host names")
     add("  proxy_set_header X-Forwarded-For $remote_addr;")
     add("  proxy_set_header X-Forwarded-Proto $scheme;")
+    add("  # nginx's own ID: the gateway takes it over from a trusted proxy, never a client's.")
+    add("  proxy_set_header X-Request-Id $request_id;")
+    add("  # No answer steers nginx: neither the gateway's nor an upstream's it relays.")
+    add("  proxy_ignore_headers " + " ".join(STEERING) + ";")
     add("  # What only the gateway may say: cleared from every client request first.")
     cleared = [*identity, *sorted(_title(h) for h in AUTH_HEADERS)]
     prefixes = [*DROP_PREFIXES, *AUTH_PREFIXES,
@@ -137,15 +150,16 @@ def nginx_config(settings: Settings, options: EdgeOptions = EdgeOptions()) -> st
     add("    proxy_set_header Host $http_host;")
     add("    proxy_set_header X-Forwarded-For $remote_addr;")
     add("    proxy_set_header X-Forwarded-Proto $scheme;")
+    add("    proxy_set_header X-Request-Id $request_id;")
     add("    proxy_set_header Cookie $http_cookie;  # the cache key is exactly what is decided on")
-    add("    proxy_set_header X-Original-URI $request_uri;")
-    add("    proxy_set_header X-Original-Method $request_method;")
-    add("    proxy_set_header X-Original-Host $http_host;")
+    lines.extend(_original_request(settings))
     add("    proxy_cache sso_gateway_auth;")
     add("    proxy_cache_key \"$request_method|$http_host|$request_uri|$http_cookie\";")
     add(f"    proxy_cache_valid 200 {CACHE_SECONDS}s;  # allowed answers only; the gateway's")
     add("    # X-Accel-Expires ends each at the end of the second its session was read in")
-    add("    proxy_ignore_headers Cache-Control Expires;  # the answer is no-store for browsers")
+    add("    # The answer is no-store for browsers; X-Accel-Expires is the gateway's word.")
+    add("    proxy_ignore_headers Cache-Control Expires " + " ".join(
+        h for h in STEERING if h != "X-Accel-Expires") + ";")
     add("    proxy_no_cache $sso_gateway_no_cache;")
     add("    proxy_cache_bypass $sso_gateway_no_cache;")
     add("  }")
@@ -169,6 +183,31 @@ def nginx_config(settings: Settings, options: EdgeOptions = EdgeOptions()) -> st
     if not options.full:
         return body
     return _whole(body, options.prefix_dir or Path("/var/lib/nginx"))
+
+
+def _original_request(settings: Settings) -> list[str]:
+    """The auth subrequest's headers naming the original request, and the shared secret,
+    as ``[forward_auth]`` has the gateway read them."""
+    forward_auth = settings.forward_auth
+    method, uri, host = forward_auth.headers
+    out = []
+    for name, value in ((uri, "$request_uri"), (method, "$request_method"),
+                        (host, "$http_host")):
+        if name:
+            _header_name(name, "[forward_auth] header")
+            out.append(f"    proxy_set_header {name} {value};")
+    secret = forward_auth.shared_secret
+    if secret is not None:
+        value = secret.get_secret_value()
+        if not _QUOTABLE.fullmatch(value):
+            raise EdgeConfigError("[forward_auth] shared_secret holds a quote, backslash, '$' "
+                                  "or a character outside ASCII: nginx cannot send it; "
+                                  "choose one of letters, digits and - _ (e.g. "
+                                  "secrets.token_urlsafe(48))")
+        name = forward_auth.shared_secret_header
+        _header_name(name, "[forward_auth] shared_secret_header")
+        out.append(f'    proxy_set_header {name} "{value}";  # the shared secret')
+    return out
 
 
 def _protected(index: int, target: SplitResult, identity: list[str], name: str,

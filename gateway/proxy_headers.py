@@ -37,7 +37,11 @@ HOP_BY_HOP = frozenset({
 # Upstream response headers not relayed besides the hop-by-hop ones: the ASGI server
 # writes its own Date (single-valued), and a Server header only tells an attacker what
 # runs behind the gateway (the gateway's own server sends none either).
-RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
+# X-Accel-*: orders to an nginx in front (an internal redirect, caching, a rate). Only the
+# gateway speaks to a proxy in front; an upstream's would steer it past the gateway.
+# (X-Accel-Buffering stays: it only lets an answer stream, e.g. server-sent events.)
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-accel-redirect", b"x-accel-expires",
+                              b"x-accel-limit-rate", b"x-accel-charset"}
 PRIVATE_NO_STORE = (b"cache-control", b"private, no-store")
 VARY_COOKIE = (b"vary", b"Cookie")
 # Client headers never forwarded besides the hop-by-hop ones: the upstream gets its own

@@ -22,6 +22,11 @@ connection that sends nothing, or one byte a second, stays open for good.
   progress), so idle and slow clients cannot lock others out; uvicorn itself answers 503
   once that many requests are in progress.
 
+Both protocols (HTTP, and ``PeerWebSockets`` for WebSocket upgrades) keep the TCP peer
+in each request's scope (``telemetry.PEER``): uvicorn's proxy-header handling replaces
+``client`` with the address a trusted proxy names, and the request ID is believed by
+who connected.
+
 Between requests uvicorn's own keep-alive timeout applies. ``uvicorn_options`` gives
 the uvicorn options for ``[server]``: every server that runs the gateway (``serve``,
 ``demo``, the tests) starts with them.
@@ -64,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import Server, ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
@@ -72,6 +78,8 @@ from gateway import tls as gateway_tls
 from gateway.config import ServerSettings
 
 if TYPE_CHECKING:
+    from websockets.http11 import Request
+
     from gateway.config_schema import WebSocketSettings
 
 log = logging.getLogger("gateway.server")
@@ -114,6 +122,7 @@ def uvicorn_options(server: ServerSettings,
                "timeout_keep_alive": server.keepalive_timeout,
                "limit_concurrency": server.limit_concurrency,
                "timeout_graceful_shutdown": server.shutdown_timeout,
+               "ws": PeerWebSockets,
                "ws_per_message_deflate": False}
     if websocket is not None:
         options["ws_max_size"] = websocket.max_message_bytes
@@ -435,6 +444,12 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     # -- parser callbacks -------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The TCP peer, kept before uvicorn's proxy-header handling replaces "client"
+        # with the address a trusted proxy names (telemetry.PEER).
+        self.scope[telemetry.PEER] = self.client  # type: ignore[literal-required]
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
@@ -523,6 +538,16 @@ class GuardedHttpTools(HttpToolsProtocol):
         head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
                     b"connection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
+
+
+class PeerWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (the one it picks itself), keeping the TCP peer in
+    the scope as ``GuardedHttpTools`` does (``telemetry.PEER``)."""
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # the application is called with this scope
+            self.scope[telemetry.PEER] = self.client  # type: ignore[literal-required]
 
 
 def _peer(client: tuple[str, int] | None) -> str:

@@ -9,8 +9,10 @@ the browser that holds the matching signed cookie (the ID signed by the gateway'
 ``csrf`` signer: the hot path sets it, ``routes/replay`` checks it).
 
 Each kept form records the origin that vouched for it (the ``Origin`` header, or the
-gateway's own origin when only ``Sec-Fetch-Site: same-origin`` said so); the replay
-page sends only a form whose recorded origin is the gateway's own. Who may keep a form
+gateway's own origin when only ``Sec-Fetch-Site: same-origin`` said so) and the subject
+of the session that posted it; the replay page sends only a form whose recorded origin
+is the gateway's own, and only to a session of the same subject (a cookie can be
+planted, and a client other than a browser sets ``Origin`` freely). Who may keep a form
 at all (a real session that just ended, same-origin, within the limits) is the hot
 path's decision.
 """
@@ -35,12 +37,14 @@ STASH_TTL = 600  # seconds: long enough to sign in, short enough to forget
 
 @dataclass(frozen=True, slots=True)
 class StashedPost:
-    """A kept form: where it was posted, its fields, and the origin it was posted from
-    (``""`` for a form kept before origins were recorded)."""
+    """A kept form: where it was posted, its fields, the origin it was posted from and
+    the subject of the session that posted it (``""`` for a form kept before these were
+    recorded: never sent)."""
 
     target: str
     fields: list[tuple[str, str]]
     origin: str = ""
+    subject: str = ""
 
 
 class PostStash:
@@ -53,12 +57,12 @@ class PostStash:
                    info=b"sso-gateway post stash").derive(secret.encode())
         self._aead = AESGCM(key)
 
-    async def keep(self, target: str, body: bytes, *, origin: str) -> str:
-        """Keep a urlencoded form body for ``target``, posted from ``origin``; returns the
-        stash ID."""
+    async def keep(self, target: str, body: bytes, *, origin: str, subject: str) -> str:
+        """Keep a urlencoded form body for ``target``, posted from ``origin`` by a session
+        of ``subject``; returns the stash ID."""
         stash_id = secrets.token_urlsafe(18)
         plain = json.dumps({"target": target, "body": body.decode("latin-1"),
-                            "origin": origin}).encode()
+                            "origin": origin, "subject": subject}).encode()
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, stash_id.encode())
         await self._keys.add_once(Namespace.STASH + stash_id, sealed.hex(), self._ttl)
@@ -78,4 +82,5 @@ class PostStash:
         body: str = data["body"]
         fields = parse_qsl(body.encode("latin-1").decode("utf-8", "replace"),
                            keep_blank_values=True)
-        return StashedPost(str(data["target"]), fields, str(data.get("origin", "")))
+        return StashedPost(str(data["target"]), fields, str(data.get("origin", "")),
+                           str(data.get("subject", "")))

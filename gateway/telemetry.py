@@ -136,11 +136,16 @@ class Telemetry:
     # -- per request ----------------------------------------------------------------------
 
     def begin(self, scope: Scope, send: Send) -> Send:
-        """Start a request's context; the returned ``send`` finishes it."""
+        """Start a request's context; the returned ``send`` finishes it. The request's
+        ``X-Request-Id`` is taken over when its TCP peer (``PEER``) is in
+        ``trusted_proxies``."""
         client = scope.get("client")
         host = client[0] if client else ""
         request_id = None
-        if self._trusted is not None and self._trusted(host):
+        # Believed from the proxy that sent it: the TCP peer, not the client that uvicorn
+        # read from its X-Forwarded-For. No peer known (another server): from no one.
+        peer = scope.get(PEER)
+        if self._trusted is not None and peer and self._trusted(peer[0]):
             for name, value in scope["headers"]:
                 if name == b"x-request-id":
                     request_id = clean_request_id(value)
@@ -263,6 +268,12 @@ def response_cut(scope: Scope) -> None:
     ctx = CURRENT.get()
     if ctx is not None and isinstance(ctx.owner, Telemetry) and ctx.status:
         ctx.owner._finished(ctx, scope, cut=True)
+
+
+# Under this key in each request's ASGI scope: the address of the TCP peer, (host, port),
+# as ``gateway.server``'s protocols saw it; ``scope["client"]`` is the client that a
+# trusted proxy named in X-Forwarded-For, once uvicorn's proxy-header handling has run.
+PEER = "gateway.peer"
 
 
 # Under this key in a server's ASGI state (``scope["state"]``, a shallow copy per

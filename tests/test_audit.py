@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from gateway.audit import EVENTS, json_schema, validate
 from gateway.demo.stack import DemoStack
@@ -197,6 +199,36 @@ def test_request_log_lines_and_request_ids(tmp_path: Path, tls: TLSFiles) -> Non
     assert proxied["status"] == 200 and proxied["upstream"] == "reader"
     assert proxied["member_id"] == "M1001" and re.fullmatch(r"[0-9a-f]{12}", proxied["session"])
     assert isinstance(proxied["duration_ms"], float)
+
+
+def test_request_ids_are_believed_from_the_proxy_that_connects(tmp_path: Path,
+                                                               tls: TLSFiles) -> None:
+    """The balancer (127.0.0.1, in trusted_proxies) names the client in X-Forwarded-For:
+    its X-Request-Id is still taken over, since the balancer sent it. A client that
+    connects from an address not in trusted_proxies (127.0.0.2) never picks its ID, even
+    when it claims to come through the balancer."""
+    direct = httpx.HTTPTransport(local_address="127.0.0.2", verify=tls.client_context())
+    with all_log_records() as logs, run_stack(tmp_path, tls, setup=_trusting) as stack, \
+            client(stack) as balancer, httpx.Client(transport=direct, timeout=20) as other:
+        relayed = balancer.get(stack.url + "/", headers={
+            "x-request-id": "lb-1", "x-forwarded-for": "203.0.113.9"})
+        picked = other.get(stack.url + "/", headers={
+            "x-request-id": "client-pick", "x-forwarded-for": "127.0.0.1"})
+        with pytest.raises(InvalidStatus) as upgrade:  # a WebSocket, refused: no session
+            connect(stack.url.replace("https://", "wss://") + PAGE,
+                    ssl=tls.client_context(), open_timeout=10, additional_headers={
+                        "x-request-id": "lb-ws", "x-forwarded-for": "203.0.113.9"})
+    assert upgrade.value.response.headers["x-request-id"] == "lb-ws"
+    assert relayed.status_code == 200 and relayed.headers["x-request-id"] == "lb-1"
+    assert picked.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{16}", picked.headers["x-request-id"])
+    assert stack.upstream.header_values("x-request-id") == ["lb-1",
+                                                            picked.headers["x-request-id"]]
+    lines = [json.loads(JsonFormatter().format(r)) for r in logs.records
+             if r.name == "gateway.access"]
+    assert [line["request_id"] for line in lines if line.get("path") == "/"] == [
+        "lb-1", picked.headers["x-request-id"]]
+    assert stack.upstream.header_values("x-forwarded-for") == ["203.0.113.9", "127.0.0.2"]
 
 
 def test_untrusted_request_ids_are_replaced_and_shown_on_error_pages(stack: Stack) -> None:

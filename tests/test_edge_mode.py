@@ -10,22 +10,42 @@ one-second bound).
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
+from starlette.types import Receive, Scope, Send
 
 from gateway.cli import main
 from gateway.demo.stack import DemoStack
 from gateway.identity import verify_token
+from gateway.logs import JsonFormatter
 from gateway.nginx_config import COOKIE_PASSES, EdgeConfigError, EdgeOptions, nginx_config
 from tests.browser import login
-from tests.conftest import Stack, TLSFiles, bound_socket, nginx_process, port_of, run_stack
+from tests.conftest import (
+    Stack,
+    TLSFiles,
+    bound_socket,
+    nginx_process,
+    port_of,
+    run_stack,
+    serving,
+)
+from tests.test_audit import all_log_records
 
 PAGE = "/issues/2023-03/pages/14"
 SESSION = "gw_session"  # plain http: no __Host- prefix
+
+
+# The front proxy's secret for /auth/check: nginx must send it (characters nginx would
+# read specially in a bare value, to show it is quoted).
+SECRET = "edge-secret;{#} " + "k" * 32
+TRICKY = "/tricky/page"
 
 
 def _trust_nginx(demo: DemoStack) -> None:
@@ -34,15 +54,34 @@ def _trust_nginx(demo: DemoStack) -> None:
     path.write_text('trusted_proxies = ["127.0.0.1"]\n' + text)
 
 
+async def _steering_upstream(scope: Scope, receive: Receive, send: Send) -> None:
+    """An upstream whose answers try to steer nginx: into the reader's location
+    (X-Accel-Redirect), down to 100 bytes a second, into another charset."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/plain"), (b"x-accel-redirect", PAGE.encode()),
+        (b"x-accel-limit-rate", b"100"), (b"x-accel-charset", b"koi8-r"),
+        (b"x-accel-expires", b"3600")]})
+    await send({"type": "http.response.body", "body": b"the tricky upstream's own answer"})
+
+
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Stack]:
-    """The demo stack with nginx in edge mode in front (``url`` is nginx's)."""
+    """The demo stack with nginx in edge mode in front (``url`` is nginx's), with a shared
+    secret for forward-auth and a second upstream that tries to steer nginx."""
     tmp = tmp_path_factory.mktemp("edge")
     probe = bound_socket()
     port = port_of(probe)
     probe.close()
-    with run_stack(tmp / "stack", tls, gateway_tls=False, public_url=f"http://127.0.0.1:{port}",
-                   setup=_trust_nginx) as stack:
+    tricky = bound_socket()
+    extra = (f'[forward_auth]\nshared_secret = "{SECRET}"\n'
+             f'[[upstreams]]\nname = "tricky"\nprefix = "/tricky"\n'
+             f'url = "http://127.0.0.1:{port_of(tricky)}"\n'
+             '[[rules]]\npath = "/tricky/**"\naccess = "member"\n')
+    with serving(_steering_upstream, tricky, lifespan="off"), \
+            run_stack(tmp / "stack", tls, gateway_tls=False, extra_config=extra,
+                      public_url=f"http://127.0.0.1:{port}", setup=_trust_nginx) as stack:
         config = tmp / "stack" / "gateway.toml"
         gateway = stack.direct_url.removeprefix("http://")
         assert main(["nginx-config", "--config", str(config), "--full", "--listen",
@@ -188,3 +227,56 @@ def test_an_https_public_url_needs_nginx_certificates(edge: Stack) -> None:
         nginx_config(settings)
     text = nginx_config(settings, EdgeOptions(tls_cert=Path("/c.pem"), tls_key=Path("/k.pem")))
     assert "listen 443 ssl;" in text and "ssl_protocols TLSv1.2 TLSv1.3;" in text
+
+
+def test_nginx_asks_with_the_shared_secret(edge: Stack, member: httpx.Client) -> None:
+    """With ``[forward_auth] shared_secret``, nginx's auth subrequest carries it: the
+    gateway allows it (no refusal, no detour through the gateway's own proxy)."""
+    with all_log_records() as logs:
+        page = member.get(edge.url + PAGE + "?asked=1")  # not in nginx's cache yet
+    assert page.status_code == 200 and seen(edge, "x-member-id") == ["M1001"]
+    assert not [r for r in logs.records if "shared secret" in r.getMessage()]
+    lines = [json.loads(JsonFormatter().format(r)) for r in logs.records
+             if r.name == "gateway.access"]
+    assert [(line["path"], line["status"]) for line in lines] == [("/auth/check", 200)]
+
+
+def test_the_written_file_is_private(edge: Stack, tmp_path: Path) -> None:
+    """The file holds the shared secret: written 0600, also over an existing file."""
+    out = tmp_path / "sso-gateway.conf"
+    out.write_text("old\n")
+    out.chmod(0o644)
+    config = str(edge.demo.workdir / "gateway.toml")
+    assert main(["nginx-config", "--config", config, "--out", str(out)]) == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert f'X-Gateway-Auth-Secret "{SECRET}";' in out.read_text()
+
+
+def test_an_upstream_cannot_steer_nginx(edge: Stack, member: httpx.Client) -> None:
+    """An upstream's X-Accel-Redirect would move the request into the reader's location,
+    with the member's identity and a token: nginx relays the answer as it is instead."""
+    answer = member.get(edge.url + TRICKY)
+    assert answer.status_code == 200
+    assert answer.text == "the tricky upstream's own answer"
+    assert answer.headers["content-type"] == "text/plain"
+    assert not [name for name in answer.headers if name.lower().startswith("x-accel-")]
+    assert edge.upstream.requests == []  # the reader never saw it
+
+
+def test_the_gateway_gets_nginx_request_id_not_the_client_s(edge: Stack) -> None:
+    """nginx is a trusted proxy, so the gateway takes its X-Request-Id over: nginx sets
+    its own, and a client's never passes through."""
+    answer = httpx.get(edge.url + PAGE, headers={"Accept": "application/json",
+                                                 "X-Request-Id": "client-pick"})
+    assert answer.status_code == 401
+    assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
+
+
+def test_a_secret_nginx_cannot_write_is_refused(edge: Stack) -> None:
+    """A '$' would be read as a variable, a quote would end the value: refused, named."""
+    forward_auth = edge.demo.settings.forward_auth
+    for secret in ("$remote_addr" + "k" * 32, 'k" ; more_set_headers "a' + "k" * 32):
+        settings = edge.demo.settings.model_copy(update={"forward_auth": forward_auth.model_copy(
+            update={"shared_secret": SecretStr(secret)})})
+        with pytest.raises(EdgeConfigError, match="shared_secret holds a quote"):
+            nginx_config(settings)

@@ -247,7 +247,7 @@ def test_auth_check_for_a_member(stack: Stack) -> None:
     jwks = httpx.get(stack.url + "/.well-known/jwks.json",
                      verify=stack.tls.client_context()).json()
     token = allowed.headers["x-gateway-identity"]
-    assert verify_token(token, jwks, "reader")["sub"] == "M1001"
+    assert verify_token(token, jwks, "reader", issuer=stack.url)["sub"] == "M1001"
     denied = check(stack, "/members/M1004/notes", cookie=cookie)
     assert denied.status_code == 403
     assert denied.json()["reason"] == "path belongs to another member"

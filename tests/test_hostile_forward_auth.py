@@ -66,7 +66,7 @@ def audiences(stack: Stack, answer: httpx.Response) -> list[str]:
     for token in answer.headers.get_list("x-gateway-identity"):
         for audience in ("reader", "billing"):
             try:
-                verify_token(token, jwks, audience)
+                verify_token(token, jwks, audience, issuer=stack.url)
             except InvalidToken:  # another audience
                 continue
             out.append(audience)

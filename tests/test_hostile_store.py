@@ -173,13 +173,16 @@ def test_the_replay_page_never_sends_a_cross_site_form(stack: Stack) -> None:
     secret_list = settings.session_secrets()
     with client(stack) as http:
         login(http, stack, PAGE, "alice")
+        with sqlite3.connect(stack.db) as db:
+            (subject,), = db.execute("SELECT subject FROM sessions").fetchall()
         stores = open_store(settings.store.url, time.time)
         stash = PostStash(stores.keys, secret_list[0])
 
-        async def keep(origin: str) -> str:
+        async def keep(origin: str) -> str:  # kept for alice herself: only the origin is off
             await stores.backend.open()
             try:
-                return await stash.keep("/transfer", b"to=mallory&amount=1000", origin=origin)
+                return await stash.keep("/transfer", b"to=mallory&amount=1000", origin=origin,
+                                        subject=subject)
             finally:
                 await stores.backend.close()
 
@@ -191,6 +194,7 @@ def test_the_replay_page_never_sends_a_cross_site_form(stack: Stack) -> None:
             http.cookies.set("__Secure-gw-stash", binding, path="/_gateway/replay")
             answer = http.get(f"{stack.url}/_gateway/replay/{stash_id}")
             assert answer.status_code == 403, (origin, answer.text)
+            assert "did not come from this site" in answer.text
             assert "<form" not in answer.text and "mallory" not in answer.text
             assert once_rows(stack, f"stash:{stash_id}") == 0  # taken: it cannot come back
     assert all(r["method"] != "POST" for r in stack.upstream.requests)

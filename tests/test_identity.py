@@ -80,7 +80,7 @@ def test_token_claims_and_audience(identity: tuple[UpstreamIdentity, Clock]) -> 
     assert "member_id" not in claims  # only when the upstream's claims name it
     assert claims["exp"] - claims["iat"] == 60 and claims["jti"] and claims["sid"]
     with pytest.raises(InvalidToken, match=r"(?i)audience"):
-        verify_token(token, upstreams.jwks, "notes", leeway=1e9)
+        verify_token(token, upstreams.jwks, "notes", issuer=ISSUER, leeway=1e9)
 
 
 def test_token_sub_is_the_subject_and_any_attribute_is_a_claim(keys_dir: Path) -> None:
@@ -89,7 +89,8 @@ def test_token_sub_is_the_subject_and_any_attribute_is_a_claim(keys_dir: Path) -
     upstreams = UpstreamIdentity(config, load_identity_keys(keys_dir))
     scoped = Principal(subject="https://idp!M1003", idp="https://idp",
                        attributes={**carol().attributes, "affiliation": ("member", "staff")})
-    claims = verify_token(token_of(upstreams, scoped, "k", "reader"), upstreams.jwks, "reader")
+    claims = verify_token(token_of(upstreams, scoped, "k", "reader"), upstreams.jwks, "reader",
+                          issuer=ISSUER)
     assert claims["sub"] == "https://idp!M1003"
     assert claims["member_id"] == "M1003"  # the number as the IdP asserted it
     assert claims["affiliation"] == ["member", "staff"]
@@ -129,21 +130,24 @@ def test_expired_tampered_and_foreign_tokens_fail(identity: tuple[UpstreamIdenti
     # verify_token checks against real time, so an expired token is one minted in the past.
     past = UpstreamIdentity(config, load_identity_keys(keys_dir), lambda: 1_000_000_000.0)
     with pytest.raises(InvalidToken, match=r"(?i)expired"):
-        verify_token(token_of(past, carol(), "k", "reader"), past.jwks, "reader")
+        verify_token(token_of(past, carol(), "k", "reader"), past.jwks, "reader",
+                     issuer=ISSUER)
     good = token_of(past, carol(), "k2", "reader").decode()
     head, body, sig = good.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=="))
     claims["sub"] = "M1001"
     forged_body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     with pytest.raises(InvalidToken, match="Signature verification failed"):
-        verify_token(f"{head}.{forged_body}.{sig}", past.jwks, "reader", leeway=1e10)
+        verify_token(f"{head}.{forged_body}.{sig}", past.jwks, "reader", issuer=ISSUER,
+                     leeway=1e10)
     other_dir = keys_dir / "other"
     generate_identity_key(other_dir)
     foreign = UpstreamIdentity(config, load_identity_keys(other_dir))
     with pytest.raises(InvalidToken, match="unknown key"):
-        verify_token(token_of(foreign, carol(), "k", "reader"), upstreams.jwks, "reader")
+        verify_token(token_of(foreign, carol(), "k", "reader"), upstreams.jwks, "reader",
+                     issuer=ISSUER)
     with pytest.raises(InvalidToken) as info:
-        verify_token("not.a.token", upstreams.jwks, "reader")
+        verify_token("not.a.token", upstreams.jwks, "reader", issuer=ISSUER)
     assert info.value.status == 401 and info.value.reason
 
 
@@ -217,13 +221,14 @@ def test_rotation_keeps_old_tokens_valid_until_pruned(tmp_path: Path, tls: TLSFi
         login(http, stack, PAGE, "alice")
         http.get(stack.url + PAGE)
         old_token = upstream_token(stack)
+        old_issuer = stack.url  # each run of the stack listens on a new port
         old_kids = [k["kid"] for k in fetch_jwks(stack)["keys"]]  # type: ignore[index]
     assert main(["certs", "rotate-identity", "--dir", str(keys_dir)]) == 0
     with run_stack(tmp_path, tls) as stack, client(stack) as http:  # restarted
         jwks = fetch_jwks(stack)
         kids = [k["kid"] for k in jwks["keys"]]  # type: ignore[index]
         assert len(kids) == 2 and old_kids[0] in kids
-        assert verify_token(old_token, jwks, "reader")["sub"] == "M1001"
+        assert verify_token(old_token, jwks, "reader", issuer=old_issuer)["sub"] == "M1001"
         login(http, stack, PAGE, "alice")
         http.get(stack.url + PAGE)
         new_header = json.loads(base64.urlsafe_b64decode(upstream_token(stack).split(".")[0]
@@ -234,7 +239,7 @@ def test_rotation_keeps_old_tokens_valid_until_pruned(tmp_path: Path, tls: TLSFi
         jwks = fetch_jwks(stack)
         assert [k["kid"] for k in jwks["keys"]] == [kids[0]]  # type: ignore[index]
         with pytest.raises(InvalidToken, match="unknown key"):
-            verify_token(old_token, jwks, "reader")
+            verify_token(old_token, jwks, "reader", issuer=old_issuer)
 
 
 def test_per_upstream_claims(tmp_path: Path, tls: TLSFiles) -> None:
@@ -251,7 +256,7 @@ def test_per_upstream_claims(tmp_path: Path, tls: TLSFiles) -> None:
         jwks = fetch_jwks(stack)
     assert seen["x-member-id"] == "M1001"
     assert "x-member-email" not in seen and "x-member-name" not in seen
-    claims = verify_token(seen["x-gateway-identity"], jwks, "notes")
+    claims = verify_token(seen["x-gateway-identity"], jwks, "notes", issuer=stack.url)
     assert set(claims) == {"iss", "aud", "sub", "iat", "nbf", "exp", "jti", "sid"}
     with pytest.raises(InvalidToken, match=r"(?i)audience"):
-        verify_token(seen["x-gateway-identity"], jwks, "reader")
+        verify_token(seen["x-gateway-identity"], jwks, "reader", issuer=stack.url)

@@ -130,6 +130,11 @@ def upstream_app(seen: UpstreamLog) -> Any:
             await whole(send, b"ok", [(b"connection", b"x-secret-hop"),
                                       (b"x-secret-hop", b"1"),
                                       (b"keep-alive", b"timeout=5"),
+                                      (b"x-accel-redirect", b"/other-upstream/"),
+                                      (b"x-accel-expires", b"3600"),
+                                      (b"x-accel-limit-rate", b"1"),
+                                      (b"x-accel-charset", b"koi8-r"),
+                                      (b"x-accel-buffering", b"no"),
                                       (b"x-kept", b"1")])
             return
         if path.startswith("/cache/"):
@@ -394,6 +399,9 @@ async def test_hop_by_hop_response_headers_not_relayed(client: httpx.AsyncClient
     assert r.headers["x-kept"] == "1"
     assert "x-secret-hop" not in r.headers and "keep-alive" not in r.headers
     assert r.headers.get("connection") != "x-secret-hop"
+    # An upstream's orders to an nginx in front of the gateway are not passed on (an
+    # internal redirect would take the request past the gateway); streaming stays.
+    assert [n for n in r.headers if n.startswith("x-accel-")] == ["x-accel-buffering"]
 
 
 @pytest.mark.parametrize(("cookie", "expected"), [

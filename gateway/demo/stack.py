@@ -92,7 +92,7 @@ access = "owner"
 [[rules]]
 path = "/_gateway/admin/**"
 access = "member"
-require = {{ entitlement = "{admin}" }}
+require = {{ entitlement = "{admin}", idp = "{idp_entity_id}" }}   # only our IdP makes admins
 """
 
 

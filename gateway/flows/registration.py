@@ -13,7 +13,14 @@ With ``[registration] verify = true`` the form only mails a one-time link: the
 pending registration waits in the ``KeyStore`` under a hash of the link's random
 token, for ``link_lifetime`` seconds. Taking it is atomic (``KeyStore.take``), so the
 link signs its reader in once, on any replica; only then is the registration kept.
-An address gets at most ``[limits] verification_mails`` mails an hour.
+
+Limits, so that nothing an anonymous visitor does grows the store or floods a mailbox
+without bound: at most ``[limits] registrations_total`` new registrations an hour (with
+verification: requests for a link) for the whole gateway, past which the form is paused;
+and at most ``verification_mails`` mails an hour to one mailbox (``mailbox_key``: a
+``+tag`` or another case is the same mailbox) and ``verification_mails_total`` to
+everyone. Past a mail limit the visitor sees the same "Check your inbox" as when the
+mail went (the answer says nothing about the address), no mail goes and nothing waits.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from urllib.parse import urlsplit
 
 from gateway.audit import audit
 from gateway.config import Settings
-from gateway.errors import N_, MailError, StoreError, TooManyMails
+from gateway.errors import N_, MailError, StoreError
 from gateway.logs import session_hash
 from gateway.mail import Mailer
 from gateway.principal import EMAIL, STATUS, Principal
@@ -52,7 +59,7 @@ log = logging.getLogger("gateway.register")
 READER_PREFIX = "reader!"
 #: The path of the confirmation link (and of the form that uses it).
 CONFIRM_PATH = "/_gateway/register/confirm"
-MAIL_WINDOW = 3600.0  # seconds: [limits] verification_mails is per address and hour
+HOUR = 3600  # seconds: the window of registrations_total and of both mail limits
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]{{1,64}}@{_LABEL}(?:\.{_LABEL})+")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
@@ -67,6 +74,14 @@ def valid_email(value: str) -> str | None:
     return f"{local}@{domain.lower()}"
 
 
+def mailbox_key(email: str) -> str:
+    """The per-mailbox rate-limit key of an address: a hash of it without a ``+tag`` in
+    its local part and in lower case, so ``Name+1@x`` and ``name@X`` count as one."""
+    local, _, domain = email.rpartition("@")
+    mailbox = f"{local.partition('+')[0]}@{domain}".lower()
+    return hashlib.sha256(mailbox.encode()).hexdigest()[:32]
+
+
 def consent_version(text: str) -> str:
     """A short fingerprint of a consent wording, for the audit log: which wording a
     registration agreed to (the store keeps the wording itself)."""
@@ -75,10 +90,13 @@ def consent_version(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Registered:
-    """The outcome: ``errors`` by form field; or the new session and its cookie value
-    (no verification); or ``mailed`` (a confirmation link is on its way)."""
+    """The outcome: ``errors`` by form field; or ``paused`` (over the gateway's
+    registrations an hour: try again later); or the new session and its cookie value (no
+    verification); or ``mailed`` (a confirmation link is on its way, unless a mail limit
+    held it back: the visitor is not told which)."""
 
     errors: dict[str, str] = field(default_factory=dict)
+    paused: bool = False
     record: SessionRecord | None = None
     cookie: str = ""
     mailed: bool = False
@@ -133,8 +151,8 @@ class RegistrationFlow:
 
     async def register(self, typed_email: str, consent: bool, *, next_url: str = "/",
                        user_agent: str = "", client_ip: str = "") -> Registered:
-        """Register a visitor: the errors to show, the session, or (verification) a
-        mailed link. ``TooManyMails`` or ``MailError`` when no mail can go."""
+        """Register a visitor: the errors to show, a pause, the session, or (verification)
+        a mailed link. ``MailError`` when the relay does not take the mail."""
         email = valid_email(typed_email)
         errors: dict[str, str] = {}
         if email is None:
@@ -143,6 +161,11 @@ class RegistrationFlow:
             errors["consent"] = N_("Please tick the box to agree, or go back.")
         if email is None or errors:
             return Registered(errors)
+        cap = self._settings.limits.registrations_total
+        if await over_limit(self._keys, "registrations-total", cap, HOUR):
+            log.warning("registration refused: over %d new registrations this hour "
+                        "(registrations_total)", cap)
+            return Registered(paused=True)
         subject = READER_PREFIX + secrets.token_hex(12)
         if self.verify:
             await self._mail_link(email, subject, next_url)
@@ -158,13 +181,19 @@ class RegistrationFlow:
 
     async def _mail_link(self, email: str, subject: str, next_url: str) -> None:
         """Keep the pending registration under the hash of a fresh token and mail the
-        token's link; nothing is left behind when the mail cannot go."""
-        by_address = hashlib.sha256(email.lower().encode()).hexdigest()[:32]
-        limit = self._settings.limits.verification_mails
-        if await over_limit(self._keys, "verification-mails", limit, MAIL_WINDOW,
-                            client=by_address):
-            raise TooManyMails(f"reader={subject}: the address had {limit} confirmation "
-                               "mails this hour")
+        token's link, within the mail limits; nothing is left behind when no mail goes."""
+        limits = self._settings.limits
+        if await over_limit(self._keys, "verification-mails", limits.verification_mails,
+                            HOUR, client=mailbox_key(email)):
+            log.warning("confirmation mail not sent: the mailbox had %d mails this hour "
+                        "(verification_mails) reader=%s", limits.verification_mails, subject)
+            return
+        if await over_limit(self._keys, "verification-mails-total",
+                            limits.verification_mails_total, HOUR):
+            log.warning("confirmation mail not sent: over %d mails this hour "
+                        "(verification_mails_total) reader=%s",
+                        limits.verification_mails_total, subject)
+            return
         token = secrets.token_urlsafe(32)
         pending = json.dumps({"email": email, "subject": subject, "next": next_url,
                               "consent": self.consent_text, "at": self._clock()})

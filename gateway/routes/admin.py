@@ -4,11 +4,18 @@ Pages: overview (IdPs, configuration with secrets masked, registrations), sessio
 (search by subject, revoke one or all), recent login failures with their explanation,
 and the registrations CSV. Every change is a same-origin, CSRF-checked POST and is
 written to the audit log with the admin's subject.
+
+Only a member (or owner) rule written for these pages opens them: not the default rule,
+not ``/**``, not a public or registered one. The console is not built (``ConfigError``,
+so neither ``serve`` nor ``check`` accepts the configuration) while the rule that opens
+one of its pages lets any IdP decide who is an admin
+(``identities.open_to_any_idp``): it must name the IdPs trusted for it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -19,8 +26,9 @@ from starlette.routing import Route
 from gateway.answers import decision_answer, is_navigation
 from gateway.audit import audit
 from gateway.config import mask_url
-from gateway.errors import N_
+from gateway.errors import N_, ConfigError
 from gateway.explain import Failure, find_failure
+from gateway.identities import open_to_any_idp
 from gateway.logs import session_hash
 from gateway.routes.account import describe
 from gateway.routes.common import check_csrf, csrf_token, field, read_form, require_same_origin
@@ -32,6 +40,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 ADMIN_PATH = "/_gateway/admin"
+log = logging.getLogger("gateway.admin")
 
 
 async def admin_guard(gw: Gateway, request: Request,
@@ -52,13 +61,37 @@ async def admin_guard(gw: Gateway, request: Request,
                                  accept))
     if answer is not None:
         return None, to_response(answer)
-    if decision.access == "public" or decision.rule == "/**" or record is None:
-        # Only an explicit admin rule opens admin pages: a missing or public rule
-        # must not hand them to every member (or everyone).
+    if decision.access not in ("member", "owner") or decision.rule == "/**" or record is None:
+        # Only an explicit member rule opens admin pages: a missing, public or registered
+        # rule must not hand them to every member, every registered address or everyone.
+        log.info("admin page %s refused: rule %s gives access \"%s\"; admin pages need "
+                 "a member or owner rule", path, decision.rule, decision.access)
         return None, to_response(error_answer(403, N_("Access denied"),
                                               N_("Admin pages need an admin rule in the "
                                                  "gateway's configuration."), accept=accept))
     return record, None
+
+
+def check_rules(gw: Gateway, pages: list[str]) -> None:
+    """Raise ``ConfigError`` when the rule that would open one of ``pages`` lets any IdP
+    decide who is an admin (it names no IdP and no entitlement filter binds it)."""
+    problems: dict[str, str] = {}
+    for page in pages:
+        decision = gw.policy.decide(page, None)
+        if decision.access not in ("member", "owner") or decision.rule == "/**":
+            continue  # admin_guard refuses these pages to everyone
+        rule = next(r for r in gw.settings.rules if r.path == decision.rule)
+        whom = open_to_any_idp(gw.settings, rule.require)
+        if whom and rule.path not in problems:
+            filtered = (", or [idp] allowed_entitlements without it and [[idps]] "
+                        "allowed_entitlements with it for each trusted IdP"
+                        if rule.require.entitlement else "")
+            problems[rule.path] = (
+                f"rule {rule.path} opens the admin console to {whom}. Name the IdPs trusted "
+                f"for it: require.idp = [\"<entity ID>\", …] in the rule{filtered} "
+                "(docs/access-rules.md)")
+    if problems:
+        raise ConfigError(list(problems.values()))
 
 
 def _when(ts: float | None) -> str:
@@ -208,8 +241,10 @@ def routes(gw: Gateway) -> list[Route]:
             "content-disposition": 'attachment; filename="registrations.csv"',
             "cache-control": "no-store"})
 
-    return [Route(ADMIN_PATH, console),
-            Route(f"{ADMIN_PATH}/sessions", sessions, methods=["GET", "POST"]),
-            Route(f"{ADMIN_PATH}/failures", failures),
-            Route(f"{ADMIN_PATH}/registrations.csv", registrations),
-            Route(f"{ADMIN_PATH}/registrations/delete", delete_registration, methods=["POST"])]
+    pages = [Route(ADMIN_PATH, console),
+             Route(f"{ADMIN_PATH}/sessions", sessions, methods=["GET", "POST"]),
+             Route(f"{ADMIN_PATH}/failures", failures),
+             Route(f"{ADMIN_PATH}/registrations.csv", registrations),
+             Route(f"{ADMIN_PATH}/registrations/delete", delete_registration, methods=["POST"])]
+    check_rules(gw, [page.path for page in pages])
+    return pages

@@ -2,7 +2,8 @@
 mails (``flows.registration``). Without a ``registered`` rule both answer 404.
 
 The mailed link opens a page with one button; only that same-origin POST uses the
-link, so a mail scanner that opens links cannot use it up (or sign itself in).
+link, so a mail scanner that opens links cannot use it up (or sign itself in). Past the
+gateway's ``[limits] registrations_total`` the form answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway.errors import N_
-from gateway.flows.registration import CONFIRM_PATH, RegistrationFlow
+from gateway.flows.registration import CONFIRM_PATH, HOUR, RegistrationFlow
 from gateway.paths import safe_next
 from gateway.routes.common import field, rate_limit, read_form, require_same_origin
 from gateway.web import error_answer, render, to_response
@@ -56,6 +57,8 @@ def routes(gw: Gateway) -> list[Route]:
         if done.errors:
             return page(flow, next_url, email=typed, consent=consent, errors=done.errors,
                         status=400)
+        if done.paused:
+            return paused(request)
         if done.mailed:
             return to_response(render(
                 "register_sent.html", title="Check your inbox",
@@ -87,6 +90,16 @@ def routes(gw: Gateway) -> list[Route]:
         response = RedirectResponse(next_url, status_code=303)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", gw.cookies.session(cookie))
+        return response
+
+    def paused(request: Request) -> Response:
+        """Over the gateway's registrations this hour: nothing was kept, try later."""
+        response = to_response(error_answer(
+            503, N_("Temporarily unavailable"),
+            N_("Many people registered in the last hour, so registration is paused for "
+               "now. Please try again later."),
+            accept=request.headers.get("accept", "")))
+        response.headers["retry-after"] = str(HOUR)
         return response
 
     def link_gone(request: Request) -> Response:

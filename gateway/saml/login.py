@@ -46,7 +46,7 @@ from functools import partial
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from gateway.errors import LoginFailed, StepUpFailed
+from gateway.errors import LoginFailed, SignInsBusy, StepUpFailed
 from gateway.paths import safe_next
 from gateway.protocol import SignInOptions, SignInServices
 from gateway.saml.mdq import PER_CLIENT_PER_MINUTE, MdqResolver
@@ -95,6 +95,7 @@ class SamlLogin:
         self._cookies = services.cookies
         self._signer = CookieSigner(services.settings.session_secrets(), "login")
         self._ttl = services.settings.idp.login_timeout
+        self._most_pending = services.settings.limits.pending_logins
         self._skew = services.settings.idp.clock_skew
         # The only authentication contexts a sign-in URL can make us ask an IdP for.
         self._contexts = frozenset(c for rule in services.settings.rules
@@ -140,8 +141,16 @@ class SamlLogin:
     async def start(self, idp: IdP, next_url: str | None,
                     options: SignInOptions | None = None) -> LoginStarted:
         """An AuthnRequest for ``idp`` (asking for ``options``), kept as pending under a
-        fresh state; the options are kept with it and checked when the answer comes."""
+        fresh state; the options are kept with it and checked when the answer comes.
+        Raises ``SignInsBusy`` (before signing or storing anything) when the gateway holds
+        ``[limits] pending_logins`` sign-ins in progress already."""
         options = options or SignInOptions()
+        pending_now = await self._keys.count_keys(Namespace.LOGIN_STATE)
+        if pending_now >= self._most_pending:
+            log.warning("sign-in not started: %d sign-ins in progress ([limits] "
+                        "pending_logins = %d)", pending_now, self._most_pending)
+            raise SignInsBusy(f"{pending_now} sign-ins in progress, the most "
+                              "[limits] pending_logins allows")
         state = secrets.token_urlsafe(18)
         request = await run_in_threadpool(
             partial(self._sp.start_login, idp, state, authn_context=options.authn_context,
@@ -155,6 +164,22 @@ class SamlLogin:
         return LoginStarted(request.url, self._binding(state, self._signer.sign(state),
                                                        self._ttl))
 
+    async def answers_pending(self, form: Mapping[str, Sequence[str]],
+                              request: Request) -> bool:
+        """Does this ACS post answer a sign-in this browser started and that is still
+        pending (its RelayState, the binding cookie for it, the state in the store)?
+
+        Such a post need not count against the client's limit: ``finish`` takes the
+        pending state before any signature check, so each costs one (limited) sign-in
+        start, and a failed one cannot be repeated."""
+        relay = form.get("RelayState", [])
+        if len(relay) != 1 or not relay[0]:
+            return False
+        state = relay[0]
+        if self._signer.unsign(self._binding_cookie(state, request)) != state:
+            return False
+        return await self._keys.get(Namespace.LOGIN_STATE + state) is not None
+
     async def finish(self, form: Mapping[str, Sequence[str]],
                      request: Request) -> LoginFinished:
         """Validate the POSTed Response and start the session; raises ``LoginFailed``."""
@@ -165,9 +190,7 @@ class SamlLogin:
         if len(relay) > 1:
             raise LoginFailed("malformed", "the POST carries more than one RelayState")
         state = relay[0] if relay else ""
-        cookie = (self._cookies.read(request.scope["headers"],
-                                     self._cookies.login_prefix + state[:_STATE_LENGTH])
-                  if state else None)
+        cookie = self._binding_cookie(state, request) if state else None
         if not state or self._signer.unsign(cookie) != state:
             return await self._without_login_state(responses[0], state, cookie, request)
         raw = await self._keys.take(Namespace.LOGIN_STATE + state)
@@ -268,6 +291,11 @@ class SamlLogin:
         record, value = await self._services.finish_sign_in(result.signed_in, request,
                                                             replaces=replaces)
         return LoginFinished(record, value, next_url, clear_binding)
+
+    def _binding_cookie(self, state: str, request: Request) -> str | None:
+        """The value of the binding cookie for ``state`` that the browser sent, if any."""
+        return self._cookies.read(request.scope["headers"],
+                                  self._cookies.login_prefix + state[:_STATE_LENGTH])
 
     def _binding(self, state: str, value: str, max_age: int) -> str:
         return self._cookies.login_binding(state[:_STATE_LENGTH], value, path=BINDING_PATH,

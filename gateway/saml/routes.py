@@ -19,7 +19,15 @@ from starlette.routing import Route
 
 from gateway.answers import step_up_refusal
 from gateway.audit import audit
-from gateway.errors import N_, LogoutFailed, StepUpFailed, TooManyRequests, UnknownIdP
+from gateway.errors import (
+    N_,
+    BadRequest,
+    LogoutFailed,
+    SignInsBusy,
+    StepUpFailed,
+    TooManyRequests,
+    UnknownIdP,
+)
 from gateway.paths import safe_next
 from gateway.protocol import SignInOptions, SignInServices
 from gateway.saml import sign_in
@@ -60,6 +68,20 @@ def post_page(message: Outgoing) -> Response:
     return page
 
 
+def not_a_page_load(request: Request) -> str:
+    """Why ``request`` is not a browser's top-level page load, or "" when it is (or the
+    client sends no Fetch Metadata). An image, a script, a fetch or a prefetch that a web
+    page fires must not start a sign-in: it would spend the sign-in limit of everyone
+    behind the visitor's address and store a pending sign-in for nothing."""
+    mode = request.headers.get("sec-fetch-mode", "navigate")
+    dest = request.headers.get("sec-fetch-dest", "document")
+    purpose = request.headers.get("sec-purpose", "")
+    if mode == "navigate" and dest == "document" and "prefetch" not in purpose:
+        return ""
+    return (f"Sec-Fetch-Mode {mode[:40]!r}, Sec-Fetch-Dest {dest[:40]!r}, "
+            f"Sec-Purpose {purpose[:40]!r}")
+
+
 def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
     """The SAML endpoints, bound to one gateway's services."""
     settings, cookies = services.settings, services.cookies
@@ -71,6 +93,14 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         return Response(saml.metadata_xml, media_type="application/samlmetadata+xml",
                         headers={"cache-control": "public, max-age=3600"})
 
+    async def count_start(request: Request) -> None:
+        """A sign-in start: refused unless it is a page load, then counted against the
+        client's limit (``TooManyRequests``)."""
+        why = not_a_page_load(request)
+        if why:
+            raise BadRequest(f"a sign-in start must be a page load, not a subresource ({why})")
+        await services.rate_limit(request, "logins", settings.limits.logins)
+
     async def login(request: Request) -> Response:
         next_url = safe_next(request.query_params.get("next"))
         options = flow.options(request.query_params.multi_items())
@@ -80,7 +110,7 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         if chosen:
             # Before anything is written: a refused choice is recorded for `explain`, a
             # known one starts a pending sign-in; both count against the client's limit.
-            await services.rate_limit(request, "logins", settings.limits.logins)
+            await count_start(request)
         try:
             idp = await flow.find_idp(chosen, request)
         except UnknownIdP as exc:
@@ -96,7 +126,7 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
             catalogue = await run_in_threadpool(discovery.catalogue)
             return sign_in.page(settings, cookies, saml.registry, catalogue, request, next_url)
         if not chosen:  # the one IdP, straight away: the same limit
-            await services.rate_limit(request, "logins", settings.limits.logins)
+            await count_start(request)
         started = await flow.start(idp, next_url, options)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
@@ -117,18 +147,23 @@ def routes(saml: SamlProtocol, services: SignInServices) -> list[Route]:
         if idp is None or await services.current_session(request) is not None:
             return back
         try:
-            await services.rate_limit(request, "logins", settings.limits.logins)
-        except TooManyRequests:
+            await count_start(request)
+            started = await flow.start(idp, next_url, options)
+        except (BadRequest, TooManyRequests, SignInsBusy):
             return back
-        started = await flow.start(idp, next_url, options)
         response = RedirectResponse(started.redirect_url, status_code=302)
         response.headers["cache-control"] = "no-store"
         response.headers.append("set-cookie", started.binding_cookie)
         return response
 
     async def acs(request: Request) -> Response:
-        await services.rate_limit(request, "logins", settings.limits.logins)
+        """The IdP's answer. A post that answers a sign-in this browser started and that
+        is still pending is not counted (``SamlLogin.answers_pending``); every other post
+        counts against the client's ACS limit, apart from its sign-in starts, so neither
+        can be spent for the other."""
         form = await read_form(request, MAX_ACS_BODY)
+        if not await flow.answers_pending(form, request):
+            await services.rate_limit(request, "acs", settings.limits.logins)
         try:
             done = await flow.finish(form, request)
         except StepUpFailed as exc:  # the page needs what the IdP did not give: say what

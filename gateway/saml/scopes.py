@@ -3,10 +3,14 @@
 A scope is the part after the ``@`` of a scoped attribute value (``eduPersonPrincipalName``,
 ``subject-id``, …). An IdP lists the scopes it may assert in ``<shibmd:Scope>`` elements in
 the Extensions of its IDPSSODescriptor or of its EntityDescriptor; ``regexp="true"`` makes
-the text a regular expression that must match the whole scope. A literal scope matches
-case-insensitively (it is a domain). A regular expression that does not compile, or is
-unreasonably long, makes that one scope unusable: its reason is logged and kept for
-``sso-gateway idp list``, and values in it are dropped like any value out of scope.
+the text a regular expression that must match the whole scope. A scope is a domain, so
+it is ASCII (an internationalised domain in its ``xn--`` form): a literal scope matches
+with A-Z folded to a-z and nothing else folded (``casefold`` would read the long s,
+U+017F, as ``s`` and the Kelvin sign, U+212A, as ``k``), a regular expression matches in ASCII mode,
+and a value's scope that is not ASCII matches nothing. A scope that is not ASCII, a
+regular expression that does not compile, or one unreasonably long makes that one scope
+unusable: its reason is logged and kept for ``sso-gateway idp list``, and values in it are
+dropped like any value out of scope.
 
 The check itself (which values are scoped, what is dropped) is the identity rules'
 (``gateway.identities``): they see ``Scope`` only through ``matches``.
@@ -46,21 +50,24 @@ class Scope:
         if len(text) > MAX_SCOPE_LENGTH:
             return cls(text[:80] + "…", regexp,
                        f"the scope is longer than {MAX_SCOPE_LENGTH} characters")
+        if not text.isascii():
+            return cls(text, regexp, "the scope is not ASCII (a domain; an internationalised "
+                                     "one is written in its xn-- form)")
         if not regexp:
             return cls(text)
         try:
-            pattern = re.compile(text)
+            pattern = re.compile(text, re.ASCII)
         except (re.error, RecursionError, OverflowError) as exc:
             return cls(text, True, f"the regular expression does not compile ({exc})")
         return cls(text, True, "", pattern)
 
     def matches(self, scope: str) -> bool:
         """Whether a value's scope (the part after ``@``) is this one."""
-        if self.problem:
+        if self.problem or not scope.isascii():
             return False
         if self._pattern is not None:
             return self._pattern.fullmatch(scope) is not None
-        return scope.casefold() == self.text.casefold()
+        return scope.lower() == self.text.lower()  # both ASCII: only A-Z are folded
 
     def __str__(self) -> str:
         return f"{self.text} (regexp)" if self.regexp else self.text

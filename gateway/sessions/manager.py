@@ -7,10 +7,10 @@ busy reader does not turn every page view into a store write. Principals are
 parsed from the store's JSON once and cached, for every backend.
 
 A session that ends by idling leaves a small marker in the ``KeyStore``
-(``Namespace.ENDED``) until the session's absolute end, the longest its cookie can
-still be sent: ``recently_ended`` tells a cookie of a real session that just ended
-(a form posted after a pause, worth keeping across the sign-in) from a junk or
-forged one, which never reaches the store.
+(``Namespace.ENDED``, naming the session's subject) until the session's absolute end,
+the longest its cookie can still be sent: ``recently_ended`` tells a cookie of a real
+session that just ended (a form posted after a pause, worth keeping across the sign-in,
+for that member only) from a junk or forged one, which never reaches the store.
 
 The last-seen touch a page view makes on the way is best-effort: a store that reads but
 cannot write (full disk, read-only file, Redis at ``maxmemory``, a lock held elsewhere)
@@ -64,6 +64,9 @@ _PRINCIPALS_LIMIT = 10_000
 SYNC_INTERVAL = 0.5
 #: Sessions kept in memory at most (the oldest go first).
 MEMORY_LIMIT = 50_000
+#: An ENDED marker's value: this, then the subject of the session that idled out (older
+#: versions wrote ``"idle"`` alone, which names nobody).
+ENDED_IDLE = "idle:"
 log = logging.getLogger("gateway.sessions")
 _listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
 
@@ -111,7 +114,7 @@ class SessionManager:
                  idle_timeout: float, clock: Clock, keys: KeyStore | None = None,
                  memory: bool = False) -> None:
         """``keys`` holds the markers of sessions that ended by idling (without it, none
-        are kept and ``recently_ended`` is always false). ``memory`` keeps resolved
+        are kept and ``recently_ended`` is always ``None``). ``memory`` keeps resolved
         sessions in memory, kept true by the store's change log."""
         self.store = store
         self._keys = keys
@@ -185,7 +188,7 @@ class SessionManager:
             # the member send it again later instead of losing it.
             self._forget([key])
             if await self.store.delete_session(key) and self._keys is not None:
-                await self._keys.add_once(Namespace.ENDED + key, "idle",
+                await self._keys.add_once(Namespace.ENDED + key, ENDED_IDLE + stored.subject,
                                           max(stored.expires - now, 1.0))
             return None
         if now - stored.last_seen >= TOUCH_INTERVAL and now >= self._touch_paused_until:
@@ -206,14 +209,19 @@ class SessionManager:
             self._remember(record)
         return record
 
-    async def recently_ended(self, cookie: str | None) -> bool:
-        """Whether a cookie (that ``resolve`` found no live session for) belongs to a real
-        session that ended by idling and whose cookie is still within its lifetime. A
-        cookie with a bad signature is answered without asking the store."""
+    async def recently_ended(self, cookie: str | None) -> str | None:
+        """The subject of the real session a cookie (that ``resolve`` found no live
+        session for) belonged to, if it ended by idling and its cookie is still within
+        its lifetime; else ``None``. A marker from before subjects were recorded names
+        nobody: ``None``. A cookie with a bad signature is answered without asking the
+        store."""
         session_id = self._signer.unsign(cookie)
         if session_id is None or self._keys is None:
-            return False
-        return await self._keys.get(Namespace.ENDED + session_key(session_id)) is not None
+            return None
+        marker = await self._keys.get(Namespace.ENDED + session_key(session_id))
+        if marker is None or not marker.startswith(ENDED_IDLE):
+            return None
+        return marker[len(ENDED_IDLE):] or None
 
     async def sessions(self, subject: str | None = None) -> list[SessionRecord]:
         """Live sessions, oldest first: all, or one subject's."""
