@@ -290,7 +290,7 @@ def _check_names(settings: Settings, source: Path) -> list[str]:
         unknown(f"identity_headers.{name}", name, BUILT_IN)
     for i, upstream in enumerate(settings.upstreams):
         for j, name in enumerate(upstream.claims):
-            unknown(f"upstreams[{i}].claims[{j}]", name, frozenset({"idp"}))
+            unknown(f"upstreams[{i}].claims[{j}]", name, BUILT_IN - {"subject"})
     for i, rule in enumerate(settings.rules):
         for name in rule.require.attributes:
             unknown(f"rules[{i}].require.attributes.{name}", name, BUILT_IN)

@@ -15,7 +15,14 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.i18n import shipped
-from gateway.principal import DISPLAY_NAME, EMAIL, ENTITLEMENTS, MEMBER_ID, STATUS
+from gateway.principal import (
+    DISPLAY_NAME,
+    EMAIL,
+    EMAIL_VERIFIED,
+    ENTITLEMENTS,
+    MEMBER_ID,
+    STATUS,
+)
 
 
 def _http_url(value: str) -> str:
@@ -226,7 +233,7 @@ class IdPSettings(_Model):
 #: A gateway attribute name: what rules, identity headers and token claims call it.
 ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: Names every principal answers without being configured (``Principal.values``).
-BUILT_IN = frozenset({"subject", "idp"})
+BUILT_IN = frozenset({"subject", "idp", EMAIL_VERIFIED})
 #: For the attributes the gateway itself reads (``principal.ROLES``): the released
 #: attribute names that may carry each (the first one present wins).
 DEFAULT_ATTRIBUTES: dict[str, list[str]] = {
@@ -240,13 +247,14 @@ DEFAULT_ATTRIBUTES: dict[str, list[str]] = {
 DEFAULT_IDENTITY_HEADERS: dict[str, str] = {
     "subject": "X-Member-Id",
     EMAIL: "X-Member-Email",
+    EMAIL_VERIFIED: "X-Member-Email-Verified",
     DISPLAY_NAME: "X-Member-Name",
     ENTITLEMENTS: "X-Member-Entitlements",
     STATUS: "X-Member-Status",
     "idp": "X-Member-Idp",
 }
 #: What an upstream learns besides the subject, unless its ``claims`` say otherwise.
-DEFAULT_CLAIMS = [EMAIL, DISPLAY_NAME, ENTITLEMENTS, STATUS, "idp"]
+DEFAULT_CLAIMS = [EMAIL, EMAIL_VERIFIED, DISPLAY_NAME, ENTITLEMENTS, STATUS, "idp"]
 # An HTTP header name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 #: A ``{name}`` segment of a rule's path.

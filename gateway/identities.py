@@ -33,6 +33,11 @@ Who the principal is (``subject``) comes from where the IdP's ``subject`` says:
 * ``persistent``: the protocol's persistent identifier (SAML: a persistent NameID), always
   namespaced by the IdP, since it is unique only per IdP.
 
+A member's e-mail address is marked verified (``Principal.email_verified``): the IdP
+vouches for its own accounts, as an OpenID provider's ``email_verified``. It is not
+scope-checked (an IdP may release any address), so an upstream must judge the address
+together with the IdP (``X-Member-Idp``), never alone.
+
 A value that would become a subject may not contain ``!``, so it can never pose as
 another IdP's namespaced subject. When the subject comes from elsewhere the member number
 is optional and only an attribute. An IdP's ``allowed_entitlements`` drops every other
@@ -180,6 +185,7 @@ class IdentityRules:
             session_not_on_or_after=signed_in.session_not_on_or_after,
             logout_handle=_opaque("logout handle", signed_in.logout_handle),
             protocol_data={k: _opaque(k, v) for k, v in signed_in.protocol_data.items()},
+            email_verified=True,  # the IdP vouches for its own accounts' addresses
         )
 
     def _in_scope(self, signed_in: SignedIn, options: IdPOptions,

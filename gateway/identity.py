@@ -8,13 +8,15 @@ headers and which token claims it gets (the subject always, plus the attributes 
 UTF-8, percent-encoded outside printable ASCII, so a value can never carry CR/LF or raw
 non-latin-1 bytes; ``%`` and ``,`` are encoded too, so a list (entitlements or any
 multi-valued attribute, comma-separated) splits unambiguously and one ``unquote``
-decodes any value.
+decodes any value. ``email_verified`` is ``true`` or ``false``: whether the member's IdP
+or a confirmation link vouches for the e-mail address (``Principal.email_verified``).
 
 **Token.** A short-lived JWT, ES256: P-256 signatures are small and fast (~40 µs
 here) and every JOSE library in every language verifies them, where EdDSA support
 is still patchy and RS256 signing costs ~1 ms. Issuer = ``public_url``, audience =
 the upstream's name, subject = the principal's ``subject``, plus the claims that
-upstream is configured to receive. A token is minted once per session and upstream and
+upstream is configured to receive (``email_verified`` as a JSON boolean, as in OpenID
+Connect). A token is minted once per session and upstream and
 reused until shortly before it expires, so signing stays off the per-request cost.
 
 Services verify tokens with ``verify_token`` against the gateway's JWKS.
@@ -34,7 +36,14 @@ import jwt
 from gateway.config import Settings
 from gateway.errors import ConfigError, InvalidToken
 from gateway.keys import IdentityKey
-from gateway.principal import DISPLAY_NAME, EMAIL, MEMBER_ID, STATUS, Principal
+from gateway.principal import (
+    DISPLAY_NAME,
+    EMAIL,
+    EMAIL_VERIFIED,
+    MEMBER_ID,
+    STATUS,
+    Principal,
+)
 
 __all__ = ["ALGORITHM", "InvalidToken", "UpstreamIdentity", "claim_name", "encode_value",
            "normalise_name", "verify_token"]
@@ -46,7 +55,8 @@ _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 _CLAIM_NAMES = {DISPLAY_NAME: "name", STATUS: "member_status"}
 # Attributes sent as one value (the first), in a header and in the token; any other
 # attribute is a list.
-_SINGLE = frozenset({"subject", "idp", MEMBER_ID, EMAIL, DISPLAY_NAME, STATUS})
+_SINGLE = frozenset({"subject", "idp", MEMBER_ID, EMAIL, EMAIL_VERIFIED, DISPLAY_NAME,
+                     STATUS})
 # Claims the gateway sets itself: no attribute may take their place.
 _REGISTERED = frozenset({"iss", "aud", "sub", "iat", "nbf", "exp", "jti", "sid"})
 _CACHE_LIMIT = 50_000
@@ -139,7 +149,9 @@ def _header_value(principal: Principal, name: str) -> bytes:
     return b",".join(encode_value(v) for v in principal.values(name))
 
 
-def _claim_value(principal: Principal, name: str) -> str | list[str]:
+def _claim_value(principal: Principal, name: str) -> str | bool | list[str]:
+    if name == EMAIL_VERIFIED:
+        return principal.has_verified_email  # a JSON boolean, as OpenID Connect's
     if name in _SINGLE:
         return principal.first(name)
     return list(principal.values(name))

@@ -4,9 +4,9 @@ Counters and the latency histogram are updated where things happen; gauges that
 describe state (sessions, pending logins, metadata, certificates) are computed when
 ``/metrics`` is scraped, so nothing has to keep them in step.
 
-Label values come from fixed sets — configured upstream and IdP names, status classes,
-the login failure kinds and denial reasons below (anything else becomes ``other``) — so
-a client can never create new time series.
+Label values come from fixed sets — configured upstream and IdP names, metadata sources,
+status classes, the login failure kinds and denial reasons below (anything else becomes
+``other``) — so a client can never create new time series.
 
 Several worker processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``sso-gateway serve
 --workers N`` sets it to a fresh directory), prometheus-client keeps each process's
@@ -99,6 +99,14 @@ class Metrics:
         for reason in WEBSOCKET_CLOSE_REASONS:
             self.websockets_closed.labels(reason)
         on_best_effort_failure(self.best_effort_failed)
+        # Per metadata source, labelled by configuration (a URL with credentials masked,
+        # or mdq:<base URL>), never by an entity ID a client chose.
+        self.metadata_failures = Counter(
+            "gateway_metadata_refresh_failures",
+            "Failed refreshes of IdP metadata by source (a metadata URL, or mdq:<service> "
+            "for refreshes of its kept entities); the last good copy stays in use. With "
+            "several workers the sum over all of them: each refreshes its own copy",
+            ["source"], registry=own)
         self.session_lookups = Counter("gateway_session_lookups",
                                        "Session cookies resolved from this process's memory "
                                        "or from the store", ["source"], registry=own)
@@ -170,6 +178,11 @@ class Metrics:
         if from_store:
             self.session_lookups.labels("store").inc(from_store)
 
+    def metadata_refreshed(self, source: str, failures: int) -> None:
+        """A refresh of a metadata source: ``failures`` new failed ones (0: it worked, or
+        the source is new and counted from zero)."""
+        self.metadata_failures.labels(source).inc(failures)
+
     def best_effort_failed(self, what: str) -> None:
         self.best_effort.labels(what).inc()
 
@@ -222,6 +235,7 @@ class StateCollector(Collector):
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.idps: list[tuple[str, float, float | None]] = []  # entity, loaded, validUntil
+        self.metadata_sources: list[tuple[str, float]] = []  # source, last good fetch
         self.certificates: list[Certificate] = []
         self._sessions: int | None = None
         self._pending: int | None = None
@@ -266,6 +280,14 @@ class StateCollector(Collector):
             loaded.add_metric([entity_id], at)
             if until is not None:
                 valid.add_metric([entity_id], until)
+        fetched = GaugeMetricFamily(
+            "gateway_metadata_last_success_timestamp_seconds",
+            "When the metadata in use was last fetched and verified, by source (a metadata "
+            "URL, or mdq:<service> for its last good answer); the view of the process that "
+            "answers the scrape: each worker refreshes its own copy", labels=["source"])
+        for source, at in self.metadata_sources:
+            fetched.add_metric([source], at)
+        yield fetched
         certs = GaugeMetricFamily("gateway_certificate_expiry_days",
                                   "Days until a certificate expires (negative: expired)",
                                   labels=["role", "entity_id", "subject"])

@@ -16,6 +16,11 @@ unchanged. It carries:
 * ``attributes``: every released attribute under the name the configuration gives it,
   multi-valued. The gateway's own needs are attributes with fixed names
   (``ROLES``): the configuration decides which released attributes feed them;
+* ``email_verified``: whether someone vouches for the e-mail address, as OpenID
+  Connect's claim of that name: the member's IdP (for its own accounts) or the mailed
+  link a registered reader followed. A typed address nobody confirmed is not verified.
+  Principals stored before the marker existed have ``None``: verified only for an IdP
+  member. Upstreams get it as the built-in value ``email_verified`` (``values``);
 * ``logout_handle`` and ``protocol_data``: opaque to everyone but the login protocol
   (SAML keeps its NameID and SessionIndex there); sessions are indexed by the handle so
   a protocol's logout finds them without the store knowing the protocol.
@@ -32,6 +37,8 @@ EMAIL = "email"
 DISPLAY_NAME = "display_name"
 ENTITLEMENTS = "entitlements"
 STATUS = "status"
+#: The built-in value saying whether the e-mail address is vouched for ("true"/"false").
+EMAIL_VERIFIED = "email_verified"
 #: The attributes the gateway itself reads, in one place: member number, e-mail, name,
 #: entitlements (multi-valued) and membership status.
 ROLES = (MEMBER_ID, EMAIL, DISPLAY_NAME, ENTITLEMENTS, STATUS)
@@ -45,7 +52,8 @@ class Principal:
 
     ``attributes`` maps a configured name to its values (a tuple, possibly empty); treat
     it as read-only. Times are POSIX seconds; ``session_not_on_or_after`` caps the
-    gateway session when the IdP asked for it.
+    gateway session when the IdP asked for it. ``email_verified``: see the module
+    docstring (``None``: not recorded, as in sessions kept by older versions).
     """
 
     subject: str
@@ -58,17 +66,28 @@ class Principal:
     session_not_on_or_after: float | None = None
     logout_handle: str = ""
     protocol_data: Mapping[str, str] = field(default_factory=dict)
+    email_verified: bool | None = None
 
     @property
     def is_member(self) -> bool:
         return self.kind == "member"
 
+    @property
+    def has_verified_email(self) -> bool:
+        """Whether there is an e-mail address and someone vouches for it (an older
+        principal without the marker: only an IdP member's)."""
+        vouched = self.is_member if self.email_verified is None else self.email_verified
+        return vouched and bool(self.email)
+
     def values(self, name: str) -> tuple[str, ...]:
-        """The values of an attribute (``subject`` and ``idp`` answer too); () if absent."""
+        """The values of an attribute (``subject``, ``idp`` and ``email_verified``, as
+        "true" or "false", answer too); () if absent."""
         if name == "subject":
             return (self.subject,)
         if name == "idp":
             return (self.idp,) if self.idp else ()
+        if name == EMAIL_VERIFIED:
+            return ("true",) if self.has_verified_email else ("false",)
         return self.attributes.get(name, ())
 
     def first(self, name: str) -> str:
@@ -104,7 +123,8 @@ class Principal:
                 "authn_instant": self.authn_instant,
                 "session_not_on_or_after": self.session_not_on_or_after,
                 "logout_handle": self.logout_handle,
-                "protocol_data": dict(self.protocol_data)}
+                "protocol_data": dict(self.protocol_data),
+                "email_verified": self.email_verified}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Principal:
@@ -120,4 +140,6 @@ class Principal:
                                      else float(data["session_not_on_or_after"])),
             logout_handle=str(data.get("logout_handle") or ""),
             protocol_data={str(k): str(v) for k, v in (data.get("protocol_data") or {}).items()},
+            email_verified=(None if data.get("email_verified") is None
+                            else data["email_verified"] is True),
         )

@@ -43,6 +43,20 @@ class IdPInfo(Protocol):
     def source(self) -> Path: ...  # the metadata file (or cached copy)
 
 
+class SourceRefreshes(Protocol):
+    """How one metadata source's refreshes went in this process
+    (``saml.registry.Refreshes`` is one)."""
+
+    @property
+    def source(self) -> str: ...  # a label: the URL, credentials masked, or mdq:<base URL>
+
+    @property
+    def last_success(self) -> float | None: ...  # POSIX seconds of the last good fetch
+
+    @property
+    def failures(self) -> int: ...
+
+
 class IdPDirectory(Protocol):
     """The IdPs a login protocol currently trusts (``saml.IdPRegistry`` is one);
     ``generation`` changes whenever the set does."""
@@ -59,6 +73,13 @@ class IdPDirectory(Protocol):
     @property
     def on_demand(self) -> bool:
         """Whether IdPs may arrive on first use (MDQ): an empty directory can sign in."""
+
+    def refreshes(self) -> Sequence[SourceRefreshes]:
+        """Per metadata source (URL or MDQ service): its last good fetch and failures."""
+
+    def on_refresh(self, listener: Callable[[str, int], None]) -> None:
+        """Have ``listener(source, new failures)`` called after each refresh of a source
+        (and at once with 0 for each source already known)."""
 
 
 @dataclass(frozen=True, slots=True)

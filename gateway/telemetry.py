@@ -84,6 +84,7 @@ class Telemetry:
                                [i.entity_id for i in registry.all()], wall,
                                known_idp=registry.__contains__)
         self.readiness = Readiness(stores.backend, registry, settings.upstreams, wall)
+        registry.on_refresh(self.metrics.metadata_refreshed)  # failures counted as they come
         self._generation = -1  # of the registry the certificate list was built from
         self._certificates: list[Certificate] = []
         self._loaded: dict[str, float] = {}  # entity ID -> when this process first had it
@@ -112,6 +113,8 @@ class Telemetry:
         state.certificates = self.certificates
         state.idps = [(entity, self._loaded.get(entity, 0.0), until)
                       for entity, until in self.readiness.valid_until.items()]
+        state.metadata_sources = [(r.source, r.last_success) for r in self.registry.refreshes()
+                                  if r.last_success is not None]
 
     def started(self, trigger: str = "startup", config_sha256: str | None = None) -> None:
         """Log the version this process runs; audit what it serves with: its config (and the

@@ -51,11 +51,12 @@ def test_defaults_match_the_old_fixed_fields(site: Path) -> None:
         "entitlements": ("eduPersonEntitlement", "urn:oid:1.3.6.1.4.1.5923.1.1.1.7"),
         "status": ("memberStatus",)}
     assert settings.identity_headers == {
-        "subject": "X-Member-Id", "email": "X-Member-Email", "display_name": "X-Member-Name",
+        "subject": "X-Member-Id", "email": "X-Member-Email",
+        "email_verified": "X-Member-Email-Verified", "display_name": "X-Member-Name",
         "entitlements": "X-Member-Entitlements", "status": "X-Member-Status",
         "idp": "X-Member-Idp"}
-    assert settings.upstreams[0].claims == ["email", "display_name", "entitlements", "status",
-                                            "idp"]
+    assert settings.upstreams[0].claims == ["email", "email_verified", "display_name",
+                                            "entitlements", "status", "idp"]
     options = settings.idp_options(IDP)
     assert (options.member_ids, options.allowed_entitlements, options.allow_unsolicited) \
         == ("scoped", None, False)
@@ -115,11 +116,11 @@ require = {{ attributes = {{ colour = "blue" }} }}
     known = "display_name, email, entitlements, member_id, status"
     assert found == [
         f"{config}: key identity_headers.shoe_size ('shoe_size'): unknown attribute "
-        f"(configured in [attributes]: {known}, idp, subject)",
+        f"(configured in [attributes]: {known}, email_verified, idp, subject)",
         f"{config}: key upstreams[0].claims[1] ('colour'): unknown attribute "
-        f"(configured in [attributes]: {known}, idp)",
+        f"(configured in [attributes]: {known}, email_verified, idp)",
         f"{config}: key rules[0].require.attributes.colour ('colour'): unknown attribute "
-        f"(configured in [attributes]: {known}, idp, subject)",
+        f"(configured in [attributes]: {known}, email_verified, idp, subject)",
         f"{config}: key idps[0].attributes.colour ('colour'): unknown attribute "
         f"(configured in [attributes]: {known})",
     ]
@@ -134,6 +135,8 @@ def test_subject_is_always_sent_not_a_claim(site: Path) -> None:
     ('Colour = ["x"]', "key attributes: attribute name 'Colour' must be lower-case letters"),
     ('subject = ["x"]', "key attributes: 'subject' is built in"),
     ('idp = ["x"]', "key attributes: 'idp' is built in"),
+    # An IdP's released attribute can never stand in for the gateway's own marker.
+    ('email_verified = ["email_verified"]', "key attributes: 'email_verified' is built in"),
     ("member_id = []", "key attributes: member_id must name at least one released attribute"),
 ])
 def test_attribute_names_are_checked(site: Path, table: str, message: str) -> None:

@@ -26,8 +26,8 @@ from tests.conftest import Stack, TLSFiles, bound_socket, nginx_process, port_of
 pytestmark = pytest.mark.stack(shared=True)
 
 PAGE = "/issues/2023-03/pages/14"
-IDENTITY = ["X-Member-Id", "X-Member-Email", "X-Member-Name", "X-Member-Entitlements",
-            "X-Member-Status", "X-Member-Idp", "X-Gateway-Identity"]
+IDENTITY = ["X-Member-Id", "X-Member-Email", "X-Member-Email-Verified", "X-Member-Name",
+            "X-Member-Entitlements", "X-Member-Status", "X-Member-Idp", "X-Gateway-Identity"]
 
 
 # The two ways a front proxy tells the gateway what was asked: nginx's ``auth_request``
@@ -166,12 +166,14 @@ def test_member_reaches_the_upstream_with_identity(nginx_stack: Stack) -> None:
         done = login(http, nginx_stack, PAGE, "alice")
         assert done.headers["location"] == PAGE
         page = http.get(nginx_stack.url + PAGE, headers={
-            "X-Member-Id": "M9999", "X-Gateway-Identity": "forged", "X-Member-Status": "x"})
+            "X-Member-Id": "M9999", "X-Gateway-Identity": "forged", "X-Member-Status": "x",
+            "X-Member-Email-Verified": "forged"})
     assert page.status_code == 200
     assert "Upstream page /issues/2023-03/pages/14" in page.text
     seen = nginx_stack.upstream.requests[-1]["headers"]
     assert [v for k, v in seen if k == "x-member-id"] == ["M1001"]
     assert [v for k, v in seen if k == "x-member-status"] == ["active"]
+    assert [v for k, v in seen if k == "x-member-email-verified"] == ["true"]
     token = [v for k, v in seen if k == "x-gateway-identity"]
     assert len(token) == 1 and token[0] != "forged"
     # The service verifies the token against the JWKS fetched from the gateway over HTTP.

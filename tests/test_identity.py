@@ -185,7 +185,8 @@ def test_identity_headers_from_any_attribute(keys_dir: Path) -> None:
     assert upstreams.knows("notes") and not upstreams.knows("elsewhere")
     assert upstreams.strip_names == {
         "x-member-id", "x-member-name", "x-member-entitlements", "x-member-status",
-        "x-member-idp", "x-member-affiliation", "x-member-number", "x-gateway-identity"}
+        "x-member-idp", "x-member-email-verified", "x-member-affiliation", "x-member-number",
+        "x-gateway-identity"}
 
 
 def upstream_token(stack: Stack) -> str:

@@ -140,6 +140,7 @@ def test_the_link_signs_the_reader_in_once(tmp_path: Path, tls: TLSFiles,
         assert reading.status_code == 200
         seen = dict(stack.upstream.requests[-1]["headers"])
         assert seen["x-member-status"] == "registered"
+        assert seen["x-member-email-verified"] == "true"  # confirmed through the link
         [(address, subject, verified_at, consent)] = registrations(stack)
         assert address == "Reader@example.org" and subject == seen["x-member-id"]
         assert verified_at is not None and consent.startswith("I agree that the publisher")

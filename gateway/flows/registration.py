@@ -9,6 +9,10 @@ subject and when the address was confirmed; it is deleted on the reader's own wo
 an admin's, or when ``[registration] retention_days`` have passed — and its sessions
 end with it.
 
+The reader's session says whether the address was confirmed (``Principal.email_verified``,
+sent upstream as ``X-Member-Email-Verified``): without verification it is only typed,
+and anyone can type anyone's address.
+
 With ``[registration] verify = true`` the form only mails a one-time link: the
 pending registration waits in the ``KeyStore`` under a hash of the link's random
 token, for ``link_lifetime`` seconds. Taking it is atomic (``KeyStore.take``), so the
@@ -173,7 +177,8 @@ class RegistrationFlow:
         await self._records.add_registration(Registration(
             email=email, registered_at=self._clock(), consent=self.consent_text,
             subject=subject))
-        record, cookie = await self._start(email, subject, user_agent, client_ip)
+        record, cookie = await self._start(email, subject, user_agent, client_ip,
+                                           verified=False)
         log.info("registered reader=%s", subject)
         audit("registration", subject=subject, mail_sent=False,
               consent=consent_version(self.consent_text))
@@ -254,16 +259,19 @@ class RegistrationFlow:
         await self._records.add_registration(Registration(
             email=email, registered_at=float(pending["at"]), consent=str(pending["consent"]),
             subject=subject, verified_at=now))
-        record, cookie = await self._start(email, subject, user_agent, client_ip)
+        record, cookie = await self._start(email, subject, user_agent, client_ip,
+                                           verified=True)
         log.info("address confirmed reader=%s", subject)
         audit("registration_verified", subject=subject, session=session_hash(record.key))
         return Confirmed(record, cookie, str(pending["next"]))
 
-    async def _start(self, email: str, subject: str, user_agent: str,
-                     client_ip: str) -> tuple[SessionRecord, str]:
+    async def _start(self, email: str, subject: str, user_agent: str, client_ip: str, *,
+                     verified: bool) -> tuple[SessionRecord, str]:
+        """Sign the reader in; ``verified``: the address was confirmed by its link (a
+        typed address alone is not: anyone may type anyone's)."""
         principal = Principal(
             subject=subject, idp="", kind="registered", authn_instant=self._clock(),
-            attributes={EMAIL: (email,), STATUS: ("registered",)})
+            attributes={EMAIL: (email,), STATUS: ("registered",)}, email_verified=verified)
         return await self._sessions.create(principal, user_agent=user_agent,
                                            client_ip=client_ip)
 

@@ -18,7 +18,8 @@ keep is bounded: only URL or URN entity IDs of at most 1024 characters (and, wit
 
 An entity is used for ``refresh`` seconds, or its ``cacheDuration`` when shorter, never
 past its ``validUntil``; after that the next use refreshes it in the background. A failed
-refresh keeps the last good copy (logged and counted) until its ``validUntil`` (an
+refresh keeps the last good copy (logged, and counted in the registry under
+``mdq:<base URL>``, never under the entity ID a client chose) until its ``validUntil`` (an
 answer "not found" removes it: the federation removed the entity); at
 start-up the copies on disk are loaded again (signature and validity checked again), so
 the service being down does not stop members whose IdP was seen before.
@@ -45,6 +46,7 @@ from yarl import URL
 
 from gateway.audit import audit
 from gateway.config import MetadataSource as SourceConfig
+from gateway.config import mask_url
 from gateway.errors import ConfigError, StoreError
 from gateway.rate_limits import over_limit
 from gateway.saml.metadata_signature import MetadataRefused, verify_signed_metadata
@@ -154,16 +156,17 @@ class MdqService:
                  sp: SettingsCache | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.name = source_name(config)
+        self.label = f"mdq:{mask_url(config.mdq)}"  # in /metrics: credentials masked
         self._cert_pem = config.signing_cert.read_text()
         self._registry = registry
         registry.add_on_demand_source(self.name)
+        registry.refresh_outcome(self.label)  # its failures counted from zero
         self._sp = sp
         self._clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._not_found: OrderedDict[str, float] = OrderedDict()  # entity ID → until
         self._inflight: dict[str, asyncio.Task[IdP | None]] = {}
         self._http: aiohttp.ClientSession | None = None
-        self.failed_refreshes = 0  # refreshes that kept the last good copy
 
     # Life cycle -----------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class MdqService:
                 self._remember_missing(entity_id, now)
             return self._keep_or_drop(kept, now, reason)
         self._install(kept, idp, fresh_until)
+        self._registry.refresh_outcome(self.label, succeeded_at=self._clock())
         return idp
 
     async def _download(self, url: str) -> bytes:
@@ -313,11 +317,11 @@ class MdqService:
         """After a failed refresh: the last good copy until its validUntil, else nothing."""
         if kept is None:
             return None
+        self._registry.refresh_outcome(self.label, failed=True)
         if kept.idp.valid_until is not None and kept.idp.valid_until <= now:
             self._entries.pop(kept.idp.entity_id, None)
             self._forget(kept.idp, "expired and no newer copy could be fetched")
             return None
-        self.failed_refreshes += 1
         kept.fresh_until = now + RETRY_SECONDS
         log.error("MDQ refresh of %s failed (last good copy stays in use): %s",
                   kept.idp.entity_id, reason)

@@ -10,7 +10,8 @@ without network still has its IdPs and ``sso-gateway idp list`` can show the sta
 
 Refresh runs every ``refresh`` seconds, sooner when the document's ``cacheDuration``
 is shorter, retried after ``RETRY_SECONDS`` when it fails; IdPs whose ``validUntil``
-passes before a good refresh are removed (expired metadata is not used).
+passes before a good refresh are removed (expired metadata is not used). Each outcome
+is told to the registry under the URL with its credentials masked (``/metrics``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import aiohttp
 
 from gateway.audit import audit
 from gateway.config import MetadataSource as SourceConfig
+from gateway.config import mask_url
 from gateway.errors import ConfigError
 from gateway.saml import metadata_report as report
 from gateway.saml.metadata_signature import MetadataRefused, verify_signed_metadata
@@ -96,6 +98,11 @@ class Source:
     @property
     def url(self) -> str:
         return self.config.url
+
+    @property
+    def label(self) -> str:
+        """The source's name in ``/metrics``: its URL, credentials masked."""
+        return mask_url(self.url)
 
     @property
     def cache_file(self) -> Path:
@@ -239,6 +246,9 @@ class MetadataRefresher:
                 accepted = await asyncio.to_thread(source.accept, data, now)
                 self._install(source, accepted, None, initial=True)
                 accepted.root = None  # the parsed document is not needed any more
+                # The copy in use was fetched when its state file says (by any process).
+                self._registry.refresh_outcome(source.label,
+                                               succeeded_at=source.state.fetched_at)
                 loaded += len(data)
                 source.next_at = now  # refresh soon, in the background
             except FileNotFoundError:
@@ -278,11 +288,13 @@ class MetadataRefresher:
                 "no copy in use"
             log.error("metadata refresh failed for %s (%s): %s", source.url, kept, reason)
             source.state.error = reason
+            self._registry.refresh_outcome(source.label, failed=True)
             source.next_at = now + min(RETRY_SECONDS, source.config.refresh)
             with contextlib.suppress(OSError):
                 source.save(None)
             return False
         source.state.fetched_at, source.state.error = now, ""
+        self._registry.refresh_outcome(source.label, succeeded_at=now)
         source.next_at = now + accepted.interval
         ends = [i.valid_until for i in accepted.idps if i.valid_until is not None]
         if ends:  # try for a newer copy before this one expires

@@ -13,6 +13,10 @@ Metadata fetched from URLs (``gateway.saml.metadata_source``) arrives as named
 readers (the login flow, python3-saml threads) see either the old set or the new one.
 The IdPs from files come first; an entity ID a later source repeats is skipped.
 
+The refreshers also tell the registry how each source's refreshes go
+(``refresh_outcome``: the last good fetch, the failures, under the source's label), so
+``/metrics`` can show metadata that stopped refreshing.
+
 An aggregate (``md:EntitiesDescriptor``) never fails because of one entity: an IdP the
 gateway cannot use (no HTTP-Redirect SingleSignOnService, no usable signing
 certificate, a bad entityID) is skipped, its reason logged, counted in ``skipped`` and
@@ -27,8 +31,8 @@ import binascii
 import datetime as dt
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +120,15 @@ class IdP:
         return self.url or str(self.source)
 
 
+@dataclass(frozen=True, slots=True)
+class Refreshes:
+    """How one metadata source's refreshes went in this process."""
+
+    source: str  # its label: the URL with credentials masked, or "mdq:<base URL>"
+    last_success: float | None = None  # when a document was last fetched and verified
+    failures: int = 0  # refreshes that failed (the last good copy, if any, stayed in use)
+
+
 class IdPRegistry:
     """An immutable set of IdPs keyed by entity ID."""
 
@@ -132,6 +145,31 @@ class IdPRegistry:
         self.skipped: dict[str, tuple[str, ...]] = {}
         # Sources filled on demand (MDQ): what a visitor asked for, so never the default.
         self._on_demand: set[str] = set()
+        self._refreshes: dict[str, Refreshes] = {}
+        self._refresh_listeners: list[Callable[[str, int], None]] = []
+
+    def refresh_outcome(self, source: str, *, succeeded_at: float | None = None,
+                        failed: bool = False) -> None:
+        """Note how a refresh of the source labelled ``source`` went: fetched and verified
+        at ``succeeded_at``, or ``failed``; with neither, the source is only named (its
+        failures counted from zero). Listeners hear ``(source, new failures)``."""
+        kept = self._refreshes.get(source) or Refreshes(source)
+        last = kept.last_success if succeeded_at is None else succeeded_at
+        self._refreshes[source] = replace(kept, last_success=last,
+                                          failures=kept.failures + failed)
+        for listener in self._refresh_listeners:
+            listener(source, int(failed))
+
+    def on_refresh(self, listener: Callable[[str, int], None]) -> None:
+        """Call ``listener(source, new failures)`` after every ``refresh_outcome`` (at once
+        with 0 for each source already named)."""
+        self._refresh_listeners.append(listener)
+        for source in self._refreshes:
+            listener(source, 0)
+
+    def refreshes(self) -> list[Refreshes]:
+        """How each named metadata source's refreshes went, in this process."""
+        return list(self._refreshes.values())
 
     def add_on_demand_source(self, name: str) -> None:
         """Name a source whose IdPs are fetched on first use (MDQ): see ``on_demand``."""

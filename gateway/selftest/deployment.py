@@ -32,10 +32,12 @@ DEFAULT_RELEASED: dict[str, str] = {
     "entitlements": "eduPersonEntitlement",
     "status": "memberStatus",
 }
-#: ``DEFAULT_IDENTITY_HEADERS``: attribute name (or "subject", "idp") → header name.
+#: ``DEFAULT_IDENTITY_HEADERS``: attribute name (or "subject", "idp", "email_verified") →
+#: header name.
 DEFAULT_HEADERS: dict[str, str] = {
     "subject": "X-Member-Id",
     "email": "X-Member-Email",
+    "email_verified": "X-Member-Email-Verified",
     "display_name": "X-Member-Name",
     "entitlements": "X-Member-Entitlements",
     "status": "X-Member-Status",
