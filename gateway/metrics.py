@@ -10,7 +10,10 @@ status classes, the login failure kinds and denial reasons below (anything else 
 
 Several worker processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``sso-gateway serve
 --workers N`` sets it to a fresh directory), prometheus-client keeps each process's
-values in files there and a scrape, answered by any worker, adds them all up.
+values in files there and a scrape, answered by any worker, adds them all up. Those
+values remember their count per metric object, so each process keeps one object per
+metric (``_shared``) for every ``Metrics`` it makes: a reload builds a second gateway
+while the first finishes its requests, and both count into the same values.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import bisect
 import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -55,6 +59,36 @@ FLUSH_INTERVAL = 1.0
 WEBSOCKET_CLOSE_REASONS = ("client", "upstream", "idle", "too_large", "session_ended",
                            "store", "shutdown")
 
+_Made = TypeVar("_Made", Counter, Gauge, Histogram)
+# Multiprocess mode: the metric objects of this process and value class, by name.
+_SHARED: dict[str, Any] = {}
+_SHARED_FOR: tuple[int, object] | None = None
+
+
+def _shared(kind: type[_Made], name: str, documentation: str, labels: Sequence[str] = (),
+            **options: Any) -> _Made:
+    """In multiprocess mode, this process's one ``kind`` called ``name``: made on first
+    use, the same object afterwards (prometheus' file-backed values keep their count per
+    object, and a second object of the same metric would write over the first's)."""
+    global _SHARED_FOR
+    owner = (os.getpid(), values.ValueClass)
+    if owner != _SHARED_FOR:  # another process (a forked worker) or value class
+        _SHARED.clear()
+        _SHARED_FOR = owner
+    made = _SHARED.get(name)
+    if not isinstance(made, kind):
+        made = _SHARED[name] = kind(name, documentation, labels, registry=None, **options)
+    return made
+
+
+def _metric(kind: type[_Made], name: str, documentation: str, labels: Sequence[str] = (),
+            *, registry: CollectorRegistry | None, **options: Any) -> _Made:
+    """A metric in ``registry`` (one gateway's own), or, with none (multiprocess mode),
+    this process's shared one."""
+    if registry is not None:
+        return kind(name, documentation, labels, registry=registry, **options)
+    return _shared(kind, name, documentation, labels, **options)
+
 
 class Metrics:
     def __init__(self, upstreams: Sequence[str], idps: Sequence[str],
@@ -64,36 +98,36 @@ class Metrics:
         # In multiprocess mode values live in files; a scrape builds its own registry.
         own = None if self.multiprocess else CollectorRegistry()
         self._registry = own
-        self.logins = Counter("gateway_logins", "Finished SAML logins by IdP and result",
+        self.logins = _metric(Counter, "gateway_logins",
+                              "Finished SAML logins by IdP and result",
                               ["idp", "result", "kind"], registry=own)
-        self.requests = Counter("gateway_proxied_requests",
+        self.requests = _metric(Counter, "gateway_proxied_requests",
                                 "Requests proxied upstream by upstream and status class",
                                 ["upstream", "status_class"], registry=own)
-        self.latency = Histogram("gateway_upstream_response_seconds",
-                                 "Time from sending a request upstream to its response head",
-                                 ["upstream"], buckets=LATENCY_BUCKETS, registry=own)
-        self.upstream_errors = Counter("gateway_upstream_errors",
+        self.latency = _metric(Histogram, "gateway_upstream_response_seconds",
+                               "Time from sending a request upstream to its response head",
+                               ["upstream"], buckets=LATENCY_BUCKETS, registry=own)
+        self.upstream_errors = _metric(Counter, "gateway_upstream_errors",
                                        "Upstreams not reachable or too slow (502/504 pages)",
                                        ["upstream", "kind"], registry=own)
-        self.denials = Counter("gateway_policy_denials", "Requests denied by policy (403)",
-                               ["reason"], registry=own)
-        self.store_errors = Counter("gateway_store_errors",
+        self.denials = _metric(Counter, "gateway_policy_denials",
+                               "Requests denied by policy (403)", ["reason"], registry=own)
+        self.store_errors = _metric(Counter, "gateway_store_errors",
                                     "Session store failures seen while serving requests",
                                     registry=own)
-        self.best_effort = Counter("gateway_best_effort_failures",
+        self.best_effort = _metric(Counter, "gateway_best_effort_failures",
                                    "Best-effort store writes that failed without failing "
-                                   "the request (touch)", ["what"],
-                                   registry=own)
+                                   "the request (touch)", ["what"], registry=own)
         self.best_effort.labels("touch")
-        self.reloads = Counter("gateway_config_reloads",
+        self.reloads = _metric(Counter, "gateway_config_reloads",
                                "Configuration reloads (SIGHUP, sso-gateway reload) by result",
                                ["result"], registry=own)
         for result in ("ok", "refused"):
             self.reloads.labels(result)
-        self.websockets_open = Gauge("gateway_websocket_connections",
-                                     "Proxied WebSocket connections open now",
-                                     multiprocess_mode="livesum", registry=own)
-        self.websockets_closed = Counter("gateway_websocket_closed",
+        self.websockets_open = _metric(Gauge, "gateway_websocket_connections",
+                                       "Proxied WebSocket connections open now",
+                                       multiprocess_mode="livesum", registry=own)
+        self.websockets_closed = _metric(Counter, "gateway_websocket_closed",
                                          "Proxied WebSocket connections by why they ended",
                                          ["reason"], registry=own)
         for reason in WEBSOCKET_CLOSE_REASONS:
@@ -101,13 +135,13 @@ class Metrics:
         on_best_effort_failure(self.best_effort_failed)
         # Per metadata source, labelled by configuration (a URL with credentials masked,
         # or mdq:<base URL>), never by an entity ID a client chose.
-        self.metadata_failures = Counter(
-            "gateway_metadata_refresh_failures",
+        self.metadata_failures = _metric(
+            Counter, "gateway_metadata_refresh_failures",
             "Failed refreshes of IdP metadata by source (a metadata URL, or mdq:<service> "
             "for refreshes of its kept entities); the last good copy stays in use. With "
             "several workers the sum over all of them: each refreshes its own copy",
             ["source"], registry=own)
-        self.session_lookups = Counter("gateway_session_lookups",
+        self.session_lookups = _metric(Counter, "gateway_session_lookups",
                                        "Session cookies resolved from this process's memory "
                                        "or from the store", ["source"], registry=own)
         # Known IdPs by a membership test, so IdPs that arrive later from metadata URLs

@@ -43,7 +43,9 @@ after that.
 Reload (SIGHUP): the supervisor of ``--workers N`` forwards SIGHUP to every worker once
 it has started; each worker reloads on its own (``gateway.reload``). uvicorn's own
 supervisor would restart the workers instead, which loses the in-process checks (a
-broken configuration would take the workers down).
+broken configuration would take the workers down). A worker that dies is replaced, and
+its values of the gauges summed over live workers (prometheus' ``livesum``: open
+WebSocket connections) are removed from the metrics directory with it.
 
 TLS of its own (``[server] tls_*``): every worker listens with a context from
 ``gateway.tls`` (TLS 1.2+, modern ciphers) that a reload can load a new certificate
@@ -58,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -67,6 +70,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -342,6 +346,7 @@ class Supervisor(Multiprocess):
                 continue
             process.kill()
             process.join()
+            _forget_worker_gauges(process.pid)
             if self.should_exit.is_set():
                 return
             index = self.processes.index(process)
@@ -548,6 +553,15 @@ class PeerWebSockets(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if self.response.status_code == 101:  # the application is called with this scope
             self.scope[telemetry.PEER] = self.client  # type: ignore[literal-required]
+
+
+def _forget_worker_gauges(pid: int | None) -> None:
+    """A dead worker's values of the gauges summed over live workers only (open WebSocket
+    connections), removed from prometheus' multiprocess directory: no scrape counts
+    them any more."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and pid is not None:
+        mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 def _peer(client: tuple[str, int] | None) -> str:

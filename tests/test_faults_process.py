@@ -251,6 +251,31 @@ def test_sigterm_during_slow_download_with_two_workers(tmp_path: Path) -> None:
         assert not any(gw.tmp.glob("sso-gateway-metrics-*"))  # removed at exit
 
 
+
+def test_a_dead_workers_live_gauges_leave_with_it(tmp_path: Path) -> None:
+    """A worker that dies is replaced, and its values of the gauges summed over live
+    workers only (open WebSocket connections) are removed with it: a scrape does not
+    go on counting a dead worker's connections."""
+    with slow_upstream() as upstream, serve(tmp_path, upstream, "", workers=2) as gw:
+        (metrics,) = gw.tmp.glob("sso-gateway-metrics-*")
+
+        def live() -> set[int]:
+            return {int(f.stem.rpartition("_")[2]) for f in metrics.glob("gauge_livesum_*.db")}
+
+        deadline = time.monotonic() + 20
+        while len(live()) < 2:  # both workers made their gauges
+            assert time.monotonic() < deadline, sorted(metrics.iterdir())
+            time.sleep(0.1)
+        victim = min(live())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while victim in live() or len(live()) < 2:  # gone, and a replacement started
+            assert time.monotonic() < deadline, (victim, live(), gw.log_text()[-2000:])
+            time.sleep(0.1)
+        assert get(gw.url, "/healthz") == 200
+        assert f"worker {victim} died: starting another" in gw.log_text()
+
+
 # -- connection limits against a file-descriptor limit -------------------------------------
 
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.stack import prepare
-from gateway.metrics import FLUSH_INTERVAL, Metrics
+from gateway.metrics import FLUSH_INTERVAL, Metrics, use_multiprocess_dir
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
 from tests.conftest import Stack, TLSFiles, bound_socket, run_stack, seed_demo_keys
 
@@ -193,3 +193,28 @@ def test_proxied_requests_reach_the_counters_within_a_second() -> None:
         return before, halfway, after
 
     assert asyncio.run(count()) == (0.0, 0.0, 1.0)
+
+
+def test_a_reload_in_one_process_loses_no_counts(tmp_path: Path) -> None:
+    """Under ``serve`` counters live in prometheus' multiprocess files, and a reload
+    builds a second gateway (and ``Metrics``) in the same process while the first one
+    finishes its requests. Both count into the same values: neither writes over what the
+    other counted."""
+    use_multiprocess_dir(str(tmp_path))
+    try:
+        old = Metrics(["u"], ["idp"], time.time)
+        old.requests.labels("u", "2xx").inc(5)
+        new = Metrics(["u"], ["idp"], time.time)  # the reload
+        new.requests.labels("u", "2xx").inc(3)
+        old.requests.labels("u", "2xx").inc(1)  # the old gateway's last request
+        new.login("idp", None)
+        old.login("idp", None)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+        samples = scrape_families(generate_latest(registry).decode())
+        assert value(samples, "gateway_proxied_requests_total", upstream="u",
+                     status_class="2xx") == 9
+        assert value(samples, "gateway_logins_total", idp="idp", result="success",
+                     kind="none") == 2
+    finally:
+        use_multiprocess_dir(None)
