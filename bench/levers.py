@@ -56,6 +56,7 @@ from bench.servers import (
     _start,
     free_port,
     prepare_stack,
+    start_gateway,
     start_upstream,
     wait_for_processes,
 )
@@ -65,19 +66,6 @@ from gateway.devidp import create_app as create_idp_app
 RESULTS = Path(__file__).with_name("results") / "levers.json"
 REPO = Path(__file__).resolve().parent.parent
 SEPARATE = ("against", "floor")  # levers kept under their own key, not part of "all"
-
-
-def start_serve(workdir: Path, name: str, port: int, env: dict[str, str],
-                workers: int = 1) -> Proc:
-    """``sso-gateway serve`` (uvicorn, ``workers`` workers) on ``port``, with ``env``
-    overrides."""
-    exe = Path(sys.executable).with_name("sso-gateway")
-    proc = _start(name, [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
-                         "--workers", str(workers), "--port", str(port)], port, workdir,
-                  env={**os.environ, **env})
-    if workers > 1:  # the supervisor listens before its workers have started
-        wait_for_processes(proc, workers + 1)
-    return proc
 
 
 def unpack_revision(rev: str, dest: Path) -> tuple[str, str]:
@@ -219,15 +207,15 @@ def main() -> None:
         stack, gw_port, idp_port = prepare_stack(workdir, upstream.port)
         idp = serve_idp(create_idp_app(stack.idp), idp_port)
         page = PAGES["20k"][0]
-        main_gw = start_serve(workdir, "gateway-lean", gw_port, {}, args.workers)
+        main_gw = start_gateway(workdir, gw_port, args.workers, name="gateway-lean")
         procs.append(main_gw)
         cookie = login.real_login(stack, page)
         # Every gateway is asked for the public host, whatever port it listens on.
         headers = {"Cookie": cookie, "Host": f"127.0.0.1:{gw_port}"}
         if args.lever in ("client", "all"):
             other_port = free_port()
-            other = start_serve(workdir, "gateway-aiohttp", other_port,
-                                {"GATEWAY_PROXY__CLIENT": "aiohttp"})
+            other = start_gateway(workdir, other_port, 1, name="gateway-aiohttp",
+                                  env={"GATEWAY_PROXY__CLIENT": "aiohttp"})
             procs.append(other)
             print("client lever: [proxy] client, sso-gateway serve, 1 worker, 20 KB, c=32")
             report["client"] = run_pair({"lean": main_gw, "aiohttp": other}, page, headers,

@@ -286,12 +286,15 @@ def start_edge(workdir: Path, port: int, gateway_port: int) -> Proc:
     return _start("edge", ["nginx", "-p", str(edge), "-c", str(conf)], port, workdir)
 
 
-def start_gateway(workdir: Path, port: int, workers: int) -> Proc:
-    """``sso-gateway serve`` exactly as in production (uvicorn, uvloop, httptools)."""
+def start_gateway(workdir: Path, port: int, workers: int, *, name: str = "",
+                  env: dict[str, str] | None = None) -> Proc:
+    """``sso-gateway serve`` exactly as in production (uvicorn, uvloop, httptools) on
+    ``port``, with ``env`` overrides; named ``gateway-<workers>w`` unless ``name``."""
     exe = Path(sys.executable).with_name("sso-gateway")
     args = [str(exe), "serve", "--config", str(workdir / "gateway.toml"),
-            "--workers", str(workers)]
-    proc = _start(f"gateway-{workers}w", args, port, workdir, env=dict(os.environ))
+            "--workers", str(workers), "--port", str(port)]
+    proc = _start(name or f"gateway-{workers}w", args, port, workdir,
+                  env={**os.environ, **(env or {})})
     if workers > 1:  # the supervisor listens before its workers have started
         wait_for_processes(proc, workers + 1)
     return proc

@@ -250,8 +250,8 @@ class HotPath:
         member's session that needs a step-up), and the limits allow one more. Cheapest
         first: a junk cookie costs no store access, and only a real ended session's
         cookie reaches the counters."""
-        if head.origin != self._origin and (head.origin
-                                            or head.fetch_site != b"same-origin"):
+        if not (head.origin == self._origin
+                or (not head.origin and head.fetch_site == b"same-origin")):
             return ""  # nothing says the form came from this site: not kept
         if not self._kept_forms or not self._kept_forms_total:
             return ""

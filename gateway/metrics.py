@@ -12,8 +12,9 @@ Several worker processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``sso-gatewa
 --workers N`` sets it to a fresh directory), prometheus-client keeps each process's
 values in files there and a scrape, answered by any worker, adds them all up. Those
 values remember their count per metric object, so each process keeps one object per
-metric (``_shared``) for every ``Metrics`` it makes: a reload builds a second gateway
-while the first finishes its requests, and both count into the same values.
+metric (``_shared``), and one listener of best-effort failures, for every ``Metrics`` it
+makes: a reload builds a second gateway while the first finishes its requests, and both
+count into the same values, each event once.
 """
 
 from __future__ import annotations
@@ -60,25 +61,25 @@ WEBSOCKET_CLOSE_REASONS = ("client", "upstream", "idle", "too_large", "session_e
                            "store", "shutdown")
 
 _Made = TypeVar("_Made", Counter, Gauge, Histogram)
-# Multiprocess mode: the metric objects of this process and value class, by name.
+_Kept = TypeVar("_Kept")
+# Multiprocess mode: what this process (and value class) keeps once, by name.
 _SHARED: dict[str, Any] = {}
 _SHARED_FOR: tuple[int, object] | None = None
 
 
-def _shared(kind: type[_Made], name: str, documentation: str, labels: Sequence[str] = (),
-            **options: Any) -> _Made:
-    """In multiprocess mode, this process's one ``kind`` called ``name``: made on first
-    use, the same object afterwards (prometheus' file-backed values keep their count per
-    object, and a second object of the same metric would write over the first's)."""
+def _shared(name: str, make: Callable[[], _Kept]) -> _Kept:
+    """In multiprocess mode, this process's one ``name``: made on first use, the same
+    object afterwards, whichever gateway asks (prometheus' file-backed values keep their
+    count per object, so a second copy of a metric would write over the first's)."""
     global _SHARED_FOR
     owner = (os.getpid(), values.ValueClass)
     if owner != _SHARED_FOR:  # another process (a forked worker) or value class
         _SHARED.clear()
         _SHARED_FOR = owner
-    made = _SHARED.get(name)
-    if not isinstance(made, kind):
-        made = _SHARED[name] = kind(name, documentation, labels, registry=None, **options)
-    return made
+    if name not in _SHARED:
+        _SHARED[name] = make()
+    kept: _Kept = _SHARED[name]
+    return kept
 
 
 def _metric(kind: type[_Made], name: str, documentation: str, labels: Sequence[str] = (),
@@ -87,7 +88,21 @@ def _metric(kind: type[_Made], name: str, documentation: str, labels: Sequence[s
     this process's shared one."""
     if registry is not None:
         return kind(name, documentation, labels, registry=registry, **options)
-    return _shared(kind, name, documentation, labels, **options)
+    return _shared(name, lambda: kind(name, documentation, labels, registry=None, **options))
+
+
+class _BestEffort:
+    """Counts the best-effort writes that failed (``sessions.best_effort_failed`` tells
+    every listener of the process): one listener per counter, so a failure seen while
+    two gateways share a process (a reload) is counted once."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        counter.labels("touch")
+        on_best_effort_failure(self.failed)
+
+    def failed(self, what: str) -> None:
+        self.counter.labels(what).inc()
 
 
 class Metrics:
@@ -115,10 +130,11 @@ class Metrics:
         self.store_errors = _metric(Counter, "gateway_store_errors",
                                     "Session store failures seen while serving requests",
                                     registry=own)
-        self.best_effort = _metric(Counter, "gateway_best_effort_failures",
-                                   "Best-effort store writes that failed without failing "
-                                   "the request (touch)", ["what"], registry=own)
-        self.best_effort.labels("touch")
+        best_effort = _metric(Counter, "gateway_best_effort_failures",
+                              "Best-effort store writes that failed without failing the "
+                              "request (touch)", ["what"], registry=own)
+        self._best_effort = (_BestEffort(best_effort) if own is not None else
+                             _shared("best-effort listener", lambda: _BestEffort(best_effort)))
         self.reloads = _metric(Counter, "gateway_config_reloads",
                                "Configuration reloads (SIGHUP, sso-gateway reload) by result",
                                ["result"], registry=own)
@@ -132,7 +148,6 @@ class Metrics:
                                          ["reason"], registry=own)
         for reason in WEBSOCKET_CLOSE_REASONS:
             self.websockets_closed.labels(reason)
-        on_best_effort_failure(self.best_effort_failed)
         # Per metadata source, labelled by configuration (a URL with credentials masked,
         # or mdq:<base URL>), never by an entity ID a client chose.
         self.metadata_failures = _metric(
@@ -216,9 +231,6 @@ class Metrics:
         """A refresh of a metadata source: ``failures`` new failed ones (0: it worked, or
         the source is new and counted from zero)."""
         self.metadata_failures.labels(source).inc(failures)
-
-    def best_effort_failed(self, what: str) -> None:
-        self.best_effort.labels(what).inc()
 
     def websocket_closed(self, reason: str) -> None:
         """A proxied WebSocket ended (``reason`` from ``WEBSOCKET_CLOSE_REASONS``)."""

@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.stack import prepare
+from gateway.errors import StoreError
 from gateway.metrics import FLUSH_INTERVAL, Metrics, use_multiprocess_dir
+from gateway.sessions import best_effort_failed
 from tests.browser import client, login, post_to_acs, sign_in_at_idp, start_login
 from tests.conftest import Stack, TLSFiles, bound_socket, run_stack, seed_demo_keys
 
@@ -209,6 +211,8 @@ def test_a_reload_in_one_process_loses_no_counts(tmp_path: Path) -> None:
         old.requests.labels("u", "2xx").inc(1)  # the old gateway's last request
         new.login("idp", None)
         old.login("idp", None)
+        # A best-effort failure is told to every listener of the process: counted once.
+        best_effort_failed("touch", StoreError("the disk is full"))
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
         samples = scrape_families(generate_latest(registry).decode())
@@ -216,5 +220,6 @@ def test_a_reload_in_one_process_loses_no_counts(tmp_path: Path) -> None:
                      status_class="2xx") == 9
         assert value(samples, "gateway_logins_total", idp="idp", result="success",
                      kind="none") == 2
+        assert value(samples, "gateway_best_effort_failures_total", what="touch") == 1
     finally:
         use_multiprocess_dir(None)
